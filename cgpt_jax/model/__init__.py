@@ -1,0 +1,32 @@
+"""The model: the GPT decoder, its layers and the attention plug-ins."""
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+from flax import nnx
+
+from cgpt_jax.model.gpt import GPT, padded_vocab_size
+
+EMBEDDING_PARAMS = ("wte", "wpe")
+
+
+def abstract_model(model_cfg: ml_collections.ConfigDict) -> GPT:
+    """The model with ShapeDtypeStructs for parameters: shapes without allocating anything."""
+    return nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
+
+
+def params_count(model_cfg: ml_collections.ConfigDict, *, non_embedding: bool = False) -> int:
+    """Parameters of the model (tied LM head counted once), from abstract shapes."""
+    params = nnx.state(abstract_model(model_cfg), nnx.Param)
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        top = str(getattr(path[0], "key", path[0]))
+        if non_embedding and top in EMBEDDING_PARAMS:
+            continue
+        total += math.prod(leaf.shape)
+    return total
+
+
+__all__ = ["GPT", "abstract_model", "params_count", "padded_vocab_size"]

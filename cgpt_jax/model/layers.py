@@ -1,0 +1,60 @@
+"""Small building blocks shared by the decoder and the attention variants."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cgpt_jax.parallel.sharding import LogicalAxes, constrain
+
+
+def trunc_normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: LogicalAxes,
+                       dtype: jnp.dtype) -> nnx.Param:
+    """Normal(0, std²) truncated at ±2·std, as torch's trunc_normal_(std, a=-2std, b=2std) used by Cerebras.
+
+    (jax.nn.initializers.truncated_normal rescales so the *truncated* std equals `std`; Cerebras does not.)
+    """
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def zeros_param(shape: tuple[int, ...], axes: LogicalAxes, dtype: jnp.dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+        self.bias = zeros_param((dim,), ("norm",), dtype)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        x = x_BxLxD.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x_BxLxD.dtype)
+
+
+class MLP(nnx.Module):
+    """d_model → d_ff → d_model with exact (erf) GELU and biases."""
+
+    def __init__(self, d_model: int, d_ff: int, *, init_std: float, output_init_std: float,
+                 param_dtype: jnp.dtype, compute_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.compute_dtype = compute_dtype
+        self.up_kernel = trunc_normal_param(rngs, (d_model, d_ff), init_std, ("embed", "mlp"), param_dtype)
+        self.up_bias = zeros_param((d_ff,), ("mlp",), param_dtype)
+        self.down_kernel = trunc_normal_param(rngs, (d_ff, d_model), output_init_std, ("mlp", "embed"),
+                                              param_dtype)
+        self.down_bias = zeros_param((d_model,), ("embed",), param_dtype)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        dt = self.compute_dtype
+        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD.astype(dt), self.up_kernel[...].astype(dt))
+        h_BxLxF = jax.nn.gelu(h_BxLxF + self.up_bias[...].astype(dt), approximate=False)
+        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
+        y_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, self.down_kernel[...].astype(dt))
+        return y_BxLxD + self.down_bias[...].astype(dt)

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, sharded train state, the train step, the loop and its writers."""

