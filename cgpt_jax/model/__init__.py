@@ -8,6 +8,7 @@ import ml_collections
 from flax import nnx
 
 from cgpt_jax.model.gpt import GPT, padded_vocab_size
+from cgpt_jax.treepath import path_name
 
 EMBEDDING_PARAMS = ("wte", "wpe")
 
@@ -22,8 +23,7 @@ def params_count(model_cfg: ml_collections.ConfigDict, *, non_embedding: bool = 
     params = nnx.state(abstract_model(model_cfg), nnx.Param)
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        top = str(getattr(path[0], "key", path[0]))
-        if non_embedding and top in EMBEDDING_PARAMS:
+        if non_embedding and path_name(path).split("/")[0] in EMBEDDING_PARAMS:
             continue
         total += math.prod(leaf.shape)
     return total

@@ -16,6 +16,8 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cgpt_jax.treepath import path_name
+
 LogicalAxes = tuple[str | None, ...]
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -109,7 +111,7 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
         shape = var.get_value().shape
         for dim, entry in zip(shape, spec):
             if entry is not None and dim % _axis_product(mesh, entry):
-                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                name = path_name(path)
                 raise ValueError(
                     f"parameter {name} of shape {shape} (logical axes {var.get_metadata()['logical_axes']}) "
                     f"cannot be split over mesh axes {entry} of size {_axis_product(mesh, entry)}: "
@@ -134,7 +136,7 @@ def replicated_report(params: Any, shardings: Any, mesh: jax.sharding.Mesh) -> t
         spec = sharding.get_value().spec if isinstance(sharding, nnx.Variable) else sharding.spec
         used = {a for entry in spec for a in _as_tuple(entry)}
         if not used & model_axes:
-            offenders.append(("/".join(str(getattr(k, "key", k)) for k in path), nbytes))
+            offenders.append((path_name(path), nbytes))
     offenders.sort(key=lambda item: -item[1])
     return (sum(b for _, b in offenders) / total if total else 0.0), offenders
 

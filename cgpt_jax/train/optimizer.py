@@ -5,6 +5,8 @@ import jax
 import ml_collections
 import optax
 
+from cgpt_jax.treepath import path_name
+
 NO_DECAY_NAMES = ("scale",)  # LayerNorm scales; every parameter whose name ends in "bias" is excluded too
 
 
@@ -20,13 +22,9 @@ def lr_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [t.warmup_steps])
 
 
-def _param_name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
-
-
 def decays(path) -> bool:
     """Weight decay applies to weight matrices and embeddings, not to biases or LayerNorm parameters."""
-    name = _param_name(path)
+    name = path_name(path).rsplit("/", 1)[-1]
     return not (name.endswith("bias") or name in NO_DECAY_NAMES)
 
 

@@ -1,0 +1,44 @@
+"""Shared test fixtures: a tiny model config and a one-call trainer for N steps on a given mesh."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from cgpt_jax.config import base_config, resolve, validate
+from cgpt_jax.data import make_dataset
+from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.parallel.sharding import logical_to_spec
+from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
+from cgpt_jax.train.state import create_sharded_state, model_graphdef
+from cgpt_jax.train.step import make_train_step
+
+
+def tiny_config(**mesh) -> ml_collections.ConfigDict:
+    c = base_config()
+    m, t = c.model, c.train
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len = 64, 32, 2, 4, 64, 16
+    t.seq_len, t.global_batch_size, t.steps, t.warmup_steps, t.peak_lr = 16, 16, 20, 2, 1e-3
+    c.data.synthetic_vocab_size = 64
+    for axis, size in mesh.items():
+        c.mesh[axis] = size
+    return resolve(c)
+
+
+def train_steps(config: ml_collections.ConfigDict, n_steps: int, devices=None):
+    """Run `n_steps` train steps; returns (losses, final state as host numpy arrays)."""
+    devices = devices if devices is not None else jax.devices()[:1]
+    validate(config, len(devices))
+    mesh = make_mesh(config.mesh, devices)
+    tx = make_optimizer(config.train)
+    state, shardings = create_sharded_state(config, tx, mesh)
+    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
+    dataset = make_dataset(config.data, seq_len=config.train.seq_len,
+                           global_batch_size=config.train.global_batch_size, seed=0, sharding=batch_sharding)
+    step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(config.train), mesh,
+                           shardings, batch_sharding)
+    losses = []
+    for s in range(n_steps):
+        state, metrics = step(state, dataset.train_batch(s))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.tree.map(np.asarray, state)
