@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cgpt_jax import flops
+from cgpt_jax.devices import device_peak_flops
 from cgpt_jax.config import resolve, validate
 from cgpt_jax.model import params_count
 from cgpt_jax.parallel.mesh import make_mesh
@@ -60,7 +61,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, devices: list[jax.D
     step_s = statistics.median(step_times)
     tokens_per_sec = t.global_batch_size * t.seq_len / step_s
     shape = flops.Shape.from_model_config(config.model, t.seq_len)
-    peak = t.device_peak_flops if t.device_peak_flops > 0 else flops.device_peak_flops(devices[0])
+    peak = t.device_peak_flops if t.device_peak_flops > 0 else device_peak_flops(devices[0])
     result = {
         "params": params_count(config.model),
         "devices": f"{len(devices)}x {devices[0].device_kind}",

@@ -16,25 +16,10 @@ Conventions (per training token, forward + backward):
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 from typing import Literal
-
-import jax
 
 Convention = Literal["cerebras", "palm", "6n"]
 CONVENTIONS = ("cerebras", "palm", "6n")
-
-# Dense peak FLOP/s per chip at bf16 (vendor figures, no sparsity). CPU peaks are measured: see bench.py.
-DEVICE_PEAK_FLOPS = {
-    "tpu_v4": 275e12,
-    "tpu_v5e": 197e12,
-    "tpu_v5p": 459e12,
-    "tpu_v6e": 918e12,
-    "a100": 312e12,
-    "h100": 989e12,
-    "h200": 989e12,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +33,6 @@ class Shape:
     seq_len: int
     attention_fwd_flops_per_token: float  # per layer, from the attention variant
     n_params: int  # total, tied LM head counted once
-
 
     @classmethod
     def from_model_config(cls, model_cfg, seq_len: int) -> "Shape":
@@ -90,35 +74,3 @@ def mfu(tokens_per_sec: float, shape: Shape, peak_flops_per_sec: float) -> float
     """Model FLOPs utilisation: achieved model FLOP/s (palm convention) over the device peak."""
     return tokens_per_sec * flops_per_token(shape, "palm") / peak_flops_per_sec
 
-
-@functools.cache
-def measured_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best f32 FLOP/s of an n×n matmul on this host's CPU: the 'measured peak' used for MFU on CPU."""
-    import jax.numpy as jnp
-
-    cpu = jax.devices("cpu")[0]
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
-    matmul = jax.jit(jnp.dot)
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def device_peak_flops(device: jax.Device) -> float:
-    """Peak FLOP/s of one device: the vendor table for accelerators, a measured matmul on CPU."""
-    if device.platform == "cpu":
-        # Fake CPU devices (xla_force_host_platform_device_count) share the host's cores.
-        return measured_cpu_peak_flops() / len(jax.local_devices(backend="cpu"))
-    kind = device.device_kind.lower().replace(" ", "")
-    table = {"tpuv4": "tpu_v4", "tpuv5lite": "tpu_v5e", "tpuv5e": "tpu_v5e", "tpuv5p": "tpu_v5p",
-             "tpuv5": "tpu_v5p", "tpuv6lite": "tpu_v6e", "tpuv6e": "tpu_v6e", "a100": "a100",
-             "h100": "h100", "h200": "h200"}
-    for pattern, name in table.items():
-        if pattern in kind:
-            return DEVICE_PEAK_FLOPS[name]
-    raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; set "
-                     f"--config.train.device_peak_flops=<FLOP/s per device> to get MFU.")

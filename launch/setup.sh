@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install cgpt_jax into it: `bash launch/setup.sh` (main job) or
+# `bash launch/setup.sh test` (adds the test tools and the PyTorch/transformers reference).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+extras=""
+if [ "${1:-}" = "test" ]; then extras="[test,torch]"; fi
+.venv/bin/python -m pip install -q -e ".${extras}"
