@@ -19,6 +19,7 @@ import tqdm
 from absl import logging
 
 from cgpt_jax import flops
+from cgpt_jax.devices import device_peak_flops
 from cgpt_jax.config import resolve, validate
 from cgpt_jax.data import make_dataset
 from cgpt_jax.model import params_count
@@ -113,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     eval_step = make_eval_step(config, graphdef, mesh, shardings.params, batch_sharding)
 
     shape = flops.Shape.from_model_config(config.model, t.seq_len)
-    peak = t.device_peak_flops if t.device_peak_flops > 0 else flops.device_peak_flops(devices[0])
+    peak = t.device_peak_flops if t.device_peak_flops > 0 else device_peak_flops(devices[0])
     tokens_per_step = t.global_batch_size * t.seq_len
     logging.info("model: %s parameters (%s non-embedding); %d steps of %d tokens; mesh %s",
                  f"{params_count(config.model):,}", f"{params_count(config.model, non_embedding=True):,}",
