@@ -1,0 +1,53 @@
+"""Fit the finished runs of a sweep: `python -m cgpt_jax.analyze DIR [--reference=cerebras]`.
+
+Writes DIR/report.md, DIR/fit.json and DIR/scaling.png (or into --out).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from cgpt_jax.scaling.analysis import analyze
+from cgpt_jax.scaling.report import write_outputs
+from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS
+
+_REFERENCE = flags.DEFINE_enum("reference", None, ["cerebras"], "Overlay the published Cerebras-GPT points "
+                               "and Eq. 1 on their own FLOP axis.")
+_REFERENCE_PATH = flags.DEFINE_string("reference_path", None, "cerebras_gpt.json; default: "
+                                      "../shared/reference/cerebras_gpt.json beside the repository.")
+_FLOPS = flags.DEFINE_enum("flops", "cerebras", list(FLOP_CONVENTIONS), "FLOP convention of the compute axis.")
+_PARAMS = flags.DEFINE_enum("params", "non_embedding", list(PARAM_COUNTS), "Which parameter count is N.")
+_EXPERIMENT = flags.DEFINE_string("experiment", None, "When DIR mixes configs: a prefix of the group to fit.")
+_N_BOOTSTRAP = flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap refits for the confidence intervals.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the report, fit and plot; default: DIR.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m cgpt_jax.analyze DIR [--reference=cerebras]")
+    workdir = Path(argv[1])
+    try:
+        analysis = analyze(workdir, experiment=_EXPERIMENT.value, flops=_FLOPS.value, params=_PARAMS.value,
+                           reference=_REFERENCE.value,
+                           reference_path=Path(_REFERENCE_PATH.value) if _REFERENCE_PATH.value else None,
+                           n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"cgpt_jax.analyze: {e}")
+    paths = write_outputs(analysis, Path(_OUT.value) if _OUT.value else workdir)
+    for law in (analysis.compute_law, analysis.chinchilla_law):
+        if law is not None:
+            ci = law.fit.ci or {}
+            consts = ", ".join(f"{k}={v:.4g}" + (f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else "")
+                               for k, v in law.fit.constants.items())
+            print(f"{law.fit.formula}: {consts}; R²={law.fit.r2:.4f}")
+    excluded = [r for r in analysis.runs if not r.usable]
+    if excluded:
+        print("excluded: " + "; ".join(f"{r.name} ({', '.join(r.problems)})" for r in excluded))
+    print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,191 @@
+"""From a sweep workdir to fitted laws: choose the runs, fit, backtest, and extrapolate to budgets."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cgpt_jax.scaling import fits
+from cgpt_jax.scaling.reference import CerebrasReference, load_cerebras
+from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS, Run, collect_runs, select_group
+
+# A sweep "varies D" when its tokens-per-parameter ratios spread wider than this factor.
+_RATIO_SPREAD = 1.25
+BUDGET_MULTIPLES = (1, 10, 100, 1000)  # budgets reported, as multiples of the largest run's compute
+
+
+@dataclasses.dataclass
+class LawFit:
+    fit: fits.FitResult
+    runs: list[str]  # the runs it was fitted to
+    backtest: dict | None  # fit without the largest-compute run, predict it
+    note: str = ""
+
+    def summary(self) -> dict:
+        return {**self.fit.summary(), "runs": self.runs, "backtest": self.backtest, "note": self.note}
+
+
+@dataclasses.dataclass
+class Analysis:
+    workdir: Path
+    group: str
+    runs: list[Run]  # every run of the group, usable or not
+    flops: str  # FLOP convention of the compute axis
+    params: str  # 'non_embedding' | 'total'
+    compute_law: LawFit | None
+    chinchilla_law: LawFit | None
+    notes: list[str]  # why a law was not fitted, how points were chosen
+    monotonic: dict  # does the loss fall with compute along the L(C) points
+    budgets: list[dict]
+    reference: CerebrasReference | None
+    reference_fit: fits.FitResult | None  # our fitter on the published points
+
+    @property
+    def usable(self) -> list[Run]:
+        return [r for r in self.runs if r.usable]
+
+    def compute(self, run: Run) -> float:
+        return run.flops[self.flops]
+
+
+def _pareto_front(runs: list[Run], flops: str) -> list[Run]:
+    """Runs that no cheaper run beats: the compute-optimal frontier of an isoFLOP-style sweep."""
+    front, best = [], math.inf
+    for run in sorted(runs, key=lambda r: r.flops[flops]):
+        if run.loss < best:
+            front.append(run)
+            best = run.loss
+    return front
+
+
+def _backtest(fit_fn, inputs: list[np.ndarray], loss: np.ndarray, compute: np.ndarray, n_params: int,
+              predict) -> dict | None:
+    if len(loss) - 1 < n_params:
+        return None
+    held = int(np.argmax(compute))
+    keep = np.arange(len(loss)) != held
+    fit = fit_fn(*(x[keep] for x in inputs), loss[keep], n_bootstrap=0)
+    predicted = float(predict(fit.constants, *(x[held] for x in inputs)))
+    return {"held_out_compute": float(compute[held]), "observed": float(loss[held]), "predicted": predicted,
+            "rel_error": (predicted - float(loss[held])) / float(loss[held]), "constants": fit.constants}
+
+
+def _monotonic(runs: list[Run], flops: str) -> dict:
+    ordered = sorted(runs, key=lambda r: r.flops[flops])
+    violations = [f"{b.name} ({b.loss:.4g}) is not below {a.name} ({a.loss:.4g})"
+                  for a, b in itertools.pairwise(ordered) if b.loss >= a.loss]
+    return {"monotonic": not violations, "violations": violations}
+
+
+def analyze(workdir: Path, *, experiment: str | None = None, flops: str = "cerebras",
+            params: str = "non_embedding", reference: str | None = None, reference_path: Path | None = None,
+            n_bootstrap: int = 1000, seed: int = 0) -> Analysis:
+    if flops not in FLOP_CONVENTIONS:
+        raise ValueError(f"--flops={flops!r}: choose one of {FLOP_CONVENTIONS}")
+    if params not in PARAM_COUNTS:
+        raise ValueError(f"--params={params!r}: choose one of {PARAM_COUNTS}")
+    if reference not in (None, "cerebras"):
+        raise ValueError(f"--reference={reference!r}: the only reference is 'cerebras'")
+    ref = load_cerebras(reference_path) if reference == "cerebras" else None
+
+    runs = select_group(collect_runs(workdir), experiment)
+    usable = [r for r in runs if r.usable]
+    if not usable:
+        listing = "\n".join(f"  {r.name}: {'; '.join(r.problems)}" for r in runs)
+        raise ValueError(f"{workdir} has no finished run to fit:\n{listing}")
+    notes: list[str] = []
+
+    ratios = [r.tokens / r.params(params) for r in usable]
+    # A ladder at fixed tokens per total parameter has varying tokens per non-embedding parameter (and
+    # vice versa), so D counts as varied only when neither parameter count gives a fixed ratio.
+    varies_d = all(max(s) / min(s) > _RATIO_SPREAD
+                   for s in ([r.tokens / r.params(count) for r in usable] for count in PARAM_COUNTS))
+    if varies_d:
+        compute_runs = _pareto_front(usable, flops)
+        notes.append(f"The sweep varies tokens per parameter ({min(ratios):.3g} to {max(ratios):.3g}), so L(C) "
+                     f"is fitted to the {len(compute_runs)} runs on the compute-optimal frontier (no cheaper "
+                     f"run has a lower loss).")
+    else:
+        compute_runs = sorted(usable, key=lambda r: r.flops[flops])
+        notes.append("The sweep keeps tokens per parameter fixed, so L(N, D) is not identifiable from it; vary "
+                     "tokens per parameter (e.g. experiments/cpu_isoflop.py) to fit it.")
+
+    compute_law = None
+    if len(compute_runs) >= 3:
+        c = np.array([r.flops[flops] for r in compute_runs])
+        loss = np.array([r.loss for r in compute_runs])
+        fit = fits.fit_compute_law(c, loss, n_bootstrap=n_bootstrap, seed=seed)
+        compute_law = LawFit(fit=fit, runs=[r.name for r in compute_runs],
+                             backtest=_backtest(fits.fit_compute_law, [c], loss, c, 3, fits.predict_compute_law))
+    else:
+        notes.append(f"L(C) has 3 constants and needs at least 3 runs ({len(compute_runs)} available).")
+
+    chinchilla_law = None
+    if varies_d and len(usable) >= 5:
+        n = np.array([r.params(params) for r in usable])
+        d = np.array([r.tokens for r in usable])
+        c = np.array([r.flops[flops] for r in usable])
+        loss = np.array([r.loss for r in usable])
+        fit = fits.fit_chinchilla_law(n, d, loss, n_bootstrap=n_bootstrap, seed=seed)
+        chinchilla_law = LawFit(fit=fit, runs=[r.name for r in usable],
+                                backtest=_backtest(fits.fit_chinchilla_law, [n, d], loss, c, 5,
+                                                   fits.predict_chinchilla_law))
+    elif varies_d:
+        notes.append(f"L(N, D) has 5 constants and needs at least 5 runs ({len(usable)} available).")
+    if compute_law is None and chinchilla_law is None:
+        raise ValueError(f"{workdir}: too few usable runs to fit any law ({len(usable)} usable of {len(runs)}). "
+                         + " ".join(notes))
+
+    for law in (compute_law, chinchilla_law):
+        if law is not None and law.fit.ci is None:
+            law.note = (f"{law.fit.n_points} points for {len(law.fit.constants)} constants: the fit interpolates, "
+                        f"so there are no confidence intervals; add runs.")
+        if law is not None and law.fit.at_bound:
+            law.note += f" Constants {law.fit.at_bound} ended on a bound of the search: not identified by these runs."
+
+    reference_fit = None
+    if ref is not None:
+        reference_fit = fits.fit_compute_law(ref.flops, ref.loss, n_bootstrap=n_bootstrap, seed=seed)
+    return Analysis(workdir=workdir, group=runs[0].group, runs=runs, flops=flops, params=params,
+                    compute_law=compute_law, chinchilla_law=chinchilla_law, notes=notes,
+                    monotonic=_monotonic(compute_runs, flops),
+                    budgets=_budgets(usable, compute_runs, flops, params, compute_law, chinchilla_law),
+                    reference=ref, reference_fit=reference_fit)
+
+
+def _budgets(usable: list[Run], compute_runs: list[Run], flops: str, params: str, compute_law: LawFit | None,
+             chinchilla_law: LawFit | None) -> list[dict]:
+    """Loss and (N, D) at multiples of the largest run's compute."""
+    c_max = max(r.flops[flops] for r in usable)
+    rows = []
+    if chinchilla_law is not None:
+        # C = kappa·N·D; kappa is 6 for the 6N convention and is read off the runs for the others.
+        kappa = float(np.median([r.flops[flops] / (r.params(params) * r.tokens) for r in usable]))
+    else:
+        # A fixed-ratio ladder cannot locate the optimum: report where its own allocation rule leads.
+        log_c = np.log([r.flops[flops] for r in compute_runs])
+        n_fit = np.polyfit(log_c, np.log([r.params(params) for r in compute_runs]), 1)
+        d_fit = np.polyfit(log_c, np.log([r.tokens for r in compute_runs]), 1)
+    for multiple in BUDGET_MULTIPLES:
+        budget = c_max * multiple
+        row: dict = {"compute": budget, "multiple_of_largest_run": multiple}
+        if compute_law is not None:
+            row["loss_L(C)"] = float(fits.predict_compute_law(compute_law.fit.constants, budget))
+            if compute_law.fit.samples is not None:
+                keys = list(compute_law.fit.constants)
+                preds = [fits.predict_compute_law(dict(zip(keys, s)), budget) for s in compute_law.fit.samples]
+                row["loss_L(C)_ci95"] = [float(v) for v in np.quantile(preds, [0.025, 0.975])]
+        if chinchilla_law is not None:
+            n_opt, d_opt = fits.chinchilla_optimum(chinchilla_law.fit.constants, budget, kappa)
+            row.update(allocation=f"optimum of L(N,D) with C = kappa·N·D, kappa = {kappa:.3g} (median over runs)", kappa=kappa, n_params=float(n_opt),
+                       tokens=float(d_opt),
+                       loss_L_N_D=float(fits.predict_chinchilla_law(chinchilla_law.fit.constants, n_opt, d_opt)))
+        else:
+            row.update(allocation="the sweep's own N(C), D(C) trend (not an optimum)",
+                       n_params=float(np.exp(np.polyval(n_fit, math.log(budget)))),
+                       tokens=float(np.exp(np.polyval(d_fit, math.log(budget)))))
+        rows.append(row)
+    return rows

@@ -1,0 +1,203 @@
+"""Writing an analysis out: fit.json (everything, machine-readable), report.md and scaling.png."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
+
+from cgpt_jax.scaling import fits
+from cgpt_jax.scaling.analysis import Analysis
+
+
+def _clean(value):
+    """JSON without NaN/Infinity (strict readers reject them): non-finite floats become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+def fit_json(analysis: Analysis) -> dict:
+    a = analysis
+    return _clean({
+        "workdir": str(a.workdir), "group": a.group, "flops_convention": a.flops, "param_count": a.params,
+        "runs": [{"name": r.name, "status": r.status, "usable": r.usable, "problems": r.problems,
+                  "final_eval_loss": r.loss, "n_params": r.n_params,
+                  "n_params_non_embedding": r.n_params_non_embedding, "tokens": r.tokens, "flops": r.flops}
+                 for r in a.runs],
+        "excluded": {r.name: r.problems for r in a.runs if not r.usable},
+        "fits": {law.fit.law: law.summary() for law in (a.compute_law, a.chinchilla_law) if law is not None},
+        "notes": a.notes, "monotonic": a.monotonic, "budgets": a.budgets,
+        "reference": None if a.reference is None else {
+            **a.reference.summary(), "our_fit_to_published_points": a.reference_fit.summary()},
+    })
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.4g}"
+
+
+def _constants_table(fit: fits.FitResult, published: dict[str, float] | None = None) -> list[str]:
+    """Markdown rows: constant, fitted value, 95% interval (and the published value when given)."""
+    head = "| constant | fit | 95% CI |" + (" published |" if published else "")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for name, value in fit.constants.items():
+        ci = f"[{_fmt(fit.ci[name][0])}, {_fmt(fit.ci[name][1])}]" if fit.ci else "—"
+        row = f"| {name} | {_fmt(value)} | {ci} |"
+        if published:
+            row += f" {_fmt(published.get(name))} |"
+        lines.append(row)
+    return lines
+
+
+def report_md(analysis: Analysis) -> str:
+    a = analysis
+    out = [f"# Scaling-law report: {a.workdir}", "",
+           (f"Runs: {a.group}. Compute axis: training FLOPs, `{a.flops}` convention (cgpt_jax.flops). "
+            f"N: {a.params.replace('_', '-')} parameters. Loss: final validation loss (nats/token)."), "",
+           "## Runs", "", "| run | status | N total | N non-emb. | tokens D | compute C | loss | notes |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(a.runs, key=lambda r: r.flops.get(a.flops, math.inf)):
+        out.append(f"| {r.name} | {'used' if r.usable else r.status} | {_fmt(r.n_params)} | "
+                   f"{_fmt(r.n_params_non_embedding)} | {_fmt(r.tokens)} | {_fmt(r.flops.get(a.flops))} | "
+                   f"{_fmt(r.loss)} | {'; '.join(r.problems)} |")
+    excluded = [r for r in a.runs if not r.usable]
+    out += ["", f"{len(a.usable)} of {len(a.runs)} runs are fitted"
+            + (f"; excluded: {', '.join(r.name for r in excluded)} (reasons above)." if excluded else "."), ""]
+    out += [f"- {note}" for note in a.notes]
+    mono = a.monotonic
+    out += ["", "Loss falls monotonically with compute along the L(C) points: "
+            + ("yes." if mono["monotonic"] else "**no**: " + "; ".join(mono["violations"]) + "."), ""]
+
+    for law in (a.compute_law, a.chinchilla_law):
+        if law is None:
+            continue
+        fit = law.fit
+        out += [f"## {fit.formula}", "", (f"Fitted to {fit.n_points} runs ({', '.join(law.runs)}): Huber loss "
+                                          f"(delta={fit.huber_delta}) on log-loss, many starts, bounds; 95% "
+                                          f"intervals from {0 if fit.samples is None else len(fit.samples)} "
+                                          f"residual-bootstrap refits."), ""]
+        out += _constants_table(fit)
+        out += ["", f"R² (on the loss) = {fit.r2:.4f}; relative residual std = {100 * fit.rel_residual_std:.2f}%."]
+        if law.note:
+            out += ["", law.note.strip()]
+        bt = law.backtest
+        if bt is None:
+            out += ["", "Backtest: not possible (too few runs to refit without the largest)."]
+        else:
+            out += ["", (f"Backtest: fitted without the largest run (C = {_fmt(bt['held_out_compute'])}), the "
+                         f"law predicts {bt['predicted']:.4f} against the observed {bt['observed']:.4f}: error "
+                         f"{100 * bt['rel_error']:+.2f}%.")]
+        out.append("")
+
+    out += ["## Budgets", "", f"N and D: {a.budgets[0]['allocation']}.", "",
+            "| compute C | × largest run | L(C) | L(C) 95% CI | N | D | L(N,D) at N, D |", "|---|---|---|---|---|---|---|"]
+    for row in a.budgets:
+        ci = row.get("loss_L(C)_ci95")
+        out.append(f"| {_fmt(row['compute'])} | {row['multiple_of_largest_run']} | {_fmt(row.get('loss_L(C)'))} | "
+                   f"{f'[{_fmt(ci[0])}, {_fmt(ci[1])}]' if ci else '—'} | {_fmt(row['n_params'])} | "
+                   f"{_fmt(row['tokens'])} | {_fmt(row.get('loss_L_N_D'))} |")
+
+    if a.reference is not None:
+        ref, rfit = a.reference, a.reference_fit
+        out += ["", "## Reference: Cerebras-GPT (Dey et al. 2023, Eq. 1)", "",
+                (f"Published points (Pile test loss vs the paper's training FLOPs) from {ref.path}. "
+                 f"The same fitter applied to them:"), ""]
+        out += _constants_table(rfit, ref.law)
+        inside = [k for k, v in ref.law.items() if rfit.ci and rfit.ci[k][0] <= v <= rfit.ci[k][1]]
+        out += ["", (f"Published constants inside our 95% intervals: {len(inside)} of 3 ({', '.join(inside)}). "
+                     f"R² = {rfit.r2:.4f}.")]
+        if a.compute_law is not None:
+            b, ci = a.compute_law.fit.constants["b"], a.compute_law.fit.ci
+            out += ["", f"Exponent b of this sweep: {b:.4g}"
+                    + (f" [{ci['b'][0]:.4g}, {ci['b'][1]:.4g}]" if ci else "")
+                    + f"; Cerebras-GPT: {ref.law['b']:.4g}. Losses are on different data, vocabularies and "
+                    f"scales, so only the shape (a power law in compute) is comparable."]
+    out += ["", "Files: fit.json (all numbers), scaling.png (the plot).", ""]
+    return "\n".join(out)
+
+
+def _curve_band(fit: fits.FitResult, xs: np.ndarray):
+    keys = list(fit.constants)
+    preds = np.array([fits.predict_compute_law(dict(zip(keys, s)), xs) for s in fit.samples])
+    return np.quantile(preds, [0.025, 0.975], axis=0)
+
+
+def scaling_plot(analysis: Analysis, path: Path) -> None:
+    a = analysis
+    fig = Figure(figsize=(8, 5.5))  # no pyplot: no backend or display needed, no global state
+    ax = fig.subplots()
+    used = [r for r in a.runs if r.usable]
+    shown = [r for r in a.runs if r.loss is not None and math.isfinite(r.loss)]
+    c_all = [r.flops[a.flops] for r in shown]
+    xs = np.logspace(math.log10(min(c_all) / 1.5), math.log10(max(c_all) * 10), 200)
+    curves: list[np.ndarray] = []
+    ax.scatter([r.flops[a.flops] for r in used], [r.loss for r in used], color="C0", zorder=3, label="runs (fitted)")
+    for r in used:
+        ax.annotate(r.name, (r.flops[a.flops], r.loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    flagged = [r for r in shown if not r.usable]
+    if flagged:
+        ax.scatter([r.flops[a.flops] for r in flagged], [r.loss for r in flagged], marker="x", color="gray",
+                   zorder=3, label="runs (excluded)")
+    if a.compute_law is not None:
+        fit = a.compute_law.fit
+        k = fit.constants
+        curves.append(fits.predict_compute_law(k, xs))
+        ax.plot(xs, curves[-1], color="C0",
+                label=f"fit: (C/{k['a']:.3g})^{k['b']:.3g} + {k['c']:.3g}")
+        if fit.samples is not None:
+            lo, hi = _curve_band(fit, xs)
+            ax.fill_between(xs, lo, hi, color="C0", alpha=0.15, label="95% band")
+    if a.chinchilla_law is not None:
+        kappa = a.budgets[0]["kappa"]
+        n_opt, d_opt = fits.chinchilla_optimum(a.chinchilla_law.fit.constants, xs, kappa)
+        curves.append(fits.predict_chinchilla_law(a.chinchilla_law.fit.constants, n_opt, d_opt))
+        ax.plot(xs, curves[-1], color="C2",
+                linestyle="--", label="L(N,D) at its compute-optimal N, D")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"training FLOPs ({a.flops} convention)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    handles, labels = ax.get_legend_handles_labels()
+    losses = [r.loss for r in shown] + [float(v) for curve in curves for v in curve]
+    if a.reference is not None:
+        ref = a.reference
+        ax_ref = ax.twiny()  # the published runs on their own FLOP axis, sharing the loss axis
+        ref_xs = np.logspace(math.log10(min(ref.flops) / 1.5), math.log10(max(ref.flops) * 10), 200)
+        ax_ref.plot(ref_xs, fits.predict_compute_law(ref.law, ref_xs), color="C1", linestyle=":",
+                    label=f"Cerebras-GPT Eq. 1: (C/{ref.law['a']:.3g})^{ref.law['b']:.3g} + {ref.law['c']:.3g}")
+        ax_ref.scatter(ref.flops, ref.loss, marker="s", color="C1", label="Cerebras-GPT 111M-13B (Pile test)")
+        ax_ref.set_xscale("log")
+        ax_ref.set_xlabel("Cerebras-GPT training FLOPs (paper's convention)", color="C1")
+        ax_ref.tick_params(axis="x", colors="C1")
+        h2, l2 = ax_ref.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+        losses += ref.loss
+    # Log loss axis with plain numbers; limits set here because twin axes autoscale separately.
+    ax.set_yscale("log")
+    ax.set_ylim(min(losses) / 1.08, max(losses) * 1.08)
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"fit": out_dir / "fit.json", "report": out_dir / "report.md", "plot": out_dir / "scaling.png"}
+    paths["fit"].write_text(json.dumps(fit_json(analysis), indent=1) + "\n")
+    paths["report"].write_text(report_md(analysis))
+    scaling_plot(analysis, paths["plot"])
+    return paths

@@ -1,0 +1,254 @@
+"""Running a sweep: locally, one subprocess per run, or as one launch script per run for a cluster.
+
+Layout of a sweep workdir DIR:
+  DIR/sweep.json            status table of the sweep (experiment spec, run statuses)
+  DIR/<name>/sweep_run.json which experiment, config and overrides made this run (written before it starts)
+  DIR/<name>/summary.json   written last by the trainer: the run finished
+  DIR/<name>/failure.json   written by the local runner when the trainer exited without finishing
+  DIR/<name>/train.log/.err the trainer's stdout and stderr, appended across attempts
+
+Each run is a subprocess, so a crash (or an OOM kill) is recorded as a failure and the sweep goes on.
+Re-running the sweep skips finished runs and re-launches the rest with the same command, which the
+trainer resumes from its own checkpoint.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cgpt_jax.scaling.experiment import DEFAULT_TRAIN_ARGV, Experiment, RunSpec, train_command
+
+SWEEP_TABLE = "sweep.json"
+RUN_RECORD = "sweep_run.json"
+SUMMARY = "summary.json"
+FAILURE = "failure.json"
+STDOUT_LOG = "train.log"
+STDERR_LOG = "train.err"
+LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
+_STDERR_TAIL_LINES = 60
+
+# Per launcher: its template and the options --launcher_opts may set, with their defaults.
+LAUNCHERS: dict[str, dict[str, Any]] = {
+    "tpu": {
+        "template": "sweep_tpu.sh.tmpl",
+        "script": "launch_tpu.sh",
+        "opts": {"repo": "~/cgpt_jax", "python": "python3", "workdir": ""},
+    },
+    "slurm": {
+        "template": "sweep_slurm.sbatch.tmpl",
+        "script": "launch_slurm.sbatch",
+        "opts": {"repo": "", "python": "python", "workdir": "", "nodes": "1", "gpus_per_node": "8",
+                 "time": "24:00:00", "partition": "", "account": ""},
+    },
+}
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: Path, data: dict) -> None:
+    # Write then rename, so an interrupted sweep never leaves half a status file.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def is_finished(run_dir: Path) -> bool:
+    path = run_dir / SUMMARY
+    return path.is_file() and read_json(path).get("status") == "finished"
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _jsonable(overrides: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(overrides))  # tuples become lists, as they will be when read back
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def open_sweep(experiment: Experiment, runs: list[RunSpec], workdir: Path, launcher: str) -> dict:
+    """Check that `workdir` holds nothing of another sweep or config, record each run's provenance, and
+    return the sweep table. Fails before any run starts, naming the directory that conflicts."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    table_path = workdir / SWEEP_TABLE
+    table = read_json(table_path) if table_path.exists() else {"runs": {}}
+    if table.get("experiment", experiment.spec) != experiment.spec:
+        raise ValueError(f"{workdir} holds the sweep {table['experiment']!r}, not {experiment.spec!r}; runs of "
+                         f"different sweeps must not share one fit. Use a new --workdir.")
+    table.update(experiment=experiment.spec, launcher=launcher)
+
+    for run in runs:
+        run_dir = workdir / run.name
+        record = {"experiment": experiment.spec, "name": run.name, "config_arg": experiment.run_arg(run),
+                  "overrides": _jsonable(run.overrides), "config": experiment.config_record(run)}
+        record_path = run_dir / RUN_RECORD
+        if record_path.exists():
+            old = read_json(record_path)
+            if old.get("config") != record["config"]:
+                old_flat, new_flat = _flatten(old.get("config") or {}), _flatten(record["config"])
+                diffs = [f"  {k}: {old_flat.get(k, '<absent>')!r} -> {new_flat.get(k, '<absent>')!r}"
+                         for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
+                raise ValueError(
+                    f"{run_dir} was trained with another config than the sweep now defines for {run.name!r}:\n"
+                    + "\n".join(diffs[:20]) + f"\nUse a new --workdir, or delete {run_dir} to retrain it.")
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(f"{run_dir} exists and has files but no {RUN_RECORD}: it was not made by this "
+                             f"sweep. Use a new --workdir, or move that directory away.")
+        run_dir.mkdir(exist_ok=True)
+        write_json(record_path, record)
+        entry = table["runs"].setdefault(run.name, {})
+        entry["overrides"] = record["overrides"]
+        entry["config_arg"] = record["config_arg"]
+        entry["status"] = "finished" if is_finished(run_dir) else entry.get("status", "pending")
+    write_json(table_path, table)
+    return table
+
+
+def _tail(path: Path, offset: int, lines: int) -> str:
+    with open(path, errors="replace") as f:
+        f.seek(offset)
+        return "".join(f.read().splitlines(keepends=True)[-lines:])
+
+
+def run_local(experiment: Experiment, runs: list[RunSpec], workdir: Path, *,
+              train_argv: tuple[str, ...] = DEFAULT_TRAIN_ARGV, skip_failed: bool = False,
+              progress: bool = True) -> dict[str, str]:
+    """Run every unfinished run one after another; returns {name: status} with status one of
+    'finished', 'failed' (see its failure.json) or 'skipped_failed'."""
+    table = open_sweep(experiment, runs, workdir, "local")
+    statuses: dict[str, str] = {}
+    bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
+    for run in bar:
+        bar.set_postfix_str(run.name)
+        run_dir = workdir / run.name
+        entry = table["runs"][run.name]
+        if is_finished(run_dir):
+            statuses[run.name] = entry["status"] = "finished"
+            bar.write(f"{run.name}: finished already, skipped")
+            continue
+        if skip_failed and (run_dir / FAILURE).exists():
+            statuses[run.name] = "skipped_failed"
+            bar.write(f"{run.name}: failed before, skipped (--skip_failed)")
+            continue
+        (run_dir / FAILURE).unlink(missing_ok=True)
+        command = train_command(experiment, run, str(run_dir), train_argv)
+        entry.update(status="running", command=command, started=_now())
+        write_json(workdir / SWEEP_TABLE, table)
+
+        err_path = run_dir / STDERR_LOG
+        err_offset = err_path.stat().st_size if err_path.exists() else 0
+        start = time.monotonic()
+        with open(run_dir / STDOUT_LOG, "a") as out, open(err_path, "a") as err:
+            process = subprocess.Popen(command, stdout=out, stderr=err)
+            try:
+                returncode = process.wait()
+            except KeyboardInterrupt:
+                # The trainer got the same Ctrl-C and is saving a checkpoint; let it finish (a second
+                # Ctrl-C kills it), so that the next sweep resumes this run instead of restarting it.
+                bar.write(f"{run.name}: interrupted; waiting for the trainer to save (Ctrl-C again to kill it)")
+                try:
+                    process.wait()
+                except KeyboardInterrupt:
+                    process.kill()
+                    process.wait()
+                entry["status"] = "interrupted"
+                write_json(workdir / SWEEP_TABLE, table)
+                raise
+        wall = time.monotonic() - start
+        entry.update(wall_time_s=round(wall, 1), returncode=returncode)
+
+        if returncode == 0 and is_finished(run_dir):
+            statuses[run.name] = entry["status"] = "finished"
+            bar.write(f"{run.name}: finished in {wall:.0f} s")
+        else:
+            reason = (f"exited with code {returncode}" if returncode != 0
+                      else f"exited with code 0 but wrote no finished {SUMMARY}")
+            write_json(run_dir / FAILURE, {
+                "returncode": returncode, "reason": reason, "command": command, "wall_time_s": round(wall, 1),
+                "time": _now(), "stderr_tail": _tail(err_path, err_offset, _STDERR_TAIL_LINES)})
+            statuses[run.name] = entry["status"] = "failed"
+            bar.write(f"{run.name}: FAILED ({reason}); see {run_dir / FAILURE} and {err_path}")
+        write_json(workdir / SWEEP_TABLE, table)
+    return statuses
+
+
+def parse_launcher_opts(launcher: str, text: str) -> dict[str, str]:
+    """'nodes=2,time=4:00:00' -> the launcher's defaults updated with these values."""
+    known = LAUNCHERS[launcher]["opts"]
+    opts = dict(known)
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--launcher_opts item {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{sorted(known)} for --launcher={launcher}")
+        opts[key] = value
+    return opts
+
+
+def fill_template(text: str, values: dict[str, str]) -> str:
+    """Replace {{key}} placeholders; the shell's own ${VAR} syntax passes through untouched."""
+    def value(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise KeyError(f"template placeholder {{{{{key}}}}} has no value; known: {sorted(values)}")
+        return values[key]
+
+    return re.sub(r"\{\{(\w+)\}\}", value, text)
+
+
+def write_launch_scripts(experiment: Experiment, runs: list[RunSpec], workdir: Path, launcher: str,
+                         opts: dict[str, str]) -> list[Path]:
+    """One script per unfinished run plus DIR/submit_all.sh; returns the per-run scripts."""
+    spec = LAUNCHERS[launcher]
+    template_path = LAUNCH_DIR / spec["template"]
+    if not template_path.is_file():
+        raise FileNotFoundError(f"launch template {template_path} is missing; it ships with the repository")
+    template = template_path.read_text()
+    table = open_sweep(experiment, runs, workdir, launcher)
+    repo = opts["repo"] or str(Path.cwd())
+    remote_root = (opts["workdir"] or str(workdir.resolve())).rstrip("/")
+    scripts = []
+    for run in runs:
+        run_dir = workdir / run.name
+        if is_finished(run_dir):
+            continue
+        argv = train_command(experiment, run, f"{remote_root}/{run.name}", (opts["python"], "-m", "cgpt_jax.train"))
+        command = shlex.join(argv)
+        sbatch_extra = "\n".join(f"#SBATCH --{key}={opts[key]}" for key in ("partition", "account")
+                                 if opts.get(key))
+        values = {**opts, "name": run.name, "experiment": experiment.spec, "repo": repo,
+                  "train_command": command, "log_dir": str(run_dir.resolve()), "sbatch_extra": sbatch_extra,
+                  "remote_command": shlex.quote(f"cd {repo} && {command}")}
+        script = run_dir / spec["script"]
+        script.write_text(fill_template(template, values))
+        script.chmod(0o755)
+        table["runs"][run.name].update(status="script_written", command=argv)
+        scripts.append(script)
+    submit = "sbatch" if launcher == "slurm" else "bash"
+    lines = ["#!/usr/bin/env bash",
+             f"# Submit the unfinished runs of {experiment.spec} ({launcher}); written by cgpt_jax.sweep.",
+             "set -u"]
+    # A TPU pod runs one job at a time, so its scripts run one after another; SLURM queues them.
+    lines += [f"{submit} {shlex.quote(str(s.resolve()))} || echo 'failed: {s.parent.name}'" for s in scripts]
+    submit_all = workdir / "submit_all.sh"
+    submit_all.write_text("\n".join(lines) + "\n")
+    submit_all.chmod(0o755)
+    write_json(workdir / SWEEP_TABLE, table)
+    return scripts
