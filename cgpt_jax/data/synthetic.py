@@ -11,6 +11,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from cgpt_jax.data.assemble import global_batch, process_rows
+
 NOISE_RATE = 1 / 8
 _EVAL_STEP_OFFSET = 1 << 40  # eval rows live in a step range training never reaches
 
@@ -37,20 +39,10 @@ class SyntheticMarkov:
         return tokens
 
     def _global_batch(self, step: int) -> dict[str, jax.Array]:
-        shape = (self.global_batch_size, self.seq_len)
-        cache: dict[int, np.ndarray] = {}
-
-        def rows(index) -> np.ndarray:
-            # Only the rows of this process's shards are ever generated.
-            row_ids = range(*index[0].indices(self.global_batch_size))
-            for r in row_ids:
-                if r not in cache:
-                    cache[r] = self._row(step, r)
-            return np.stack([cache[r] for r in row_ids])
-
-        inputs = jax.make_array_from_callback(shape, self.sharding, lambda idx: rows(idx)[:, :-1][:, idx[1]])
-        targets = jax.make_array_from_callback(shape, self.sharding, lambda idx: rows(idx)[:, 1:][:, idx[1]])
-        return {"inputs": inputs, "targets": targets}
+        # Only the rows of this process's shards are ever generated.
+        lo, hi = process_rows(self.sharding, self.global_batch_size, self.seq_len)
+        rows = np.stack([self._row(step, r) for r in range(lo, hi)])
+        return global_batch(rows, lo, self.global_batch_size, self.sharding)
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
         return self._global_batch(step)
