@@ -3,6 +3,28 @@
 Written for one logical device. Every parameter names its logical axes and the residual stream is
 constrained by logical names, so the same code runs unsharded, data parallel, FSDP or tensor parallel.
 Layers are stacked with `nnx.vmap` and applied with `nnx.scan`, so compile time does not grow with depth.
+The attention step is the plug-in selected by `config.model.attention` (cgpt_jax/model/attention/);
+variants that encode positions themselves (RoPE, ALiBi) leave out the position table `wpe`.
+
+Decoding with a KV cache (any attention variant that supports it; `Variant.check_decode` says):
+
+    model.cache_layout(batch_size, max_len) -> {name: CacheSpec}
+        Layer-stacked cache arrays, leading axis 'layers'. `spec.sharding(mesh, rules)` gives each
+        array's NamedSharding (batch on data/fsdp, KV heads on tensor, with the default rules).
+    model.init_cache(batch_size, max_len) -> cache
+        Zeros; a dict of arrays (a pytree: pass it through jit, donate it). Sharded:
+        ``jax.jit(lambda: model.init_cache(b, n), out_shardings={k: s.sharding(mesh, rules) for k, s in
+        model.cache_layout(b, n).items()})()``.
+    model.extend(tokens_BxT, cache, start_B) -> (logits_BxTxV, cache)
+        Feeds T new tokens per sequence at positions start_B[b] .. start_B[b] + T - 1 (start_B: int32
+        [B], the tokens sequence b already holds in the cache) and returns their float32 logits and
+        the updated cache. Prefill: extend(prompts_BxT, init_cache(...), zeros); one decode step:
+        extend(next_Bx1, cache, lengths_B). Prompts of different lengths: right-pad them to one T,
+        prefill, read sequence b's next-token logits at T_b - 1, then decode with start_B = T_b; a
+        sequence's padding slots are never attended to and get overwritten as it advances.
+        extend's logits equal the full forward pass `model(tokens)` at the same positions.
+
+`max_len` must not exceed `config.model.max_seq_len` with learned positions.
 """
 from __future__ import annotations
 
@@ -12,6 +34,7 @@ import ml_collections
 from flax import nnx
 
 from cgpt_jax.model import attention
+from cgpt_jax.model.attention.base import Cache, CacheSpec
 from cgpt_jax.model.layers import MLP, LayerNorm, trunc_normal_param
 from cgpt_jax.parallel.sharding import constrain
 
@@ -45,6 +68,13 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + self.mlp(self.ln_mlp(x_BxLxD))
         return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
+    def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
+        """The same block over T new tokens, reading and updating this layer's KV cache."""
+        y_BxTxD, cache = self.attn.extend(self.ln_attn(x_BxTxD), cache, start_B)
+        x_BxTxD = constrain(x_BxTxD + y_BxTxD, ("batch", "length", "act_embed"))
+        x_BxTxD = x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD))
+        return constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
+
 
 class GPT(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -68,12 +98,7 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         """Token ids [B, L] → float32 logits [B, L, V_padded] (padding columns are -inf)."""
-        dt = self.compute_dtype
-        length = tokens_BxL.shape[1]
-        x_BxLxD = jnp.take(self.wte[...], tokens_BxL, axis=0).astype(dt)
-        if self.wpe is not None:
-            x_BxLxD = x_BxLxD + self.wpe[:length].astype(dt)[None]
-        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+        x_BxLxD = self._embed(tokens_BxL, None)
 
         def apply_block(x_BxLxD: jax.Array, block: Block) -> jax.Array:
             return block(x_BxLxD)
@@ -83,12 +108,51 @@ class GPT(nnx.Module):
         x_BxLxD = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                            transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
                            )(x_BxLxD, self.blocks)
+        return self._logits(x_BxLxD)
 
-        x_BxLxD = self.ln_f(x_BxLxD)
-        logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, self.wte[...].astype(dt),
+    def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
+        """The decode cache of all layers: each layer's arrays stacked on a leading 'layers' axis."""
+        attention.build(self.cfg.attention).check_decode()
+        if self.wpe is not None and max_len > self.cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions is longer than the position table "
+                             f"model.max_seq_len={self.cfg.max_seq_len}")
+        layer = self.blocks.attn.cache_layout(batch_size, max_len)
+        return {name: CacheSpec((self.cfg.n_layers, *spec.shape), spec.dtype, ("layers", *spec.logical_axes))
+                for name, spec in layer.items()}
+
+    def init_cache(self, batch_size: int, max_len: int) -> Cache:
+        return {name: spec.zeros() for name, spec in self.cache_layout(batch_size, max_len).items()}
+
+    def extend(self, tokens_BxT: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
+        """T new tokens per sequence at positions start_B + 0..T-1 → (float32 logits [B, T, V_padded],
+        updated cache). See the module docstring."""
+        start_B = start_B.astype(jnp.int32)
+        x_BxTxD = self._embed(tokens_BxT, start_B[:, None] + jnp.arange(tokens_BxT.shape[1]))
+
+        def extend_block(x_BxTxD: jax.Array, block: Block, layer_cache: Cache) -> tuple[jax.Array, Cache]:
+            return block.extend(x_BxTxD, layer_cache, start_B)
+
+        x_BxTxD, cache = nnx.scan(extend_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                                  transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+                                  )(x_BxTxD, self.blocks, cache)
+        return self._logits(x_BxTxD), cache
+
+    def _embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:
+        """Token (+ position) embeddings; positions None: 0..T-1 for every sequence."""
+        dt = self.compute_dtype
+        x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0).astype(dt)
+        if self.wpe is not None and positions_BxT is None:
+            x_BxTxD = x_BxTxD + self.wpe[:tokens_BxT.shape[1]].astype(dt)[None]
+        elif self.wpe is not None:
+            x_BxTxD = x_BxTxD + jnp.take(self.wpe[...], positions_BxT, axis=0).astype(dt)
+        return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+    def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
+        x_BxTxD = self.ln_f(x_BxTxD)
+        logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.wte[...].astype(self.compute_dtype),
                                   preferred_element_type=jnp.float32)
-        logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
-        if logits_BxLxV.shape[-1] != self.cfg.vocab_size:
-            is_real_V = jnp.arange(logits_BxLxV.shape[-1]) < self.cfg.vocab_size
-            logits_BxLxV = jnp.where(is_real_V, logits_BxLxV, -jnp.inf)
-        return logits_BxLxV
+        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
+        if logits_BxTxV.shape[-1] != self.cfg.vocab_size:
+            is_real_V = jnp.arange(logits_BxTxV.shape[-1]) < self.cfg.vocab_size
+            logits_BxTxV = jnp.where(is_real_V, logits_BxTxV, -jnp.inf)
+        return logits_BxTxV

@@ -1,40 +1,148 @@
-"""What every attention variant provides, and the causal softmax core they share."""
+"""The contract every attention variant fulfils, and the numerical cores the variants share.
+
+A variant is an `Attention` subclass registered under a name (see `__init__.py`). GPT uses it through
+three calls, so a variant works for training, FLOP counting, sharding and generation at once:
+
+    attn(x_BxLxD) -> y_BxLxD
+        Training / full forward over positions 0..L-1, causal; the residual-branch output (output
+        projection and its bias included).
+    attn.cache_layout(batch_size, max_len) -> {name: CacheSpec}
+        The per-layer decode cache: shape, dtype and logical axes of each array (heads on 'kv_heads',
+        so the cache shards by heads under the same rules as the parameters).
+    attn.extend(x_BxTxD, cache, start_B) -> (y_BxTxD, cache)
+        Single-step decode and (chunked) prefill in one call: sequence b holds start_B[b] tokens in
+        `cache`; its T new tokens sit at positions start_B[b] + 0..T-1. Their keys/values are written
+        into the cache, every new token attends to cache slots at positions <= its own, and the updated
+        cache is returned. Prefill is extend(prompt, empty cache, zeros); a decode step is T = 1.
+        Sequences of one batch may sit at different positions (right-padded prompts: slots past a
+        sequence's own position are never read, and are overwritten as it advances).
+        Slots start_B[b] + T must fit in the cache; write positions past its end are clamped by XLA.
+
+A variant also declares, as class attributes and classmethods that need no model instance:
+`options` (its config-string arguments and defaults), `learned_positions`, `supports_decode`,
+`validate(model_cfg, **options)` (ValueError at config time) and `fwd_flops_per_token(model_cfg,
+seq_len, **options)` for the one FLOP count (cgpt_jax/flops.py). FLOP convention: count the
+attention-score entries a variant evaluates, masked or not, as the Cerebras count does for dense
+attention (its full S×S square): 2·K FLOPs for each query-key score and 2·K for each weighted value, per head.
+
+The conformance suite (tests/test_attention_conformance.py) reads `examples` (options that fit its tiny
+model: 4 heads of 8 dims, 16 positions) and `dense_equal_options` (where the variant equals `dense`).
+"""
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from cgpt_jax.parallel.sharding import LogicalAxes, Rules, logical_to_spec
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "?"
+
+
+REQUIRED: Any = _Required()  # an option without a default: the config string must give it
+
+Cache = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """One array of a decode cache: its shape, dtype and logical axis names."""
+
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+    logical_axes: LogicalAxes
+
+    def zeros(self) -> jax.Array:
+        return jnp.zeros(self.shape, self.dtype)
+
+    def sharding(self, mesh: Mesh, rules: Rules) -> NamedSharding:
+        return NamedSharding(mesh, logical_to_spec(self.logical_axes, rules))
 
 
 class Attention(nnx.Module):
-    """Base class of attention variants. A subclass's ``__call__(x_BxLxD) -> y_BxLxD`` is the
-    residual-branch output, output projection and its bias included.
+    """Interface of an attention variant; `dense.DenseAttention` is the reference implementation and
+    the class to subclass when a variant changes one step of it."""
 
-    A subclass sets `learned_positions` (False for variants that encode position themselves, e.g. RoPE),
-    may check its arguments against the model in `validate`, and declares its forward mixing FLOPs per
-    token and layer in `fwd_flops_per_token` for the one FLOP count (cgpt_jax/flops.py).
-    """
-
-    variant_name: str = ""
-    learned_positions: bool = True
+    options: ClassVar[dict[str, Any]] = {}  # config-string arguments -> default (REQUIRED: none)
+    learned_positions: ClassVar[bool] = True  # False: the model has no position table (RoPE, ALiBi)
+    supports_decode: ClassVar[bool] = True  # `extend` gives the same outputs as `__call__`
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    # Combined ("a+b") variants are built from subclasses of DenseAttention, see `__init__.py`.
 
     @classmethod
-    def validate(cls, model_cfg, **kwargs) -> None:
+    def validate(cls, model_cfg, **options) -> None:
         """Raise ValueError naming the field and the fix when the variant cannot serve `model_cfg`."""
 
     @classmethod
-    def fwd_flops_per_token(cls, model_cfg, seq_len: int, **kwargs) -> float:
-        """QKᵀ and AV over the full S×S square: 2·S·d each (the Cerebras convention ignores causality)."""
+    def fwd_flops_per_token(cls, model_cfg, seq_len: int, **options) -> float:
+        """Forward mixing FLOPs per token and layer (QKᵀ and AV), projections excluded: dense
+        attention evaluates the full S×S square, 2·S·d FLOPs for each product."""
         return 4.0 * seq_len * model_cfg.d_model
 
+    @classmethod
+    def dense_equal_options(cls, model_cfg, seq_len: int) -> dict[str, Any] | None:
+        """Options under which this variant computes exactly what `dense` computes on `model_cfg` at
+        `seq_len`, or None when it never does. A variant returning options also provides
+        `params_from_dense(dense_params) -> params` (DenseAttention's subclasses inherit one)."""
+        return None
 
-def causal_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
-                     scale: float) -> jax.Array:
-    """Softmax(scale·QKᵀ + causal mask)·V with the logits and softmax in float32."""
-    logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
-                                preferred_element_type=jnp.float32) * scale
-    length, source = logits_BxHxLxS.shape[-2:]
-    causal_LxS = jnp.arange(length)[:, None] >= jnp.arange(source)[None, :]
-    logits_BxHxLxS = jnp.where(causal_LxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(v_BxSxHxK.dtype)
-    return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK)
+    # The three calls of the module docstring; a variant must define all of them.
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        raise NotImplementedError(f"{type(self).__name__} must define __call__")
+
+    def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
+        raise NotImplementedError(f"{type(self).__name__} must define cache_layout")
+
+    def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
+        raise NotImplementedError(f"{type(self).__name__} must define extend")
+
+
+# --- shared numerical cores ---------------------------------------------------------------------------
+# Query head h uses key/value head h // (H / G): consecutive query heads share a KV head, as in
+# jax.nn.dot_product_attention. With G = H this is plain multi-head attention.
+
+def scores(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, scale: float) -> jax.Array:
+    """scale · QKᵀ per head, in float32 (or wider, for float64 gradient checks)."""
+    b, t, h, d = q_BxTxHxK.shape
+    g = k_BxSxGxK.shape[2]
+    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, d)
+    logits_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                                  preferred_element_type=jnp.promote_types(q_BxTxHxK.dtype, jnp.float32))
+    return logits_BxGxRxTxS.reshape(b, h, t, -1) * scale
+
+
+def weighted_values(probs_BxHxTxS: jax.Array, v_BxSxGxK: jax.Array) -> jax.Array:
+    """Σ_s probs · V per head → [B, T, H, K]."""
+    b, h, t, s = probs_BxHxTxS.shape
+    g = v_BxSxGxK.shape[2]
+    probs_BxGxRxTxS = probs_BxHxTxS.reshape(b, g, h // g, t, s)
+    y_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxSxGxK)
+    return y_BxTxGxRxK.reshape(b, t, h, -1)
+
+
+def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, visible_BxTxS: jax.Array,
+           bias_BxHxTxS: jax.Array | None, scale: float) -> jax.Array:
+    """softmax(scale·QKᵀ + bias, over visible keys)·V with logits and softmax in float32.
+
+    `visible` and `bias` broadcast from a leading size-1 batch (and head) axis.
+    """
+    logits_BxHxTxS = scores(q_BxTxHxK, k_BxSxGxK, scale)
+    if bias_BxHxTxS is not None:
+        logits_BxHxTxS = logits_BxHxTxS + bias_BxHxTxS
+    logits_BxHxTxS = jnp.where(visible_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxGxK.dtype)
+    return weighted_values(probs_BxHxTxS, v_BxSxGxK)
+
+
+def write_cache(cache_BxSxN: jax.Array, new_BxTxN: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Write each sequence's T new entries at slots start_B[b] .. start_B[b] + T - 1."""
+    def one(cache_SxN: jax.Array, new_TxN: jax.Array, start: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(cache_SxN, new_TxN, start, axis=0)
+    return jax.vmap(one)(cache_BxSxN, new_BxTxN.astype(cache_BxSxN.dtype), start_B)

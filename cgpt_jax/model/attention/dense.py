@@ -1,23 +1,55 @@
-"""`dense`: the Cerebras-GPT reference attention (multi-head, causal, 1/sqrt(d_head), f32 softmax)."""
+"""`dense`: the Cerebras-GPT reference attention (multi-head, causal, 1/sqrt(d_head), f32 softmax).
+
+It is written as a pipeline of small steps, the `hooks`; every other variant subclasses it and
+replaces the step it changes (a variant that adds parameters of its own extends `__init__`):
+
+    init_projections, project    Q, K, V and output weights, and x → q, k, v    (gqa)
+    rotate(q, k, positions)      position transform before the cache           (rope)
+    visible(q_pos, k_pos)        which keys a query sees                       (sliding_window)
+    score_bias(q_pos, k_pos)     additive logit bias                           (alibi)
+    mix(q, k, v, q_pos, k_pos)   the softmax core                              (blockwise, fused)
+
+Steps address tokens by position, so the same hooks serve training (positions 0..L-1) and decoding
+(new tokens at start_B + 0..T-1 against a cache whose slot s holds position s).
+"""
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cgpt_jax.model.attention import register
-from cgpt_jax.model.attention.base import Attention, causal_attention
+from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, write_cache
 from cgpt_jax.model.layers import trunc_normal_param, zeros_param
 from cgpt_jax.parallel.sharding import constrain
 
 
 @register("dense")
 class DenseAttention(Attention):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        d, h = cfg.d_model, cfg.n_heads
-        k = d // h
+    hooks: ClassVar[tuple[str, ...]] = ("init_projections", "project", "params_from_dense", "rotate", "visible",
+                                        "score_bias", "mix", "__call__", "extend", "cache_layout")
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, **options: Any):
+        self.n_heads = cfg.n_heads
+        self.kv_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.scale = 1.0 / self.head_dim**0.5
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-        self.scale = 1.0 / k**0.5
+        for name, value in options.items():  # a variant's options override the defaults above
+            setattr(self, name, value)
+        self.init_projections(cfg, rngs)
+
+    @classmethod
+    def dense_equal_options(cls, model_cfg, seq_len: int) -> dict[str, Any] | None:
+        # A subclass changes the computation unless it says where it does not (gqa, blockwise, ...).
+        return {} if cls is DenseAttention else None
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def init_projections(self, cfg, rngs: nnx.Rngs) -> None:
+        d, h, k = cfg.d_model, self.n_heads, self.head_dim
         param_dtype = jnp.dtype(cfg.param_dtype)
         # Q, K and V in one kernel: the same layout as GPT-2's c_attn (d → [q | k | v]).
         self.qkv_kernel = trunc_normal_param(rngs, (d, 3, h, k), cfg.init_std,
@@ -27,11 +59,67 @@ class DenseAttention(Attention):
                                              ("heads", "head_dim", "embed"), param_dtype)
         self.out_bias = zeros_param((d,), ("embed",), param_dtype)
 
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def project(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x → q [B, T, H, K], k and v [B, T, G, K] (G = kv_heads)."""
         dt = self.compute_dtype
-        qkv_Bx3xLxHxK = jnp.einsum("bld,dthk->btlhk", x_BxLxD.astype(dt), self.qkv_kernel[...].astype(dt))
-        qkv_Bx3xLxHxK = qkv_Bx3xLxHxK + self.qkv_bias[...].astype(dt)[None, :, None]
-        q, k, v = (constrain(qkv_Bx3xLxHxK[:, i], ("batch", "length", "act_heads", None)) for i in range(3))
-        y_BxLxHxK = causal_attention(q, k, v, self.scale)
-        y_BxLxD = jnp.einsum("blhk,hkd->bld", y_BxLxHxK, self.out_kernel[...].astype(dt))
-        return y_BxLxD + self.out_bias[...].astype(dt)
+        qkv_Bx3xTxHxK = jnp.einsum("btd,dshk->bsthk", x_BxTxD.astype(dt), self.qkv_kernel[...].astype(dt))
+        qkv_Bx3xTxHxK = qkv_Bx3xTxHxK + self.qkv_bias[...].astype(dt)[None, :, None]
+        q, k, v = (constrain(qkv_Bx3xTxHxK[:, i], ("batch", "length", "act_heads", None)) for i in range(3))
+        return q, k, v
+
+    def params_from_dense(self, dense: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """This variant's parameters from a dense layer's ({name: array}; leading axes allowed)."""
+        return dict(dense)
+
+    def rotate(self, q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array,
+               positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return q_BxTxHxK, k_BxTxGxK
+
+    def visible(self, q_pos_BxT: jax.Array, k_pos_S: jax.Array) -> jax.Array:
+        """Causal: query at position p sees keys at positions <= p. [B, T, S] bool (B may be 1)."""
+        return k_pos_S[None, None, :] <= q_pos_BxT[:, :, None]
+
+    def score_bias(self, q_pos_BxT: jax.Array, k_pos_S: jax.Array) -> jax.Array | None:
+        """Additive logit bias [B, H, T, S] (B, H may be 1), or None."""
+        return None
+
+    def mix(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+            q_pos_BxT: jax.Array | None, k_pos_S: jax.Array | None) -> jax.Array:
+        """Attention of q over k, v → [B, T, H, K]. Positions None: self-attention over 0..L-1
+        (training), which a core may treat as plain causal attention."""
+        if q_pos_BxT is None:
+            q_pos_BxT, k_pos_S = jnp.arange(q_BxTxHxK.shape[1])[None], jnp.arange(k_BxSxGxK.shape[1])
+        return attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, self.visible(q_pos_BxT, k_pos_S),
+                      self.score_bias(q_pos_BxT, k_pos_S), self.scale)
+
+    def output(self, y_BxTxHxK: jax.Array) -> jax.Array:
+        dt = self.compute_dtype
+        y_BxTxD = jnp.einsum("bthk,hkd->btd", y_BxTxHxK, self.out_kernel[...].astype(dt))
+        return y_BxTxD + self.out_bias[...].astype(dt)
+
+    # --- the interface ---------------------------------------------------------------------------
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        q, k, v = self.project(x_BxLxD)
+        q, k = self.rotate(q, k, jnp.arange(x_BxLxD.shape[1])[None])
+        return self.output(self.mix(q, k, v, None, None))
+
+    def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
+        # A single KV head cannot be split over a tensor axis; it stays replicated.
+        axes = ("batch", "length", "kv_heads" if self.kv_heads > 1 else None, "head_dim")
+        spec = CacheSpec((batch_size, max_len, self.kv_heads, self.head_dim), self.compute_dtype, axes)
+        return {"k": spec, "v": spec}
+
+    def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
+        batch, length, _ = x_BxTxD.shape
+        max_len = cache["k"].shape[1]
+        if length > max_len:
+            raise ValueError(f"extend: {length} new tokens do not fit a cache of {max_len} positions")
+        q_pos_BxT = start_B[:, None] + jnp.arange(length)
+        q, k, v = self.project(x_BxTxD)
+        q, k = self.rotate(q, k, q_pos_BxT)
+        layout = self.cache_layout(batch, max_len)
+        cache = {"k": constrain(write_cache(cache["k"], k, start_B), layout["k"].logical_axes),
+                 "v": constrain(write_cache(cache["v"], v, start_B), layout["v"].logical_axes)}
+        y = self.mix(q, cache["k"], cache["v"], q_pos_BxT, jnp.arange(max_len))
+        return self.output(y), cache

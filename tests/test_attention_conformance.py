@@ -1,0 +1,477 @@
+"""Conformance suite: every registered attention variant, and a few combinations, passes the same checks.
+
+The specs are read from the registry when the tests are collected, so a new variant file is tested with
+no edit here; a variant lists the options to test with in `examples` (this suite's model: d_model 32,
+4 heads of 8 dims, 2 layers, 16 positions) and where it equals dense in `dense_equal_options`.
+Each check is a plain function that raises AssertionError, so `test_suite_catches_a_broken_variant` can
+run all of them on a deliberately broken plug-in and require that the suite fails it, and the worked
+example of docs/attention.md is run through all of them too.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+import re
+import types
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cgpt_jax.model import GPT, attention
+from cgpt_jax.model.attention import spec_string
+from cgpt_jax.model.attention.dense import DenseAttention
+from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, state_shardings
+from tests.helpers import tiny_config
+
+BATCH, SEQ = 2, 16
+MESH_BATCH = 4  # one sequence per data shard
+COMBINATIONS = ("gqa(kv_heads=2)+rope", "alibi+blockwise(block=4)", "mqa+sliding_window(window=4)+alibi")
+RULES = [list(rule) for rule in DEFAULT_RULES]
+PARAM_AXES = {name for name, _ in DEFAULT_RULES} - {"batch", "length"} | {None}
+
+
+def suite_specs() -> list[str]:
+    specs: list[str] = []
+    for name, entry in sorted(attention.registered().items()):
+        for example in entry.cls.examples:
+            spec = spec_string(name, {k: v for k, v in example.items() if k in entry.free_options})
+            if spec not in specs:
+                specs.append(spec)
+    return specs + list(COMBINATIONS)
+
+
+def model_config(spec: str, **changes) -> ml_collections.ConfigDict:
+    cfg = tiny_config().model
+    cfg.attention = spec
+    cfg.update(changes)
+    return cfg
+
+
+def randomized(make: Callable[[], nnx.Module], seed: int = 0) -> nnx.Module:
+    """The module with every parameter drawn from N(0, 0.3²) by numpy: larger than the real init, so the
+    softmax is far from uniform, and nothing to compile (an eager init compiles once per shape)."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), state))
+
+
+def make_attention(spec: str, cfg: ml_collections.ConfigDict) -> nnx.Module:
+    return randomized(lambda: attention.build(spec).make(cfg, rngs=nnx.Rngs(0)))
+
+
+# Inputs come from numpy, so making them compiles nothing.
+
+def random_x(cfg: ml_collections.ConfigDict, length: int = SEQ, seed: int = 1, batch: int = BATCH,
+             dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, length, cfg.d_model)).astype(dtype)
+
+
+def random_tokens(batch: int, length: int = SEQ, seed: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 64, (batch, length), dtype=np.int32)
+
+
+def kernel_sizes(module: nnx.Module) -> int:
+    """Projection weights, each used once per token in a matmul: matrices to or from 'embed'."""
+    return sum(math.prod(p.shape) for _, p in nnx.to_flat_state(nnx.state(module, nnx.Param))
+               if p.ndim >= 2 and "embed" in p.get_metadata()["logical_axes"])
+
+
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of every dot_general in a jaxpr, scan bodies counted once per iteration."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[i] for i in contracting)
+            continue
+        assert eqn.primitive.name != "while", "a while loop's trip count is unknown; use scan"
+        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns"):
+                    total += repeat * matmul_flops(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    total += repeat * matmul_flops(sub.jaxpr)
+    return total
+
+
+# Compiled functions are cached per (spec, class), so the checks of one spec share compilations, the
+# dense reference is compiled once, and a name re-registered by a test gets fresh ones.
+
+class Compiled(NamedTuple):
+    cfg: ml_collections.ConfigDict
+    module: nnx.Module
+    state: nnx.State
+    forward: Callable  # (state, x_BxLxD) -> y_BxLxD
+    extend: Callable  # (state, x_BxTxD, cache, start_B) -> (y_BxTxD, cache)
+
+
+def _key(spec: str) -> tuple[str, type]:
+    return spec, attention.build(spec).cls
+
+
+@functools.cache
+def _compiled(key: tuple[str, type], dtype: str, model_level: bool) -> Compiled:
+    spec = key[0]
+    cfg = model_config(spec, param_dtype=dtype, compute_dtype=dtype)
+    module = randomized(lambda: GPT(cfg, rngs=nnx.Rngs(0))) if model_level else make_attention(spec, cfg)
+    graphdef, state = nnx.split(module)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    extend = jax.jit(lambda s, x, cache, start: nnx.merge(graphdef, s).extend(x, cache, start))
+    return Compiled(cfg, module, state, forward, extend)
+
+
+def compiled_attention(spec: str, dtype: str = "float32") -> Compiled:
+    """One attention layer of the suite's model, with jitted forward and extend."""
+    return _compiled(_key(spec), dtype, False)
+
+
+def compiled_model(spec: str) -> Compiled:
+    """The whole GPT, with jitted forward (tokens → logits) and extend."""
+    return _compiled(_key(spec), "float32", True)
+
+
+def abstract_call(module: nnx.Module, method: str, *args):
+    """Output shapes of `module.method(*args)` for an abstract module (from nnx.eval_shape)."""
+    graphdef, state = nnx.split(module)
+    return jax.eval_shape(lambda s, *a: getattr(nnx.merge(graphdef, s), method)(*a), state, *args)
+
+
+def empty_cache(module: nnx.Module, batch: int) -> dict[str, np.ndarray]:
+    return {name: np.zeros(spec.shape, spec.dtype) for name, spec in module.cache_layout(batch, SEQ).items()}
+
+
+def mesh_axes(spec: PartitionSpec) -> set[str]:
+    return {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
+def assert_decode_equals_forward(c: Compiled, inputs: np.ndarray) -> None:
+    """Prefill right-padded prompts of lengths 5 and 3, then decode one position at a time, each
+    sequence at its own position: every output equals the full forward pass's at that position."""
+    full = np.asarray(c.forward(c.state, inputs))
+    lengths = np.array([5, 3])
+    is_prompt = (np.arange(5)[None] < lengths[:, None]).reshape(BATCH, 5, *([1] * (inputs.ndim - 2)))
+    prompts = np.where(is_prompt, inputs[:, :5], 0)  # padding: zeros
+    out, cache = c.extend(c.state, prompts, empty_cache(c.module, BATCH), np.zeros(BATCH, np.int32))
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(np.asarray(out[b, :n]), full[b, :n], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"decode: prefill of sequence {b} differs from the forward pass")
+    for step in range(SEQ - lengths.max()):
+        positions = lengths + step
+        out, cache = c.extend(c.state, inputs[np.arange(BATCH), positions][:, None], cache, positions.astype(np.int32))
+        for b, p in enumerate(positions):
+            np.testing.assert_allclose(np.asarray(out[b, 0]), full[b, p], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"decode: sequence {b} at position {p} differs from the forward pass")
+
+
+def assert_sharded_equals_unsharded(c: Compiled, inputs: np.ndarray, mesh: jax.sharding.Mesh,
+                                    input_axes: tuple[str, ...], decode: bool) -> None:
+    """Forward pass and a prefill into a cache sharded by heads, on `mesh`, equal one device's."""
+    reference = np.asarray(c.forward(c.state, inputs))
+    sharded_state = jax.device_put(c.state, state_shardings(c.state, mesh, RULES))
+    for path, param in nnx.to_flat_state(sharded_state):
+        if "heads" in (param.get_metadata().get("logical_axes") or ()):
+            assert "tensor" in mesh_axes(param.get_value().sharding.spec), f"sharded: {path} is not split by heads"
+    sharded_inputs = jax.device_put(inputs, NamedSharding(mesh, logical_to_spec(input_axes, RULES)))
+    with activation_sharding(mesh, RULES):
+        out = c.forward(sharded_state, sharded_inputs)
+    np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5, atol=1e-5, err_msg="sharded forward")
+    if not decode:
+        return
+    layout = c.module.cache_layout(MESH_BATCH, SEQ)
+    cache = jax.device_put(empty_cache(c.module, MESH_BATCH), {n: s.sharding(mesh, RULES) for n, s in layout.items()})
+    starts = jax.device_put(np.zeros(MESH_BATCH, np.int32), NamedSharding(mesh, logical_to_spec(("batch",), RULES)))
+    with activation_sharding(mesh, RULES):
+        out, cache = c.extend(sharded_state, sharded_inputs[:, :8], cache, starts)
+    np.testing.assert_allclose(np.asarray(out), reference[:, :8], rtol=1e-5, atol=1e-5, err_msg="sharded prefill")
+    for name, spec_ in layout.items():
+        sharding = cache[name].sharding
+        assert sharding.is_equivalent_to(spec_.sharding(mesh, RULES), len(spec_.shape)), f"cache {name}: {sharding}"
+        if "kv_heads" in spec_.logical_axes:
+            axes = tuple(sharding.spec) + (None,) * (len(spec_.shape) - len(sharding.spec))
+            assert axes[spec_.logical_axes.index("kv_heads")] == "tensor", f"cache {name} not split by heads"
+
+
+# --- the checks ---------------------------------------------------------------------------------------
+
+def check_shapes_and_dtypes(spec: str) -> None:
+    """Shapes and dtypes of outputs (float32 and bfloat16 compute), parameters and the cache of the
+    layer and of the model, traced abstractly (nothing is compiled)."""
+    variant = attention.build(spec)
+    for dtype in ("float32", "bfloat16"):
+        cfg = model_config(spec, compute_dtype=dtype)
+        attn = nnx.eval_shape(lambda: attention.build(spec).make(cfg, rngs=nnx.Rngs(0)))
+        y = abstract_call(attn, "__call__", jax.ShapeDtypeStruct((BATCH, SEQ, cfg.d_model), jnp.float32))
+        assert y.shape == (BATCH, SEQ, cfg.d_model) and y.dtype == jnp.dtype(dtype), f"output {y}"
+    for path, param in nnx.to_flat_state(nnx.state(attn, nnx.Param)):
+        axes = param.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == len(param.shape), f"{path}: axes {axes}, shape {param.shape}"
+        assert set(axes) <= PARAM_AXES, f"{path}: unknown logical axes {set(axes) - PARAM_AXES}"
+        assert param.dtype == jnp.float32
+
+    cfg = model_config(spec)
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    assert (model.wpe is not None) == variant.learned_positions
+    logits = abstract_call(model, "__call__", jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32))
+    assert logits.shape == (BATCH, SEQ, cfg.vocab_size) and logits.dtype == jnp.float32
+    if not variant.supports_decode:
+        return
+    layout = model.cache_layout(BATCH, SEQ)
+    for name, spec_ in layout.items():
+        assert spec_.logical_axes[0] == "layers" and len(spec_.logical_axes) == len(spec_.shape)
+        assert spec_.shape[:3] == (cfg.n_layers, BATCH, SEQ) and spec_.dtype == jnp.float32
+    cache = jax.eval_shape(lambda: model.init_cache(BATCH, SEQ))
+    assert {n: (c.shape, c.dtype) for n, c in cache.items()} == {n: (s.shape, s.dtype) for n, s in layout.items()}
+    logits, new_cache = abstract_call(model, "extend", jax.ShapeDtypeStruct((BATCH, 3), jnp.int32), cache,
+                                      jax.ShapeDtypeStruct((BATCH,), jnp.int32))
+    assert logits.shape == (BATCH, 3, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert new_cache == cache
+
+
+def check_causality(spec: str) -> None:
+    """Changing inputs from position 9 on leaves outputs before 9 unchanged (and does change later ones)."""
+    c = compiled_attention(spec)
+    x = random_x(c.cfg)
+    changed = np.concatenate([x[:, :9], random_x(c.cfg, seed=7)[:, 9:]], axis=1)
+    y, y_changed = np.asarray(c.forward(c.state, x)), np.asarray(c.forward(c.state, changed))
+    np.testing.assert_allclose(y_changed[:, :9], y[:, :9], rtol=1e-6, atol=1e-6,
+                               err_msg="causality: outputs before position 9 depend on later inputs")
+    assert not np.allclose(y_changed[:, 9:], y[:, 9:])
+
+
+def dense_equal_spec(spec: str) -> str | None:
+    """`spec` with every component at its dense-equal options, or None where it never equals dense."""
+    cfg = model_config(spec)
+    parts = []
+    for c in attention.build(spec).components:
+        equal = c.cls.dense_equal_options(cfg, SEQ)
+        entry = attention.registered()[c.name]
+        if equal is None or any(entry.fixed.get(k, v) != v for k, v in equal.items()):
+            return None
+        free = {k: v for k, v in {**c.options, **equal}.items() if k in entry.free_options}
+        parts.append(spec_string(c.name, free))
+    return "+".join(parts)
+
+
+def check_equals_dense(spec: str) -> None:
+    equal_spec = dense_equal_spec(spec)
+    if equal_spec is None:
+        pytest.skip(f"{spec} is not mathematically equal to dense")
+    dense = compiled_attention("dense")
+    variant = make_attention(equal_spec, dense.cfg)
+    dense_params = {path[0]: p[...] for path, p in nnx.to_flat_state(dense.state)}
+    for name, value in variant.params_from_dense(dense_params).items():
+        getattr(variant, name)[...] = value
+    x = random_x(dense.cfg)
+    y = compiled_attention(equal_spec).forward(nnx.state(variant), x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(dense.forward(dense.state, x)), rtol=1e-5, atol=1e-6,
+                               err_msg=f"equals_dense: {equal_spec} differs from dense")
+
+
+def check_gradients(spec: str) -> None:
+    """Gradients are finite, and in float64 equal central finite differences along a random direction."""
+    with jax.enable_x64(True):
+        c = compiled_attention(spec, "float64")
+        graphdef = nnx.graphdef(c.module)
+        x = random_x(c.cfg, dtype=np.float64)
+        rng = np.random.default_rng(3)
+        weights = rng.standard_normal(x.shape)
+        direction = jax.tree.map(lambda a: rng.standard_normal(a.shape), (c.state, x))
+        eps = 1e-3  # not smaller: fused keeps its softmax in float32 even for float64 inputs
+
+        @jax.jit
+        def loss(state, x):
+            return (nnx.merge(graphdef, state)(x) * weights).sum()
+
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(c.state, x)
+        assert all(bool(np.isfinite(g).all()) for g in jax.tree.leaves(grads)), "gradients: not finite"
+        analytic = sum(float((np.asarray(g) * d).sum()) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+
+        point = jax.tree.map(np.asarray, (c.state, x))  # shifted in numpy: no eager jax ops to compile
+
+        def central(h: float) -> float:
+            plus, minus = (float(loss(*jax.tree.map(lambda a, d: a + sign * h * d, point, direction)))
+                           for sign in (1.0, -1.0))
+            return (plus - minus) / (2 * h)
+
+        numeric = (4 * central(eps / 2) - central(eps)) / 3  # Richardson: cancels the h² error term
+        assert numeric == pytest.approx(analytic, rel=1e-4, abs=1e-8), "gradients: differ from finite differences"
+
+
+def check_sharded_equals_unsharded(spec: str, mesh: jax.sharding.Mesh) -> None:
+    """data 4 × tensor 2, heads on 'tensor': the layer's forward pass and a prefill into a cache sharded by
+    heads equal one device's."""
+    c = compiled_attention(spec)
+    x = random_x(c.cfg, seed=5, batch=MESH_BATCH)
+    assert_sharded_equals_unsharded(c, x, mesh, ("batch", "length", "act_embed"),
+                                    decode=attention.build(spec).supports_decode)
+
+
+def check_decode_equals_forward(spec: str) -> None:
+    """The layer's `extend` (ragged prefill, then one position at a time) reproduces its forward pass."""
+    if not attention.build(spec).supports_decode:
+        with pytest.raises(ValueError, match="does not support KV-cache decoding"):
+            nnx.eval_shape(lambda: GPT(model_config(spec), rngs=nnx.Rngs(0))).cache_layout(BATCH, SEQ)
+        return
+    c = compiled_attention(spec)
+    assert_decode_equals_forward(c, random_x(c.cfg))
+
+
+def check_flops(spec: str) -> None:
+    """Declared mixing FLOPs are positive and equal the matmul FLOPs the forward pass traces, less
+    2 FLOPs per projection weight and token, at two sequence lengths."""
+    for length in (SEQ, 2 * SEQ):
+        cfg = model_config(spec, max_seq_len=2 * SEQ)
+        declared = attention.build(spec).fwd_flops_per_token(cfg, length)
+        assert math.isfinite(declared) and declared > 0
+        attn = nnx.eval_shape(lambda: attention.build(spec).make(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(attn)
+        jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, random_x(cfg, length))
+        traced = matmul_flops(jaxpr.jaxpr) / (BATCH * length) - 2 * kernel_sizes(attn)
+        assert declared == pytest.approx(traced, rel=0.05), (
+            f"{spec} declares {declared:.0f} mixing FLOPs per token at length {length}; its forward pass "
+            f"does {traced:.0f}")
+
+
+CHECKS = {
+    "shapes_and_dtypes": check_shapes_and_dtypes,
+    "causality": check_causality,
+    "equals_dense": check_equals_dense,
+    "gradients": check_gradients,
+    "sharded": check_sharded_equals_unsharded,
+    "decode": check_decode_equals_forward,
+    "flops": check_flops,
+}
+
+
+@pytest.fixture(scope="module")
+def mesh() -> jax.sharding.Mesh:
+    return make_mesh(ml_collections.ConfigDict({"data": 4, "fsdp": 1, "tensor": 2}), jax.devices())
+
+
+def run_suite(spec: str, mesh: jax.sharding.Mesh) -> dict[str, str]:
+    """Every check on `spec` → {check name: 'passed' | 'skipped' | the failure message}."""
+    results = {}
+    for name, check in CHECKS.items():
+        try:
+            check(spec, mesh) if name == "sharded" else check(spec)
+            results[name] = "passed"
+        except pytest.skip.Exception:
+            results[name] = "skipped"
+        except AssertionError as e:
+            results[name] = f"failed: {e}"
+    return results
+
+
+# --- the suite over the registry ------------------------------------------------------------------------
+
+SPECS = suite_specs()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_shapes_and_dtypes(spec):
+    check_shapes_and_dtypes(spec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_causality(spec):
+    check_causality(spec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_equals_dense(spec):
+    check_equals_dense(spec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_gradients(spec):
+    check_gradients(spec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_sharded_equals_unsharded(spec, mesh):
+    check_sharded_equals_unsharded(spec, mesh)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_decode_equals_forward(spec):
+    check_decode_equals_forward(spec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_flops(spec):
+    check_flops(spec)
+
+
+def test_suite_covers_every_registered_variant():
+    names = {c.name for spec in SPECS for c in attention.build(spec).components}
+    assert names == set(attention.registered())
+    assert {"dense", "gqa", "mqa", "rope", "alibi", "sliding_window", "blockwise", "fused"} <= names
+
+
+# --- the model-level decode path (variant independent: checked on both position schemes) ---------
+
+@pytest.mark.parametrize("spec", ["dense", "gqa(kv_heads=2)+rope"])
+def test_model_decode_equals_forward(spec):
+    """GPT.extend: layer-stacked cache scanned with the blocks, learned positions (or none) at start_B."""
+    assert_decode_equals_forward(compiled_model(spec), random_tokens(BATCH))
+
+
+def test_model_sharded_equals_unsharded(mesh):
+    assert_sharded_equals_unsharded(compiled_model("gqa(kv_heads=2)+rope"), random_tokens(MESH_BATCH), mesh,
+                                    ("batch", "length"), decode=True)
+
+
+# --- the suite fails a bad plug-in -------------------------------------------------------------------
+
+def test_suite_catches_a_broken_variant(mesh):
+    """A dense copy that forgot the causal mask, registered only here, claiming to equal dense."""
+
+    class Bidirectional(DenseAttention):
+        @classmethod
+        def dense_equal_options(cls, model_cfg, seq_len):
+            return {}
+
+        def visible(self, q_pos_BxT, k_pos_S):
+            return jnp.ones((q_pos_BxT.shape[0], q_pos_BxT.shape[1], k_pos_S.shape[0]), bool)
+
+    attention.register("broken_bidirectional")(Bidirectional)
+    try:
+        results = run_suite("broken_bidirectional", mesh)
+    finally:
+        attention.unregister("broken_bidirectional")
+    failed = {name for name, result in results.items() if result not in ("passed", "skipped")}
+    assert {"causality", "equals_dense", "decode"} <= failed, results
+    assert "depend on later inputs" in results["causality"]
+
+
+# --- docs/attention.md: its worked example is a working plug-in --------------------------------------
+
+DOC = pathlib.Path(__file__).parents[1] / "docs" / "attention.md"
+
+
+def test_documented_example_passes_the_suite(mesh):
+    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    module = types.ModuleType("cgpt_jax.model.attention.kerple_log")
+    before = set(attention.registered())
+    exec(compile(code, str(DOC), "exec"), module.__dict__)
+    added = set(attention.registered()) - before
+    try:
+        assert added == {"kerple_log"}
+        for example in attention.registered()["kerple_log"].cls.examples:
+            results = run_suite(spec_string("kerple_log", example), mesh)
+            assert set(results.values()) <= {"passed", "skipped"}, results
+            assert results["causality"] == results["decode"] == results["sharded"] == "passed"
+        check_decode_equals_forward("gqa(kv_heads=2)+kerple_log")
+    finally:
+        for name in added:
+            attention.unregister(name)
