@@ -78,6 +78,15 @@ def base_config() -> ml_collections.ConfigDict:
     ms.max_replicated_fraction = 0.1  # refuse meshes with fsdp/tensor > 1 that replicate more than this
 
     c.data = default_data_config()
+
+    # Checkpoints and faults (cgpt_jax/train/checkpoint.py, faults.py); a restart may change any of these.
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every_steps = 1000  # save every this many steps; also always at the last step and on SIGTERM/SIGINT
+    ck.keep_last = 3  # keep the newest this many checkpoints
+    ck.keep_every = 0  # also keep, forever, every checkpoint whose step is a multiple of this; 0: none
+    ck.async_save = True  # write in a background thread while training continues
+    ck.nan_policy = "halt"  # non-finite loss or gradients: 'halt' (diagnose and stop) | 'skip' (drop that update)
+    ck.max_consecutive_skips = 10  # 'skip' still halts when more steps than this in a row are non-finite
     return c
 
 

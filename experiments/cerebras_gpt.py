@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.max_seq_len = t.seq_len = 128
         t.global_batch_size, t.steps, t.warmup_steps, t.peak_lr = 16, 300, 30, 3e-3
         t.log_every, t.eval_every = 10, 100
+        config.checkpoint.every_steps = 100  # saves at 100, 200 and the last step
         return config
     if args.size not in SIZES:
         raise ValueError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)} or 'tiny'")

@@ -1,0 +1,1 @@
+"""Developer tools: the chaos test of checkpointing and resume."""

@@ -1,0 +1,365 @@
+"""Checkpoints: Orbax saves of the whole train state, exact resume, damage detection, resharding on restore.
+
+Layout: ``<workdir>/checkpoints/<N>/{state, meta}`` where N counts completed train steps, so a run resumed
+from N continues with ``dataset.train_batch(N)``. `state` is the whole TrainState (step, params, optimizer
+state). `meta` (JSON) holds the resolved config, every tensor's shape and dtype, a per-tensor fingerprint of
+the state and the loop's counters. Nothing else is needed for the next step: the model has no stochastic
+layers and the data order is a pure function of (seed, step).
+
+A checkpoint is *complete* when Orbax committed it (its ``commit_success.txt`` marker is present and the
+directory carries no temporary suffix), its files read back, and the restored state matches the fingerprint
+taken when it was saved. Restoring walks back from the newest step past damaged ones, warning for each and
+moving it to ``<workdir>/checkpoints_rejected/``: a checkpoint is never deleted for being unreadable.
+Restoring goes through the target shardings, so a checkpoint written on one mesh restores onto another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from cgpt_jax.train.state import TrainState
+from cgpt_jax.treepath import path_name
+
+CHECKPOINT_DIR = "checkpoints"
+REJECTED_DIR = "checkpoints_rejected"
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, just before the step becomes visible
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes a step under this name, then renames it
+NAN_POLICIES = ("halt", "skip")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no checkpoint in a directory could be read back."""
+
+
+class _Damaged(Exception):
+    """This step's files are incomplete or corrupted; the caller moves on to an older step."""
+
+
+def validate_checkpoint_config(ck: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming each bad `config.checkpoint` field and its fix."""
+    errors = []
+    if ck.every_steps < 0:
+        errors.append(f"checkpoint.every_steps={ck.every_steps}: use a positive interval, or 0 to save only at "
+                      f"the last step and on preemption.")
+    if ck.keep_last < 1:
+        errors.append(f"checkpoint.keep_last={ck.keep_last}: keep at least 1 checkpoint.")
+    if ck.keep_every < 0:
+        errors.append(f"checkpoint.keep_every={ck.keep_every}: use a positive step multiple, or 0 for none.")
+    if ck.nan_policy not in NAN_POLICIES:
+        errors.append(f"checkpoint.nan_policy={ck.nan_policy!r}: use one of {NAN_POLICIES}.")
+    if ck.max_consecutive_skips < 0:
+        errors.append(f"checkpoint.max_consecutive_skips={ck.max_consecutive_skips}: use 0 or more.")
+    if errors:
+        raise ValueError("invalid config:\n- " + "\n- ".join(errors))
+
+
+# --- what a checkpoint records about the state -----------------------------------------------------
+
+def _bits_as_u32(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _bit_sums(tree: Any) -> Any:
+    # Integer sums wrap modulo 2^32 and do not depend on the order of addition, so the fingerprint is the
+    # same on every mesh; any change to a single value changes it.
+    return jax.tree.map(lambda x: jnp.sum(_bits_as_u32(x), dtype=jnp.uint32), tree)
+
+
+def fingerprint(tree: Any) -> dict[str, int]:
+    """Per-tensor sum of the raw bits, by tensor name."""
+    sums = jax.device_get(_bit_sums(tree))
+    return {path_name(path): int(value) for path, value in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def tensor_specs(tree: Any, prefix: str = "") -> dict[str, list]:
+    """[shape, dtype] of every tensor, by name (JSON-ready)."""
+    return {prefix + path_name(path): [list(x.shape), str(x.dtype)]
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _spec_differences(saved: dict[str, list], expected: dict[str, list]) -> list[str]:
+    def describe(spec: list | None) -> str:
+        return "<absent>" if spec is None else f"{tuple(spec[0])} {spec[1]}"
+
+    diffs = [f"  {name}: checkpoint {describe(saved.get(name))}, this run {describe(expected.get(name))}"
+             for name in sorted(set(saved) | set(expected)) if saved.get(name) != expected.get(name)]
+    return diffs[:12] + ([f"  ... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
+
+
+def _abstract(tree: Any) -> Any:
+    """Shapes, dtypes and the *target* shardings of `tree`: what a restore onto this mesh needs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _json_number(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # strict JSON has no NaN
+
+
+# --- storage checks ----------------------------------------------------------------------------------
+
+def state_nbytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def check_storage(workdir: str, checkpoint_nbytes: int) -> None:
+    """Fail before any write when the workdir cannot be created or written, or cannot hold a checkpoint."""
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"workdir {workdir}: {existing} is a file, not a directory; choose another --workdir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {workdir}: {existing} is not writable; choose another --workdir.")
+    free = shutil.disk_usage(existing).free
+    if free < checkpoint_nbytes:
+        raise ValueError(f"workdir {workdir}: one checkpoint needs about {checkpoint_nbytes / 2**20:.1f} MiB but "
+                         f"only {free / 2**20:.1f} MiB are free on {existing}; free some space or choose another "
+                         f"--workdir.")
+
+
+def _probe_write(directory: str) -> None:
+    probe = os.path.join(directory, f".write-probe-{jax.process_index()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("probe")
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {e}") from e
+
+
+# --- the directory of committed steps -----------------------------------------------------------------
+
+def scan(directory: str) -> tuple[list[int], list[tuple[str, str]]]:
+    """The committed steps in `directory`, and (path, reason) for each entry left by an unfinished save."""
+    steps, unfinished = [], []
+    if not os.path.isdir(directory):
+        return steps, unfinished
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if _TMP_SUFFIX in name:
+            unfinished.append((path, "an unfinished save (Orbax temporary directory)"))
+        elif name.isdigit() and os.path.isdir(path):
+            if os.path.exists(os.path.join(path, COMMIT_MARKER)):
+                steps.append(int(name))
+            else:
+                unfinished.append((path, f"incomplete: it has no commit marker {COMMIT_MARKER}"))
+    return sorted(steps), unfinished
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+class RunCheckpoints:
+    """This run's checkpoints in <workdir>/checkpoints, written and pruned by an Orbax CheckpointManager."""
+
+    def __init__(self, workdir: str, ck: ml_collections.ConfigDict):
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        self.rejected_directory = os.path.abspath(os.path.join(workdir, REJECTED_DIR))
+        if jax.process_index() == 0:
+            os.makedirs(self.directory, exist_ok=True)
+            _probe_write(self.directory)
+            for path, reason in scan(self.directory)[1]:
+                if _TMP_SUFFIX in os.path.basename(path):
+                    logging.warning("skipping checkpoint %s: %s; Orbax removes it", path, reason)
+                else:
+                    self._reject(path, reason)
+        _sync("cgpt_jax:checkpoints_scanned")
+        keep: list[Any] = [ocp.checkpoint_managers.LatestN(ck.keep_last)]
+        if ck.keep_every:
+            keep.append(ocp.checkpoint_managers.EveryNSteps(ck.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=ck.async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # step of a save whose outcome has not been checked yet
+
+    def _reject(self, path: str, reason: str) -> None:
+        """Move a damaged step out of the way (so Orbax neither lists nor prunes it), keeping its files."""
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        target = os.path.join(self.rejected_directory, f"{os.path.basename(path)}-{stamp}")
+        os.makedirs(self.rejected_directory, exist_ok=True)
+        shutil.move(path, target)
+        logging.warning("skipping checkpoint %s: %s; moved it to %s", path, reason, target)
+
+    def _last_good(self) -> str:
+        step = self.latest_step()
+        return (f"the last complete checkpoint is {self.directory}/{step}" if step is not None
+                else f"there is no complete checkpoint in {self.directory}")
+
+    # restore -----------------------------------------------------------------------------------------
+
+    def restore_latest(self, like: TrainState) -> tuple[TrainState, dict] | None:
+        """The newest complete checkpoint restored onto the shardings of `like`, with its meta; None when
+        there is none. Damaged steps are skipped (moved aside, with a warning); a checkpoint written for
+        another model or optimizer is an error, not damage."""
+        expected = tensor_specs(like)
+        rejected = []
+        for step in reversed(self.manager.all_steps()):
+            path = os.path.join(self.directory, str(step))
+            try:
+                meta = _read_meta(self.manager, step)
+                differences = _spec_differences(meta["tensors"], expected)
+                if differences:
+                    raise ValueError(f"checkpoint {path} holds another model or optimizer state than this "
+                                     f"config builds:\n" + "\n".join(differences) +
+                                     "\nUse another --workdir, or --overwrite to move the old run aside.")
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(_abstract(like))))["state"]
+                except Exception as e:  # Orbax/TensorStore raise many types for unreadable files
+                    raise _Damaged(f"its files cannot be read back ({type(e).__name__}: {str(e)[:300]})") from e
+                if fingerprint(restored) != meta["fingerprint"]:
+                    raise _Damaged("its contents differ from the fingerprint taken when it was saved")
+                return restored, meta
+            except _Damaged as e:
+                rejected.append(path)
+                if jax.process_index() == 0:
+                    self._reject(path, str(e))
+                _sync(f"cgpt_jax:rejected_{step}")
+                self.manager.reload()
+        if rejected:
+            raise CheckpointError(
+                f"none of the checkpoints in {self.directory} could be restored ({', '.join(rejected)} were "
+                f"damaged and moved to {self.rejected_directory}). Inspect them; to start this run from "
+                f"scratch, move {self.directory} away and re-run.")
+        return None
+
+    # save --------------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: TrainState, info: dict, *, wait: bool) -> None:
+        """Save `state` (after `step` completed steps) with `info` in its meta; `wait` blocks until it is
+        committed. An asynchronous save's outcome is checked by `check_background` or the next save."""
+        self.wait()
+        meta = {**{k: _json_number(v) if isinstance(v, float) else v for k, v in info.items()},
+                "step": step, "tensors": tensor_specs(state), "fingerprint": fingerprint(state),
+                "saved_at": datetime.datetime.now().isoformat(timespec="seconds")}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            raise CheckpointError(f"saving checkpoint {self.directory}/{step} failed: {type(e).__name__}: {e}. "
+                                  f"Nothing was deleted; {self._last_good()}.") from e
+        self._in_flight = step
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the in-flight save, if any; raise CheckpointError if it failed."""
+        if self._in_flight is None:
+            return
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"the background save of checkpoint {self.directory}/{step} failed: "
+                                  f"{type(e).__name__}: {e}. Nothing was deleted; {self._last_good()}.") from e
+
+    def check_background(self) -> None:
+        """Raise CheckpointError if the in-flight asynchronous save has finished with an error."""
+        if self._in_flight is not None and not self.manager.is_saving_in_progress():
+            self.wait()  # returns at once
+
+    def latest_step(self) -> int | None:
+        """The newest committed step on disk (the manager's own list drops steps it is about to prune)."""
+        steps = scan(self.directory)[0]
+        return steps[-1] if steps else None
+
+    def close(self) -> None:
+        """Wait for an in-flight save, then release Orbax's threads; raises if that save failed."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        raise _Damaged(f"its meta cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
+    if not isinstance(meta, dict) or not {"tensors", "fingerprint", "step"} <= set(meta):
+        raise _Damaged("its meta lacks the tensor list or the fingerprint")
+    return meta
+
+
+# --- another run's parameters (--init_from) -------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """Another run's newest complete checkpoint whose parameters fit this model."""
+    directory: str
+    step: int
+    fingerprint: dict[str, int]  # of its params, by name
+
+
+def find_init_source(run_dir: str, params_specs: dict[str, list]) -> InitSource:
+    """Check `--init_from` before anything is written: the directory exists, holds a complete checkpoint,
+    and its parameters have this model's names, shapes and dtypes. `params_specs` come from
+    `tensor_specs(params, prefix="params/")`."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"--init_from={run_dir}: no such directory.")
+    directory = os.path.join(run_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        directory = run_dir  # a checkpoints directory given directly
+    steps, _ = scan(directory)
+    if not steps:
+        raise ValueError(f"--init_from={run_dir}: no complete checkpoint in {directory}; point it at a run "
+                         f"directory that holds {CHECKPOINT_DIR}/<step>/{COMMIT_MARKER}.")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        for step in reversed(steps):
+            try:
+                meta = _read_meta(manager, step)
+            except _Damaged as e:
+                logging.warning("--init_from: skipping checkpoint %s/%d: %s", directory, step, e)
+                continue
+            saved = {k: v for k, v in meta["tensors"].items() if k.startswith("params/")}
+            differences = _spec_differences(saved, params_specs)
+            if differences:
+                raise ValueError(f"--init_from={run_dir}: the parameters in {directory}/{step} do not fit this "
+                                 f"model:\n" + "\n".join(differences) +
+                                 "\nInitialise from a run with the same model shape.")
+            return InitSource(directory, step, {k: v for k, v in meta["fingerprint"].items()
+                                                if k.startswith("params/")})
+    finally:
+        manager.close()
+    raise ValueError(f"--init_from={run_dir}: no checkpoint in {directory} has a readable meta.")
+
+
+def load_init_params(source: InitSource, like_params: Any) -> Any:
+    """The source checkpoint's parameters, restored onto the shardings of `like_params`."""
+    item = {"params": _abstract(like_params)}
+    manager = ocp.CheckpointManager(source.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        restored = manager.restore(source.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    except Exception as e:
+        raise CheckpointError(f"--init_from: cannot read the parameters of {source.directory}/{source.step}: "
+                              f"{type(e).__name__}: {str(e)[:300]}") from e
+    finally:
+        manager.close()
+    params = restored["state"]["params"]
+    if {"params/" + k: v for k, v in fingerprint(params).items()} != source.fingerprint:
+        raise CheckpointError(f"--init_from: the parameters in {source.directory}/{source.step} differ from "
+                              f"the fingerprint taken when they were saved; the checkpoint is damaged.")
+    return params
