@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],
-        "torch": ["torch==2.13.0", "transformers>=5"],
+        "torch": ["torch==2.13.0", "transformers==5.24.0"],
         "dev": ["pytest", "pytest-xdist", "ruff"],
     },
 )

@@ -1,0 +1,156 @@
+"""Generate text from a trained run or a Hugging Face model directory, streaming it to stdout.
+
+    python -m cgpt_jax.generate --checkpoint=<run dir or HF dir> --prompt="Once upon a time"
+        [--max_new_tokens=64] [--temperature=0.8 --top_k=50 --top_p=0.95 --seed=0]
+        [--stop_ids=50256,...] [--truncate_prompt] [--tensor_parallel=N] [--prompt_ids=1,2,3]
+
+A run directory (what `python -m cgpt_jax.train` writes) gives the parameters of its newest complete
+checkpoint and the tokenizer of its token store; an HF directory is imported with
+`cgpt_jax.interop.hf.from_pretrained`. Generation stops at the model's end-of-text token unless
+`--stop_ids` says otherwise. Models without a tokenizer (synthetic data) take `--prompt_ids`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from typing import TextIO
+
+import jax
+import ml_collections
+from absl import app, flags
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+from tokenizers import Tokenizer
+
+from cgpt_jax.infer import Generator, Sampling
+from cgpt_jax.interop import hf
+from cgpt_jax.model import GPT, abstract_model
+from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.parallel.sharding import Rules, state_shardings
+from cgpt_jax.train import checkpoint
+
+EOS = "<|endoftext|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    model: GPT
+    tokenizer: Tokenizer | None
+    eos_ids: tuple[int, ...]
+    rules: Rules  # logical-axis rules for placing it on a mesh
+
+
+def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
+    """The newest complete checkpoint of a training run, placed on `mesh` (or the first device)."""
+    raw = json.loads((run_dir / hf.CONFIG_FILE).read_text(encoding="utf-8"))
+    description = raw.pop("data_description", {})
+    config = ml_collections.ConfigDict(raw)
+    graphdef, abstract_params = nnx.split(abstract_model(config.model))
+    if mesh is not None:
+        shardings = state_shardings(abstract_params, mesh, config.mesh.rules)
+    else:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract_params)
+    like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+    source = checkpoint.find_init_source(str(run_dir), checkpoint.tensor_specs(abstract_params, "params/"))
+    model = nnx.merge(graphdef, checkpoint.load_init_params(source, like))
+    tokenizer_file = pathlib.Path(description.get("store", "")) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if "store" in description and tokenizer_file.is_file() else None
+    eos = tokenizer.token_to_id(EOS) if tokenizer is not None else None
+    return Loaded(model, tokenizer, () if eos is None else (eos,), list(config.mesh.rules))
+
+
+def load(path: str, tensor_parallel: int = 1) -> tuple[Loaded, Mesh | None]:
+    """A run directory or an HF directory, told apart by their config.json."""
+    directory = pathlib.Path(path)
+    config_file = directory / hf.CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"--checkpoint={path}: no {hf.CONFIG_FILE} there; give a training run directory or a "
+                         f"Hugging Face model directory")
+    mesh = None
+    if tensor_parallel > 1:
+        if tensor_parallel > jax.device_count():
+            raise ValueError(f"--tensor_parallel={tensor_parallel} but only {jax.device_count()} devices exist")
+        mesh = make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": tensor_parallel}),
+                         jax.devices()[:tensor_parallel])
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    if "model_type" in raw:
+        # The vocabulary is split over 'tensor': pad it to a multiple the mesh divides.
+        pretrained = hf.from_pretrained(directory, mesh=mesh, vocab_pad_multiple=math.lcm(128, tensor_parallel))
+        return Loaded(pretrained.model, pretrained.tokenizer, pretrained.eos_token_ids,
+                      list(pretrained.config.mesh.rules)), mesh
+    if "model" in raw:
+        return load_run(directory, mesh), mesh
+    raise ValueError(f"--checkpoint={path}: {config_file} is neither a training run's config (no 'model') nor "
+                     f"a Hugging Face config (no 'model_type')")
+
+
+def run(loaded: Loaded, mesh: Mesh | None, *, prompt: str | None, prompt_ids: list[int] | None,
+        max_new_tokens: int, sampling: Sampling, seed: int, stop_ids: list[int] | None, truncate_prompt: bool,
+        out: TextIO) -> list[int]:
+    """Generate for one prompt, writing the text (or ids) to `out` as it comes; returns the new ids."""
+    if (prompt is None) == (prompt_ids is None):
+        raise ValueError("give exactly one of --prompt (text) and --prompt_ids (comma-separated token ids)")
+    if prompt is not None:
+        if loaded.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer; pass the prompt as --prompt_ids=1,2,3")
+        prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
+    stop = set(loaded.eos_ids if stop_ids is None else stop_ids)
+    generator = Generator(loaded.model, mesh=mesh, rules=loaded.rules)
+    out.write(prompt if prompt is not None else " ".join(map(str, prompt_ids)))
+    out.flush()
+    new_ids: list[int] = []
+    printed = ""
+    for step in generator.stream([prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                 stop_tokens=sorted(stop), truncate_prompt=truncate_prompt):
+        token = step[0]
+        if token is None or token in stop:
+            break
+        new_ids.append(token)
+        if loaded.tokenizer is None:
+            out.write(f" {token}")
+        else:
+            text = loaded.tokenizer.decode(new_ids, skip_special_tokens=False)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                out.write(text[len(printed):])
+                printed = text
+        out.flush()
+    out.write("\n")
+    return new_ids
+
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run directory or Hugging Face model directory.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (needs the model's tokenizer).")
+_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt as comma-separated token ids.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this probability mass (1: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP_IDS = flags.DEFINE_list("stop_ids", None, "Token ids that end generation (default: the model's EOS; "
+                              "--stop_ids= for none).")
+_TRUNCATE = flags.DEFINE_bool("truncate_prompt", False, "Keep the last tokens of a prompt too long for the "
+                              "context instead of failing.")
+_TENSOR_PARALLEL = flags.DEFINE_integer("tensor_parallel", 1, "Devices to split heads, MLP and vocabulary over.")
+flags.mark_flags_as_required(["checkpoint"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        loaded, mesh = load(_CHECKPOINT.value, _TENSOR_PARALLEL.value)
+        run(loaded, mesh, prompt=_PROMPT.value,
+            prompt_ids=None if _PROMPT_IDS.value is None else [int(t) for t in _PROMPT_IDS.value],
+            max_new_tokens=_MAX_NEW.value,
+            sampling=Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value),
+            seed=_SEED.value, stop_ids=None if _STOP_IDS.value is None else [int(t) for t in _STOP_IDS.value],
+            truncate_prompt=_TRUNCATE.value, out=sys.stdout)
+    except (ValueError, checkpoint.CheckpointError) as e:  # the message says what to change
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Interoperability with other frameworks: Hugging Face GPT-2 / Cerebras-GPT checkpoints (`hf`)."""

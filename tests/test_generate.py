@@ -1,0 +1,223 @@
+"""Generation: incremental decoding equals the full forward pass, batching, sampling, stops, mesh, CLI."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cgpt_jax import generate
+from cgpt_jax.infer import Generator, Sampling
+from cgpt_jax.infer.sampling import filter_logits
+from cgpt_jax.interop import hf
+from cgpt_jax.model import GPT
+from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.train import checkpoint
+from cgpt_jax.train.optimizer import make_optimizer
+from cgpt_jax.train.state import create_sharded_state
+from tests.helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 64
+# Different lengths in one prompt bucket (8) and one cache bucket (16 with 6 new tokens): few compilations.
+PROMPTS = [[5, 17, 3, 40, 22, 9, 1], [60, 2], [7, 7, 31, 12, 50]]
+NEW = 6
+SAMPLING = Sampling(temperature=1.0, top_k=20, top_p=0.9)
+
+
+def model_config():
+    cfg = tiny_config().model
+    cfg.max_seq_len = 64  # room for several length buckets
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return GPT(model_config(), rngs=nnx.Rngs(7))
+
+
+@pytest.fixture(scope="module")
+def generator(model) -> Generator:
+    return Generator(model, min_bucket=8)
+
+
+def full_forward_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by full forward passes over the whole (zero-padded, causal) context."""
+    forward = nnx.jit(lambda m, tokens: m(tokens))
+    tokens = np.zeros((1, model.cfg.max_seq_len), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + n):
+        tokens[0, i] = int(jnp.argmax(forward(model, jnp.asarray(tokens))[0, i - 1]))
+    return tokens[0, len(prompt):len(prompt) + n].tolist()
+
+
+def test_incremental_logits_equal_full_forward(model, generator):
+    """Right-padded prompts of different lengths, then teacher-forced decode steps, against model(tokens).
+
+    Batch 4, prompt bucket 8 and cache 16: the shapes `generate(PROMPTS, max_new_tokens=NEW)` compiles.
+    """
+    sequences = np.random.RandomState(0).randint(0, VOCAB, (4, 16)).astype(np.int32)
+    lengths = np.array([5, 8, 1, 3], np.int32)
+    prompts = np.where(np.arange(8) < lengths[:, None], sequences[:, :8], 0).astype(np.int32)
+    full = np.asarray(model(jnp.asarray(sequences)))
+    seeds = jnp.zeros((4,), jnp.int32)
+    _, logits, cache = generator.prefill(generator.state, jnp.asarray(prompts), jnp.asarray(lengths), seeds,
+                                         cache_len=16, sampling=Sampling())
+    np.testing.assert_allclose(logits, full[np.arange(4), lengths - 1], atol=1e-5)
+    for i in range(NEW):
+        fed = jnp.asarray(sequences[np.arange(4), lengths + i])
+        _, logits, cache = generator.decode(generator.state, cache, fed, jnp.asarray(lengths), seeds, i,
+                                            sampling=Sampling())
+        np.testing.assert_allclose(logits, full[np.arange(4), lengths + i], atol=1e-5)
+
+
+def test_greedy_equals_full_forward_and_batched_equals_unbatched(model, generator):
+    batched = generator.generate(PROMPTS, max_new_tokens=NEW)
+    for prompt, got in zip(PROMPTS, batched):
+        assert got == full_forward_greedy(model, prompt, NEW)
+        assert generator.generate([prompt], max_new_tokens=NEW) == [got]
+
+
+def test_sampling_is_seeded_and_per_prompt(generator):
+    batched = generator.generate(PROMPTS, max_new_tokens=NEW, sampling=SAMPLING, seed=11)
+    assert batched == generator.generate(PROMPTS, max_new_tokens=NEW, sampling=SAMPLING, seed=11)
+    assert batched != generator.generate(PROMPTS, max_new_tokens=NEW, sampling=SAMPLING, seed=12)
+    for b, prompt in enumerate(PROMPTS):  # prompt b draws with seed + b, whatever else is in the batch
+        assert generator.generate([prompt], max_new_tokens=NEW, sampling=SAMPLING, seed=11 + b) == [batched[b]]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
+    kept = lambda s: np.isfinite(np.asarray(filter_logits(logits, s)))[0].tolist()
+    assert kept(Sampling(temperature=1.0, top_k=2)) == [True, False, True, False]
+    assert kept(Sampling(temperature=1.0, top_p=0.8)) == [True, False, True, False]  # 0.5 + 0.3 reaches 0.8
+    assert kept(Sampling(temperature=1.0, top_p=0.81)) == [True, False, True, True]
+    scaled = filter_logits(logits, Sampling(temperature=2.0))
+    np.testing.assert_allclose(scaled, logits / 2.0)
+
+
+def test_stop_tokens_and_max_new_tokens(generator):
+    greedy = generator.generate(PROMPTS, max_new_tokens=NEW)
+    stop = greedy[0][2]
+    got = generator.generate(PROMPTS, max_new_tokens=NEW, stop_tokens=[stop])
+    assert got[0] == greedy[0][:greedy[0].index(stop) + 1]  # ends with the stop token
+    for row, full in zip(got[1:], greedy[1:]):
+        assert row == (full[:full.index(stop) + 1] if stop in full else full)
+    assert [len(r) for r in generator.generate(PROMPTS, max_new_tokens=3)] == [3, 3, 3]
+
+
+def test_decode_compiles_once_per_bucket(generator):
+    before = generator.decode._cache_size(), generator.prefill._cache_size()
+    generator.generate([[1, 2, 3]], max_new_tokens=12)  # 12 decode steps, at most one new program each
+    after = generator.decode._cache_size(), generator.prefill._cache_size()
+    assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1
+    generator.generate([[4, 5, 6, 7, 8]], max_new_tokens=10)  # other lengths, same buckets: nothing new
+    assert (generator.decode._cache_size(), generator.prefill._cache_size()) == after
+
+
+def test_prompt_longer_than_context(model, generator):
+    long_prompt = list(np.random.RandomState(1).randint(0, VOCAB, 70))
+    with pytest.raises(ValueError, match="prompt 0 has 70 tokens.*context is 64.*truncate_prompt=True keeps its "
+                                         "last 60 tokens"):
+        generator.generate([long_prompt], max_new_tokens=4)
+    got = generator.generate([long_prompt], max_new_tokens=4, truncate_prompt=True)
+    assert got == generator.generate([long_prompt[-60:]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[[]], max_new_tokens=2), "prompt 0 is empty"),
+    (dict(prompts=[[1, 64]], max_new_tokens=2), r"outside \[0, 64\): \[64\]"),
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens=0 must be a positive integer"),
+    (dict(prompts=[], max_new_tokens=2), "no prompts"),
+    (dict(prompts=[[1]], max_new_tokens=2, sampling=Sampling(temperature=-1.0)), "temperature=-1.0"),
+    (dict(prompts=[[1]], max_new_tokens=2, sampling=Sampling(temperature=1.0, top_k=65)), "top_k=65"),
+    (dict(prompts=[[1]], max_new_tokens=2, sampling=Sampling(temperature=1.0, top_p=0.0)), "top_p=0.0"),
+    (dict(prompts=[[1]], max_new_tokens=2, sampling=Sampling(top_k=5)), "need temperature > 0"),
+    (dict(prompts=[[1]], max_new_tokens=2, seed=-1), "seed=-1 must be in"),
+])
+def test_bad_requests(generator, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generator.generate(**kwargs)
+
+
+def test_mesh_shards_the_cache_by_heads_and_matches_one_device(model, generator):
+    mesh = make_mesh(tiny_config(data=2, tensor=4).mesh, jax.devices())
+    sharded = Generator(model, mesh=mesh, min_bucket=8)
+    assert sharded.batch_shards == 2
+    assert sharded.generate(PROMPTS, max_new_tokens=NEW) == generator.generate(PROMPTS, max_new_tokens=NEW)
+
+    prompts = np.zeros((4, 8), np.int32)
+    _, _, cache = sharded.prefill(sharded.state, sharded._place(prompts, ("batch", "length")),
+                                  sharded._place(np.ones(4, np.int32), ("batch",)),
+                                  sharded._place(np.zeros(4, np.int32), ("batch",)), cache_len=16,
+                                  sampling=Sampling())
+    for array in cache.values():  # [layers, batch, length, kv_heads, head_dim]
+        assert array.sharding.spec[3] == "tensor"
+        assert array.addressable_shards[0].data.shape == (2, 2, 16, 1, 8)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train_from_iterator(["the cat sat on the mat; the dog ate the hat"] * 10, trainer=trainer)
+    return tokenizer
+
+
+def test_cli_on_an_hf_directory_streams_text(model, generator, tmp_path):
+    tokenizer = make_tokenizer()
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    hf.save_pretrained(model, tmp_path, tokenizer=tokenizer, eos_token_id=eos)
+    loaded, mesh = generate.load(str(tmp_path))
+    assert loaded.eos_ids == (eos,)
+    out = io.StringIO()
+    ids = generate.run(loaded, mesh, prompt="the cat", prompt_ids=None, max_new_tokens=6, sampling=Sampling(),
+                       seed=0, stop_ids=[], truncate_prompt=False, out=out)
+    prompt_ids = tokenizer.encode("the cat").ids
+    assert ids == generator.generate([prompt_ids], max_new_tokens=6)[0]
+    assert out.getvalue() == "the cat" + tokenizer.decode(ids, skip_special_tokens=False) + "\n"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cgpt_jax.generate", f"--checkpoint={tmp_path}", "--prompt=the cat",
+         "--max_new_tokens=6", "--stop_ids=", "--tensor_parallel=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == out.getvalue()
+
+    with pytest.raises(ValueError, match="no config.json"):
+        generate.load(str(tmp_path / "nothing"))
+
+
+def test_cli_on_a_run_directory(tmp_path):
+    config = tiny_config()
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    state, _ = create_sharded_state(config, make_optimizer(config.train), mesh)
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "data_description": {"source": "synthetic"}}))
+    saver = checkpoint.RunCheckpoints(str(tmp_path), config.checkpoint)
+    saver.save(3, state, {}, wait=True)
+    saver.close()
+
+    loaded, _ = generate.load(str(tmp_path))
+    assert loaded.tokenizer is None
+    out = io.StringIO()
+    ids = generate.run(loaded, None, prompt=None, prompt_ids=[1, 2, 3], max_new_tokens=4, sampling=Sampling(),
+                       seed=0, stop_ids=None, truncate_prompt=False, out=out)
+    expected = full_forward_greedy(nnx.merge(nnx.graphdef(loaded.model), state.params), [1, 2, 3], 4)
+    assert ids == expected
+    assert out.getvalue() == "1 2 3 " + " ".join(map(str, ids)) + "\n"
+    with pytest.raises(ValueError, match="has no tokenizer.*--prompt_ids"):
+        generate.run(loaded, None, prompt="hello", prompt_ids=None, max_new_tokens=2, sampling=Sampling(), seed=0,
+                     stop_ids=None, truncate_prompt=False, out=io.StringIO())
