@@ -3,7 +3,7 @@
     python -m cgpt_jax.sweep --config=experiments/cpu_isoflop.py --workdir=runs/cpu_isoflop
     python -m cgpt_jax.analyze runs/cpu_isoflop
 
-DRAFT: budgets and sizes not yet timed on this machine (estimated ~15 min for the 12 runs).
+Not yet run end to end on this machine (an estimated 15 minutes for the 12 runs).
 
 Three compute budgets, four model sizes each, spanning about 5 to 100 tokens per (total) parameter
 around the 20 tokens/param point; every run spends its budget exactly, in the Cerebras FLOP convention of
@@ -19,7 +19,7 @@ from cgpt_jax import flops
 from cgpt_jax.config import parse_arg
 from experiments.cpu_ladder import BATCH, SEQ_LEN, SIZES, WARMUP_FRACTION, cpu_base_config
 
-SIZES = {"d16l2": (16, 2), "d24l2": (24, 2), **SIZES}
+SIZES = {**SIZES, "d80l3": (80, 3, 5)}  # (d_model, n_layers, n_heads)
 # budget (training FLOPs, Cerebras convention) -> the sizes trained at it
 BUDGETS = {
     4e11: ("d16l2", "d24l2", "d32l2", "d48l2"),
@@ -33,10 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="d32l2", budget=1.2e12)
     if args.size not in SIZES:
         raise ValueError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)}")
-    d_model, n_layers = SIZES[args.size]
+    d_model, n_layers, n_heads = SIZES[args.size]
     config = cpu_base_config("d32l2")
     m, t = config.model, config.train
-    m.d_model, m.n_layers, m.n_heads, m.d_ff = d_model, n_layers, max(1, d_model // 16), 4 * d_model
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = d_model, n_layers, n_heads, 4 * d_model
     flops_per_step = flops.flops_per_token(flops.Shape.from_model_config(m, SEQ_LEN), "cerebras") * BATCH * SEQ_LEN
     t.steps = round(args.budget / flops_per_step)
     if t.steps < MIN_STEPS:

@@ -1,5 +1,6 @@
 """python -m cgpt_jax.train --config=experiments/cerebras_gpt.py:size=tiny --workdir=DIR [--overwrite]
-                            [--init_from=OTHER_RUN_DIR]
+                            [--init_from=OTHER_RUN_DIR] [--watchdog_s=SECONDS]
+                            [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 
 Re-running the same command resumes from the workdir's newest complete checkpoint. On SIGTERM/SIGINT the
 run saves after the current step and exits 0 with a one-line message.
@@ -11,6 +12,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cgpt_jax.parallel import distributed
 from cgpt_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. "
@@ -22,6 +24,13 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "If the workdir holds another
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Another run's directory: start from the parameters of its "
                                  "newest complete checkpoint, with a fresh optimizer at step 0. The workdir's "
                                  "own checkpoint, when there is one, takes precedence.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                                   "runs outside TPU pods and SLURM (which are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_STARTUP_TIMEOUT = flags.DEFINE_integer("startup_timeout_s", 120, "How long a process waits for its peers.")
+_WATCHDOG = flags.DEFINE_float("watchdog_s", 0.0, "Exit with status 3 when no step, save or evaluation "
+                               "finishes for this many seconds (after the first step compiled); 0 = off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,8 +38,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=_STARTUP_TIMEOUT.value)
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
-                                 init_from=_INIT_FROM.value)
+                                 init_from=_INIT_FROM.value, watchdog_s=_WATCHDOG.value)
     if summary["status"] == "preempted":
         print(summary["message"], flush=True)  # exit status 0: re-running the command resumes
         return

@@ -26,6 +26,7 @@ from cgpt_jax.config import resolve, validate
 from cgpt_jax.data import make_dataset
 from cgpt_jax.devices import device_peak_flops
 from cgpt_jax.model import abstract_model, params_count
+from cgpt_jax.parallel import distributed
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import logical_to_spec
 from cgpt_jax.train import checkpoint
@@ -119,7 +120,7 @@ def _drop_metrics_from(workdir: str, first_step: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
                        init_from: str | None = None, devices: list[jax.Device] | None = None,
-                       show_progress: bool = True) -> dict:
+                       show_progress: bool = True, watchdog_s: float = 0.0) -> dict:
     """Train `config` in `workdir` and return the run summary (also written to summary.json).
 
     Where the train state comes from, in this order:
@@ -150,6 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     config = resolve(config)
     validate(config, len(devices))
     config_dict = {**config.to_dict(), "data_description": dataset.describe()}
+    if jax.process_count() > 1:
+        distributed.preflight(config_dict, expected_devices=len(devices))
     if os.path.exists(summary_path) and not overwrite:
         with open(os.path.join(workdir, "config.json")) as f:
             if not run_differences(json.load(f), config_dict):
@@ -263,6 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     progress = tqdm.tqdm(total=t.steps, initial=start_step, disable=not show_progress or jax.process_index() != 0,
                          desc=os.path.basename(workdir.rstrip("/")), unit="step")
     preemption = PreemptionWatch()
+    watchdog: distributed.Watchdog | None = None
     stopped_at = None
     try:
         for step in range(start_step, t.steps):
@@ -273,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                 # The first step includes compilation: time from its end.
                 jax.block_until_ready(metrics)
                 interval_start = time.time()
+                # Armed only now: compilation may take long, a stalled step or collective must not.
+                watchdog = distributed.Watchdog(watchdog_s)
             else:
                 interval_steps += 1
             pending = (step, metrics)
@@ -281,6 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                 flush(*pending)
                 pending = None
                 eval_start = time.time()
+                if watchdog:
+                    watchdog.beat("evaluating")
                 eval_loss = evaluate()
                 writer.write(step, {"eval_loss": eval_loss})
                 progress.set_postfix(loss=f"{last_train_loss:.3f}", eval=f"{eval_loss:.3f}")
@@ -291,9 +299,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                     flush(*pending)
                     pending = None
                 pause_start = time.time()
+                if watchdog:
+                    watchdog.beat("saving a checkpoint")
                 save(step + 1, wait=is_last or stop)
                 interval_start = (interval_start or pause_start) + (time.time() - pause_start)
             checkpoints.check_background()  # a failed background save stops the run at the next step
+            if watchdog:
+                watchdog.beat("training")
             progress.update(1)
             if stop:
                 stopped_at = step + 1
@@ -301,6 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         if pending is not None:
             flush(*pending)
     finally:
+        if watchdog:
+            watchdog.stop()
         preemption.close()
         progress.close()
         writer.close()

@@ -1,0 +1,106 @@
+"""Multi-host on one machine: N local processes × M fake CPU devices through jax.distributed."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=experiments/cerebras_gpt.py:size=tiny", "--config.model.d_model=32",
+        "--config.model.n_layers=1", "--config.model.d_ff=64", "--config.train.seq_len=32",
+        "--config.model.max_seq_len=32", "--config.train.global_batch_size=16", "--config.train.warmup_steps=2",
+        "--config.data.synthetic_vocab_size=64", "--config.train.log_every=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], devices: int, process_id: int | None = None, n_processes: int | None = None,
+           port: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    cluster = ([f"--coordinator_address=localhost:{port}", f"--num_processes={n_processes}",
+                f"--process_id={process_id}"] if n_processes else [])
+    return subprocess.Popen([sys.executable, "-m", "cgpt_jax.train", *TINY, *args, *cluster], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run_processes(args: list[str], n_processes: int, devices_each: int, timeout: float = 240) -> list[str]:
+    port = _free_port()
+    procs = [_start(args, devices_each, i, n_processes, port) for i in range(n_processes)]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-3000:]
+        errors.append(err)
+    return errors
+
+
+def _losses(workdir) -> dict[int, float]:
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_two_processes_match_one_and_checkpoints_cross_layouts(tmp_path):
+    common = ["--config.train.steps=6", "--config.checkpoint.every_steps=3", "--config.train.eval_every=6"]
+    _run_processes([*common, f"--workdir={tmp_path}/single"], n_processes=1, devices_each=8)
+    _run_processes([*common, f"--workdir={tmp_path}/multi"], n_processes=2, devices_each=4)
+    single, multi = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
+    assert sorted(multi) == list(range(6))
+    for step in single:  # different collective implementations (gloo vs in-process): f32 rounding only
+        assert multi[step] == pytest.approx(single[step], rel=1e-6)
+
+    # Roll the 2-process run back to its step-3 checkpoint and finish it as 1 process x 8 devices.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "multi", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    os.remove(resumed / "summary.json")
+    _run_processes([*common, f"--workdir={resumed}"], n_processes=1, devices_each=8)
+    after = _losses(resumed)
+    assert sorted(after) == list(range(6))
+    for step in range(3, 6):
+        assert after[step] == pytest.approx(single[step], rel=1e-6)
+
+
+def test_killing_one_process_makes_the_other_exit_nonzero(tmp_path):
+    port = _free_port()
+    args = ["--config.train.steps=100000", "--config.checkpoint.every_steps=0", "--watchdog_s=20",
+            f"--workdir={tmp_path}/run"]
+    procs = [_start(args, 4, i, 2, port) for i in range(2)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert time.time() - killed_at < 45  # the watchdog limit (20 s) plus its polling and process exit
+
+
+def test_missing_peer_fails_within_the_startup_timeout(tmp_path):
+    start = time.time()
+    proc = _start([f"--workdir={tmp_path}/run", "--startup_timeout_s=5"], 4, 0, 2, _free_port())
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - start < 60
+    assert not (tmp_path / "run").exists()
+
+
+def test_partial_cluster_flags_are_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cgpt_jax.train", *TINY, f"--workdir={tmp_path}/run",
+                           "--num_processes=2"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0 and "give all of --coordinator_address" in proc.stderr
