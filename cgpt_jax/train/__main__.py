@@ -8,6 +8,7 @@ run saves after the current step and exits 0 with a one-line message.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,10 +35,18 @@ _WATCHDOG = flags.DEFINE_float("watchdog_s", 0.0, "Exit with status 3 when no st
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietOrbax(std_logging.Filter):
+    """Orbax logs several INFO lines per save; keep its warnings and errors only."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_STARTUP_TIMEOUT.value)
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
