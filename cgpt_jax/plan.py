@@ -117,8 +117,8 @@ def plan(config, n_devices: int, device_kind: str, mfu: float) -> dict:
         "suggestions": suggestions,
         "flops_per_step_palm": step_flops,
         "assumed_mfu": mfu,
-        "predicted_step_s": round(step_s, 4),
-        "predicted_tokens_per_sec": round(tokens_per_step / step_s, 1),
+        "predicted_step_s": float(f"{step_s:.4g}"),
+        "predicted_tokens_per_sec": float(f"{tokens_per_step / step_s:.4g}"),
         "cpu_compile_s": round(compile_s, 1),
     }
 
