@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 
@@ -137,8 +138,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give the target with --mesh=... or --devices=N")
     if os.environ.get(_DEVICES_ENV) != str(n_devices):
         # Re-run with n fake CPU devices; jax reads XLA_FLAGS only when it starts.
+        other_flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
         env = {**os.environ, _DEVICES_ENV: str(n_devices), "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"}
+               "XLA_FLAGS": f"{other_flags.strip()} --xla_force_host_platform_device_count={n_devices}".strip()}
         os.execve(sys.executable, [sys.executable, "-m", "cgpt_jax.plan", *sys.argv[1:]], env)
     import json
 

@@ -1,5 +1,7 @@
 """Every test process sees 8 fake CPU devices, so sharded code runs on CPU (flag set before jax loads)."""
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
+if _FAKE_DEVICES not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit the controller's setting
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

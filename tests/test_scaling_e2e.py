@@ -17,7 +17,7 @@ EXPERIMENT = "tests/scaling_fixtures/micro_experiment.py"
 def test_micro_sweep_then_analysis(tmp_path):
     # One CPU device per run: the 8 fake devices of conftest.py would only slow these runs down.
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()}
     workdir = tmp_path / "sweep"
     sweep = [sys.executable, "-m", "cgpt_jax.sweep", f"--config={EXPERIMENT}", f"--workdir={workdir}"]
     out = subprocess.run(sweep, capture_output=True, text=True, check=False, env=env, cwd=REPO)
