@@ -1,19 +1,15 @@
 """End to end with the real trainer: a micro sweep of three models, then the analysis (about 40 s)."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "tests/scaling_fixtures/micro_experiment.py"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cgpt_jax.train.__main__") is None,
-                    reason="the training CLI (python -m cgpt_jax.train) does not exist yet")
 def test_micro_sweep_then_analysis(tmp_path):
     # One CPU device per run: the 8 fake devices of conftest.py would only slow these runs down.
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
