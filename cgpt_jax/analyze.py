@@ -1,6 +1,8 @@
 """Fit the finished runs of a sweep: `python -m cgpt_jax.analyze DIR [--reference=cerebras]`.
 
 Writes DIR/report.md, DIR/fit.json and DIR/scaling.png (or into --out).
+`--group_by=model.attention` (any dotted config field) fits one L(C) per value of the field instead, and
+compares them in one plot and one table.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 from absl import app, flags
 
 from cgpt_jax.scaling.analysis import analyze
-from cgpt_jax.scaling.report import write_outputs
+from cgpt_jax.scaling.groups import analyze_groups
+from cgpt_jax.scaling.report import write_grouped_outputs, write_outputs
 from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS
 
 _REFERENCE = flags.DEFINE_enum("reference", None, ["cerebras"], "Overlay the published Cerebras-GPT points "
@@ -20,6 +23,8 @@ _REFERENCE_PATH = flags.DEFINE_string("reference_path", None, "cerebras_gpt.json
 _FLOPS = flags.DEFINE_enum("flops", "cerebras", list(FLOP_CONVENTIONS), "FLOP convention of the compute axis.")
 _PARAMS = flags.DEFINE_enum("params", "non_embedding", list(PARAM_COUNTS), "Which parameter count is N.")
 _EXPERIMENT = flags.DEFINE_string("experiment", None, "When DIR mixes configs: a prefix of the group to fit.")
+_GROUP_BY = flags.DEFINE_string("group_by", None, "A dotted config field (e.g. model.attention): one L(C) per "
+                                "value, overlaid in one plot and compared in one table.")
 _N_BOOTSTRAP = flags.DEFINE_integer("n_bootstrap", 1000, "Bootstrap refits for the confidence intervals.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the report, fit and plot; default: DIR.")
@@ -29,6 +34,9 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.analyze DIR [--reference=cerebras]")
     workdir = Path(argv[1])
+    if _GROUP_BY.value is not None:
+        _main_grouped(workdir)
+        return
     try:
         analysis = analyze(workdir, experiment=_EXPERIMENT.value, flops=_FLOPS.value, params=_PARAMS.value,
                            reference=_REFERENCE.value,
@@ -46,6 +54,27 @@ def main(argv: list[str]) -> None:
     excluded = [r for r in analysis.runs if not r.usable]
     if excluded:
         print("excluded: " + "; ".join(f"{r.name} ({', '.join(r.problems)})" for r in excluded))
+    print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
+
+
+def _main_grouped(workdir: Path) -> None:
+    if _REFERENCE.value is not None:
+        sys.exit("cgpt_jax.analyze: --reference overlays one curve; drop it with --group_by")
+    try:
+        grouped = analyze_groups(workdir, _GROUP_BY.value, experiment=_EXPERIMENT.value, flops=_FLOPS.value,
+                                 params=_PARAMS.value, n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"cgpt_jax.analyze: {e}")
+    paths = write_grouped_outputs(grouped, Path(_OUT.value) if _OUT.value else workdir)
+    print(f"L(C) = (C/a)^b + c per {grouped.group_by}; loss at C* = {grouped.common_compute:.4g} FLOPs:")
+    for row in grouped.comparison:
+        speed = "" if row["tokens_per_sec_mean"] is None else f"; {row['tokens_per_sec_mean']:,.0f} tokens/s"
+        if "problem" in row:
+            print(f"  {row['group']}: not fitted ({row['problem']}){speed}")
+            continue
+        ci = "" if row["b_ci95"] is None else f" [{row['b_ci95'][0]:.3g}, {row['b_ci95'][1]:.3g}]"
+        print(f"  {row['group']}: b={row['b']:.4g}{ci}; R²={row['r2']:.4f}; L(C*)={row['fitted_loss']:.4f} "
+              f"(measured {row['measured_loss']:.4f} at {row['measured_run']}){speed}")
     print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
 
 

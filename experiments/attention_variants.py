@@ -1,9 +1,13 @@
 """Attention variants on the CPU ladder: one scaling curve per variant, all from one sweep.
 
-    python -m cgpt_jax.sweep --config=experiments/attention_variants.py --workdir=runs/attention
-    python -m cgpt_jax.sweep --config=experiments/attention_variants.py:variants=dense/rope,sizes=d32l2/d48l2 \
-        --workdir=runs/attention_small
-    --config=experiments/attention_variants.py:size=d48l2,variant=alibi      (one run)
+The comparison (seven variants on the four smallest rungs, 28 runs, 27 minutes on 2 shared cores), then
+one L(C) per variant in one plot (scaling.png) and one table (report.md, fit.json):
+
+    python -m cgpt_jax.sweep --config=experiments/attention_variants.py:sizes=d16l2/d24l2/d32l2/d48l2 --workdir=runs/attention_variants
+    python -m cgpt_jax.analyze runs/attention_variants --group_by=model.attention
+
+`:variants=dense/rope,sizes=...` picks variants ('/'-separated keys of VARIANTS; default all of them and
+all six rungs); `--config=experiments/attention_variants.py:size=d48l2,variant=alibi` is one run.
 
 A run is a rung of experiments/cpu_ladder.py with `config.model.attention` replaced. Every variant of a
 rung trains the dense rung's recipe: the same tokens, batch, steps and schedule (20 tokens per dense

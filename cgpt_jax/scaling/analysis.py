@@ -80,18 +80,31 @@ def _monotonic(runs: list[Run], flops: str) -> dict:
     return {"monotonic": not violations, "violations": violations}
 
 
-def analyze(workdir: Path, *, experiment: str | None = None, flops: str = "cerebras",
-            params: str = "non_embedding", reference: str | None = None, reference_path: Path | None = None,
-            n_bootstrap: int = 1000, seed: int = 0) -> Analysis:
+def check_axes(flops: str, params: str) -> None:
     if flops not in FLOP_CONVENTIONS:
         raise ValueError(f"--flops={flops!r}: choose one of {FLOP_CONVENTIONS}")
     if params not in PARAM_COUNTS:
         raise ValueError(f"--params={params!r}: choose one of {PARAM_COUNTS}")
+
+
+def analyze(workdir: Path, *, experiment: str | None = None, flops: str = "cerebras",
+            params: str = "non_embedding", reference: str | None = None, reference_path: Path | None = None,
+            n_bootstrap: int = 1000, seed: int = 0) -> Analysis:
+    check_axes(flops, params)
     if reference not in (None, "cerebras"):
         raise ValueError(f"--reference={reference!r}: the only reference is 'cerebras'")
     ref = load_cerebras(reference_path) if reference == "cerebras" else None
-
     runs = select_group(collect_runs(workdir), experiment)
+    analysis = fit_runs(workdir, runs, flops, params, n_bootstrap, seed)
+    if ref is not None:
+        analysis.reference = ref
+        analysis.reference_fit = fits.fit_compute_law(ref.flops, ref.loss, n_bootstrap=n_bootstrap, seed=seed)
+    return analysis
+
+
+def fit_runs(workdir: Path, runs: list[Run], flops: str, params: str, n_bootstrap: int,
+             seed: int) -> Analysis:
+    """Fit the laws the runs of one recipe identify; ValueError when they are too few to fit any."""
     usable = [r for r in runs if r.usable]
     if not usable:
         listing = "\n".join(f"  {r.name}: {'; '.join(r.problems)}" for r in runs)
@@ -146,14 +159,11 @@ def analyze(workdir: Path, *, experiment: str | None = None, flops: str = "cereb
         if law is not None and law.fit.at_bound:
             law.note += f" Constants {law.fit.at_bound} ended on a bound of the search: not identified by these runs."
 
-    reference_fit = None
-    if ref is not None:
-        reference_fit = fits.fit_compute_law(ref.flops, ref.loss, n_bootstrap=n_bootstrap, seed=seed)
     return Analysis(workdir=workdir, group=runs[0].group, runs=runs, flops=flops, params=params,
                     compute_law=compute_law, chinchilla_law=chinchilla_law, notes=notes,
                     monotonic=_monotonic(compute_runs, flops),
                     budgets=_budgets(usable, compute_runs, flops, params, compute_law, chinchilla_law),
-                    reference=ref, reference_fit=reference_fit)
+                    reference=None, reference_fit=None)
 
 
 def _budgets(usable: list[Run], compute_runs: list[Run], flops: str, params: str, compute_law: LawFit | None,

@@ -1,4 +1,5 @@
-"""Writing an analysis out: fit.json (everything, machine-readable), report.md and scaling.png."""
+"""Writing an analysis out: fit.json (everything, machine-readable), report.md and scaling.png; for a single
+curve and for a sweep split into groups (one curve per group in one plot, and a comparison table)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from cgpt_jax.scaling import fits
 from cgpt_jax.scaling.analysis import Analysis
+from cgpt_jax.scaling.groups import GroupedAnalysis
 
 
 def _clean(value):
@@ -200,4 +202,122 @@ def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
     paths["fit"].write_text(json.dumps(fit_json(analysis), indent=1) + "\n")
     paths["report"].write_text(report_md(analysis))
     scaling_plot(analysis, paths["plot"])
+    return paths
+
+
+def grouped_fit_json(grouped: GroupedAnalysis) -> dict:
+    g = grouped
+    return _clean({
+        "workdir": str(g.workdir), "group": g.experiment, "group_by": g.group_by, "flops_convention": g.flops,
+        "param_count": g.params, "common_compute": g.common_compute, "comparison": g.comparison,
+        "groups": {group.value: (fit_json(group.analysis) if group.analysis is not None else
+                                 {"runs": [r.name for r in group.runs], "problem": group.problem})
+                   for group in g.groups},
+    })
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "—"
+
+
+def grouped_report_md(grouped: GroupedAnalysis) -> str:
+    g = grouped
+    field = f"`{g.group_by}`"
+    out = [f"# Scaling comparison by {field}: {g.workdir}", "",
+           (f"Runs: {g.experiment}, split by {field} into {len(g.groups)} groups. Compute axis: training FLOPs, "
+            f"`{g.flops}` convention (cgpt_jax.flops). Loss: final validation loss (nats/token). Each group gets "
+            f"its own L(C) = (C/a)^b + c, fitted as a single sweep is (Huber loss on log-loss, residual-bootstrap "
+            f"95% intervals)."), "",
+           "## Comparison", "",
+           (f"C* = {_fmt(g.common_compute)} FLOPs is the largest compute every fitted group reaches (the smallest "
+            f"of the groups' largest runs). Measured: the group's run nearest C*; fitted: its L(C) at C*. "
+            f"tokens/s: mean training throughput of the group's finished runs (summary.json)."), "",
+           (f"| {g.group_by} | runs fitted | b | b 95% CI | R² | measured loss (run, C) | L(C*) | L(C*) 95% CI "
+            f"| tokens/s |"), "|---|---|---|---|---|---|---|---|---|"]
+    for row in g.comparison:
+        speed = "—" if row["tokens_per_sec_mean"] is None else f"{row['tokens_per_sec_mean']:,.0f}"
+        if "problem" in row:
+            out.append(f"| {row['group']} | {row['fitted_runs']} of {row['runs']} | — | — | — | — | — | — | {speed} |")
+            continue
+        out.append(f"| {row['group']} | {row['fitted_runs']} of {row['runs']} | {_fmt(row['b'])} | "
+                   f"{_interval(row['b_ci95'])} | {row['r2']:.4f} | {row['measured_loss']:.4f} "
+                   f"({row['measured_run']}, {_fmt(row['measured_compute'])}) | {row['fitted_loss']:.4f} | "
+                   f"{_interval(row['fitted_loss_ci95'])} | {speed} |")
+    unfitted = [row for row in g.comparison if "problem" in row]
+    if unfitted:
+        out += ["", "Not fitted:"] + [f"- {row['group']}: {row['problem']}" for row in unfitted]
+
+    for group in g.groups:
+        if group.compute_fit is None:
+            continue
+        a, law = group.analysis, group.analysis.compute_law
+        out += ["", f"## {g.group_by} = {group.value}", "",
+                f"{law.fit.formula}, fitted to {law.fit.n_points} runs ({', '.join(law.runs)}):", ""]
+        out += _constants_table(law.fit)
+        if law.note:
+            out += ["", law.note.strip()]
+        bt = law.backtest
+        if bt is not None:
+            out += ["", (f"Backtest: without the largest run the law predicts {bt['predicted']:.4f} against the "
+                         f"observed {bt['observed']:.4f} ({100 * bt['rel_error']:+.2f}%).")]
+        excluded = [r for r in a.runs if not r.usable]
+        if excluded:
+            out += ["", "Excluded: " + "; ".join(f"{r.name} ({', '.join(r.problems)})" for r in excluded) + "."]
+        if not a.monotonic["monotonic"]:
+            out += ["", "Loss does not fall monotonically with compute: " + "; ".join(a.monotonic["violations"])
+                    + "."]
+    out += ["", "Files: fit.json (all numbers, each group's full fit), scaling.png (the plot).", ""]
+    return "\n".join(out)
+
+
+_GROUP_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def grouped_scaling_plot(grouped: GroupedAnalysis, path: Path) -> None:
+    g = grouped
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.subplots()
+    shown = [r for group in g.groups for r in group.runs if r.loss is not None and math.isfinite(r.loss)]
+    c_all = [r.flops[g.flops] for r in shown]
+    xs = np.logspace(math.log10(min(c_all) / 1.5), math.log10(max(c_all) * 1.5), 200)
+    losses = [r.loss for r in shown]
+    for i, group in enumerate(g.groups):
+        color = f"C{i}"
+        used = [r for r in group.runs if r.usable]
+        if not used:
+            continue
+        fit = group.compute_fit
+        label = f"{group.value} (not fitted)" if fit is None else f"{group.value}: b = {fit.constants['b']:.3g}"
+        # A marker per group keeps groups with equal losses (e.g. variants equal to dense) both visible.
+        ax.scatter([r.flops[g.flops] for r in used], [r.loss for r in used], color=color,
+                   marker=_GROUP_MARKERS[i % len(_GROUP_MARKERS)], s=22, zorder=3, label=label)
+        if fit is not None:
+            curve = fits.predict_compute_law(fit.constants, xs)
+            ax.plot(xs, curve, color=color, linewidth=1.2)
+            losses += [float(v) for v in curve]
+    flagged = [r for r in shown if not r.usable]
+    if flagged:
+        ax.scatter([r.flops[g.flops] for r in flagged], [r.loss for r in flagged], marker="x", color="gray",
+                   zorder=3, label="runs (excluded)")
+    ax.axvline(g.common_compute, color="gray", linestyle=":", linewidth=1, label="C* (largest common compute)")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"training FLOPs ({g.flops} convention)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(f"L(C) = (C/a)^b + c per {g.group_by}", fontsize=10)
+    ax.set_yscale("log")
+    ax.set_ylim(min(losses) / 1.03, max(losses) * 1.03)
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_grouped_outputs(grouped: GroupedAnalysis, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"fit": out_dir / "fit.json", "report": out_dir / "report.md", "plot": out_dir / "scaling.png"}
+    paths["fit"].write_text(json.dumps(grouped_fit_json(grouped), indent=1) + "\n")
+    paths["report"].write_text(grouped_report_md(grouped))
+    grouped_scaling_plot(grouped, paths["plot"])
     return paths

@@ -28,7 +28,9 @@ class Run:
     n_params_non_embedding: float | None = None
     tokens: float | None = None
     flops: dict[str, float] = dataclasses.field(default_factory=dict)  # convention -> total
-    config: dict | None = None
+    tokens_per_sec: float | None = None  # the trainer's training throughput
+    config: dict | None = None  # config.json, written by the trainer when the run starts
+    planned_config: dict | None = None  # the config sweep_run.json records before the run starts
 
     @property
     def usable(self) -> bool:
@@ -63,7 +65,8 @@ def _metrics_problems(path: Path, final_loss: float) -> list[str]:
 
 def _read_run(path: Path) -> Run:
     record = read_json(path / RUN_RECORD) if (path / RUN_RECORD).is_file() else None
-    run = Run(name=path.name, path=path, status="unfinished", group=_group(record))
+    run = Run(name=path.name, path=path, status="unfinished", group=_group(record),
+              planned_config=None if record is None else record.get("config"))
     if (path / "config.json").is_file():
         run.config = read_json(path / "config.json")
     summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else None
@@ -88,6 +91,8 @@ def _read_run(path: Path) -> Run:
     run.n_params_non_embedding = float(summary["n_params_non_embedding"])
     run.tokens = float(summary["tokens"])
     run.flops = {c: float(summary[f"flops_{c}"]) for c in FLOP_CONVENTIONS}
+    if summary.get("tokens_per_sec") is not None:
+        run.tokens_per_sec = float(summary["tokens_per_sec"])
     if not math.isfinite(run.loss):
         run.problems.append(f"non-finite final eval loss {run.loss}")
     else:
@@ -120,6 +125,13 @@ def _config_value(config: dict | None, dotted: str):
             return None
         node = node[part]
     return node
+
+
+def config_value(run: Run, dotted: str):
+    """A dotted config field of `run` (e.g. 'model.attention'): from config.json, else from the config
+    sweep_run.json planned (runs that have not started yet); None when neither records it."""
+    value = _config_value(run.config, dotted)
+    return _config_value(run.planned_config, dotted) if value is None else value
 
 
 def select_group(runs: list[Run], group: str | None) -> list[Run]:
