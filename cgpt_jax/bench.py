@@ -38,7 +38,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, devices: list[jax.D
     t = config.train
     mesh = make_mesh(config.mesh, devices)
     batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
-    tx = make_optimizer(t)
+    tx = make_optimizer(t, config.model)
     state, shardings = create_sharded_state(config, tx, mesh)
     train_step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(t), mesh, shardings,
                                  batch_sharding)

@@ -48,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.compute_dtype = "float32"  # 'bfloat16' on accelerators
     m.remat = "none"  # 'none' | 'full' | 'dots' | 'dots_no_batch'
+    # 'sp' | 'mup' (cgpt_jax/model/parameterization.py). Under muP, init_std, output_init_std and
+    # train.peak_lr are the base (proxy-width) values and the fields below set the width multipliers.
+    m.parameterization = "sp"
+    m.mup_base_d_model = 256  # m = d_model / 256 (Cerebras-GPT-muP's 40M proxy)
+    m.mup_base_d_ff = 1024  # m_ff = d_ff / 1024: the MLP down projection's fan-in multiplier
+    m.mup_embedding_multiplier = 10.0  # m_emb, applied to the token + position embedding sum
 
     c.train = t = ml_collections.ConfigDict()
     t.seq_len = 2048
@@ -109,10 +115,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
     """Raise ValueError for a config that cannot run on `n_devices`, naming the field and the fix."""
-    from cgpt_jax.model import attention
+    from cgpt_jax.model import attention, parameterization
 
     m, t = config.model, config.train
-    errors = []
+    errors = parameterization.validate(m)
     if m.d_model % m.n_heads:
         errors.append(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
                       f"pick heads so that d_model / n_heads is an integer.")

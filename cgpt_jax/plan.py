@@ -62,7 +62,7 @@ def plan(config, n_devices: int, device_kind: str, mfu: float) -> dict:
     validate(config, n_devices)
     t = config.train
     mesh = make_mesh(config.mesh, jax.devices()[:n_devices])
-    tx = make_optimizer(t)
+    tx = make_optimizer(t, config.model)
 
     def init() -> TrainState:
         params = nnx.state(GPT(config.model, rngs=nnx.Rngs(0)), nnx.Param)

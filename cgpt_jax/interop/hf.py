@@ -1,14 +1,17 @@
 """Hugging Face GPT-2 / Cerebras-GPT checkpoints: import into our `GPT`, export back.
 
 `from_pretrained(dir)` reads a local HF model directory: `config.json` (model_type 'gpt2',
-architectures GPT2LMHeadModel, or GPT2Model as in the Cerebras-GPT-13B repo) plus the weights as
+architectures GPT2LMHeadModel, or GPT2Model as in the Cerebras-GPT-13B repo; or model_type 'btlm', the
+Cerebras-GPT-muP checkpoints of cerebras/Cerebras-GPT-Intermediate, whose `mup_*` fields become our muP
+config) plus the weights as
 `model.safetensors`, `pytorch_model.bin` or their sharded `*.index.json` forms. `.bin` files go through
 `torch.load(weights_only=True)`, which refuses anything but tensors, so no code is ever unpickled.
 Every parameter is built with `jax.make_array_from_callback` from slices of the memory-mapped files, so
 on a mesh each device receives only its own shard and no host holds the whole model.
 
 `save_pretrained(model, dir)` writes `config.json` + `model.safetensors` that `transformers` loads as
-GPT2LMHeadModel; import → export → import is bit-exact.
+GPT2LMHeadModel (a muP model is written as BTLM, which transformers loads only with Cerebras's remote
+code); import → export → import is bit-exact.
 
 Layouts: GPT-2's Conv1D weights are stored (in, out) like our kernels, so the mapping is reshapes only:
 c_attn (d, 3d) = qkv_kernel (d, 3, h, k) per layer, attn.c_proj (d, d) = out_kernel (h, k, d), and so on.
@@ -36,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from cgpt_jax.config import base_config, resolve
-from cgpt_jax.model import GPT, abstract_model, attention
+from cgpt_jax.model import GPT, abstract_model, attention, parameterization
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, Rules, state_shardings
 
 CONFIG_FILE = "config.json"
@@ -44,7 +47,9 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # GPT2Model: the 13B repo's config.json (errata)
+# model_type -> accepted architectures. GPT2Model: the 13B repo's config.json (errata). BTLM (Cerebras's
+# GPT-2 with muP multipliers, ALiBi and SwiGLU options) stores GPT-2's tensors under GPT-2's names.
+ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "btlm": ("BTLMLMHeadModel", "BTLMModel")}
 
 # GPT2Config's defaults, which transformers applies to keys missing from config.json.
 _HF_DEFAULTS: dict[str, Any] = {
@@ -53,6 +58,11 @@ _HF_DEFAULTS: dict[str, Any] = {
     "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
     "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
 }
+# BTLMConfig's additional defaults (SP values: without them a BTLM config is a GPT-2).
+_BTLM_DEFAULTS: dict[str, Any] = {
+    "position_embedding_type": "learned", "mup_width_scale": 1.0, "mup_embeddings_scale": 1.0,
+    "mup_output_alpha": 1.0, "mup_scale_qk_dot_by_d": False, "alibi_scaling": None,
+}
 # What our decoder computes; a config asking for anything else would import with different outputs.
 _REQUIRED = {
     "activation_function": "gelu",  # exact erf GELU, as Cerebras-GPT ('gelu_new' is GPT-2's tanh approximation)
@@ -60,6 +70,11 @@ _REQUIRED = {
     "scale_attn_by_inverse_layer_idx": False,
     "add_cross_attention": False,
     "tie_word_embeddings": True,
+}
+_BTLM_REQUIRED = {
+    "position_embedding_type": "learned",  # 'alibi' BTLMs (btlm-3b-8k) use slopes and SwiGLU we do not import
+    "mup_output_alpha": 1.0,  # Cerebras-GPT-muP: logits times mup_width_scale alone
+    "alibi_scaling": None,
 }
 
 # Our parameter path → HF tensor name (after dropping a 'transformer.' prefix); per-layer ones under h.{i}.
@@ -101,7 +116,7 @@ class Pretrained(NamedTuple):
 # --- config --------------------------------------------------------------------------------------
 
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """config.json of an HF model directory, checked to describe a GPT-2 that our decoder computes."""
+    """config.json of an HF model directory, checked to describe a GPT-2 (or BTLM) our decoder computes."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise HFCheckpointError(f"{directory} is not a directory; expected a Hugging Face model directory "
@@ -115,17 +130,22 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise HFCheckpointError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise HFCheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object")
-    if raw.get("model_type") != "gpt2":
-        raise HFCheckpointError(f"{path}: model_type={raw.get('model_type')!r}; only GPT-2-family models "
-                                f"(model_type 'gpt2', as Cerebras-GPT) can be imported")
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise HFCheckpointError(f"{path}: model_type={model_type!r}; only GPT-2-family models (model_type "
+                                f"'gpt2', as Cerebras-GPT, or 'btlm', as Cerebras-GPT-muP) can be imported")
     architectures = raw.get("architectures") or []
-    unknown = [a for a in architectures if a not in ARCHITECTURES]
+    unknown = [a for a in architectures if a not in ARCHITECTURES[model_type]]
     if unknown:
         raise HFCheckpointError(f"{path}: architectures {unknown} are not supported; expected one of "
-                                f"{list(ARCHITECTURES)}")
-    full = {**_HF_DEFAULTS, **raw}
+                                f"{list(ARCHITECTURES[model_type])}")
+    is_btlm = model_type == "btlm"
+    full = {**_HF_DEFAULTS, **(_BTLM_DEFAULTS if is_btlm else {}), **raw}
+    required = {**_REQUIRED, **(_BTLM_REQUIRED if is_btlm else {})}
     errors = [f"{key}={full[key]!r} (our decoder computes {key}={want!r})"
-              for key, want in _REQUIRED.items() if full[key] != want]
+              for key, want in required.items() if full[key] != want]
+    if is_btlm:
+        errors += _mup_errors(full)
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
         if not isinstance(full[key], int) or full[key] <= 0:
             errors.append(f"{key}={full[key]!r} must be a positive integer")
@@ -138,9 +158,48 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     return full
 
 
+def _mup_errors(full: dict[str, Any]) -> list[str]:
+    """What keeps a BTLM config's mup_* fields from mapping onto our SP or muP."""
+    errors = []
+    for key in ("mup_width_scale", "mup_embeddings_scale"):
+        if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] > 0:
+            errors.append(f"{key}={full[key]!r} must be a positive number")
+    if not isinstance(full["mup_scale_qk_dot_by_d"], bool):
+        errors.append(f"mup_scale_qk_dot_by_d={full['mup_scale_qk_dot_by_d']!r} must be true or false")
+    if errors or not _is_mup(full):
+        return errors
+    if not full["mup_scale_qk_dot_by_d"]:
+        return [f"mup_width_scale={full['mup_width_scale']!r} and mup_embeddings_scale="
+                f"{full['mup_embeddings_scale']!r} with mup_scale_qk_dot_by_d=false: our muP always scales "
+                f"attention by 1/d_head (Cerebras-GPT-muP sets it true)"]
+    d_ff = full["n_inner"] if full["n_inner"] is not None else 4 * full["n_embd"]
+    for key, width in (("n_embd", full["n_embd"]), ("n_inner", d_ff)):
+        if isinstance(width, int) and _base_width(width, full["mup_width_scale"]) is None:
+            errors.append(f"{key}={width} times mup_width_scale={full['mup_width_scale']!r} is not a whole base "
+                          f"width (mup_base_d_model / mup_base_d_ff must be integers)")
+    return errors
+
+
+def _is_mup(hf_cfg: dict[str, Any]) -> bool:
+    return hf_cfg.get("model_type") == "btlm" and any(
+        hf_cfg[key] != _BTLM_DEFAULTS[key] for key in ("mup_width_scale", "mup_embeddings_scale",
+                                                       "mup_scale_qk_dot_by_d"))
+
+
+def _base_width(width: int, width_scale: float) -> int | None:
+    """width · width_scale as an integer, or None when it is not one (to 1e-9 relative)."""
+    base = round(width * width_scale)
+    return base if base > 0 and abs(base - width * width_scale) <= 1e-9 * width * width_scale else None
+
+
 def config_from_hf(hf_cfg: dict[str, Any], *, param_dtype: str = "float32", compute_dtype: str = "float32",
                    vocab_pad_multiple: int = 1) -> ml_collections.ConfigDict:
-    """A full project config (base_config() with the model taken from a checked HF config dict)."""
+    """A full project config (base_config() with the model taken from a checked HF config dict).
+
+    A BTLM config with muP multipliers gives `model.parameterization = 'mup'` with mup_base_d_model =
+    n_embd · mup_width_scale (so the logits are multiplied by mup_width_scale), the same base fraction of
+    d_ff, and mup_embedding_multiplier = mup_embeddings_scale; `init_std` is its initializer_range, which
+    under muP is the base init std."""
     c = base_config()
     m = c.model
     m.vocab_size = hf_cfg["vocab_size"]
@@ -153,6 +212,11 @@ def config_from_hf(hf_cfg: dict[str, Any], *, param_dtype: str = "float32", comp
     m.attention = "dense"
     m.layer_norm_eps = float(hf_cfg["layer_norm_epsilon"])
     m.init_std = float(hf_cfg["initializer_range"])
+    if _is_mup(hf_cfg):
+        m.parameterization = "mup"
+        m.mup_base_d_model = _base_width(m.d_model, hf_cfg["mup_width_scale"])
+        m.mup_base_d_ff = _base_width(m.d_ff, hf_cfg["mup_width_scale"])
+        m.mup_embedding_multiplier = float(hf_cfg["mup_embeddings_scale"])
     m.param_dtype = param_dtype
     m.compute_dtype = compute_dtype
     c.train.seq_len = min(c.train.seq_len, m.max_seq_len)
@@ -161,12 +225,13 @@ def config_from_hf(hf_cfg: dict[str, Any], *, param_dtype: str = "float32", comp
 
 def hf_config_dict(model_cfg: ml_collections.ConfigDict, *, bos_token_id: int | None = None,
                    eos_token_id: int | None = None) -> dict[str, Any]:
-    """config.json for our model config, as GPT2LMHeadModel (Cerebras-GPT's settings, no dropout)."""
+    """config.json for our model config, as GPT2LMHeadModel (Cerebras-GPT's settings, no dropout), or
+    for a muP model as BTLMLMHeadModel with its mup_* fields (Cerebras-GPT-muP's format)."""
     attention.build(model_cfg.attention)  # a malformed spec gets the registry's own error
     if model_cfg.attention.replace(" ", "") not in ("dense", "dense()"):
         raise HFCheckpointError(f"model.attention={model_cfg.attention!r} has no GPT-2 equivalent; only "
                                 "'dense' attention can be exported")
-    return {
+    config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": model_cfg.vocab_size,
@@ -190,6 +255,17 @@ def hf_config_dict(model_cfg: ml_collections.ConfigDict, *, bos_token_id: int | 
         "eos_token_id": eos_token_id,
         "dtype": str(jnp.dtype(model_cfg.param_dtype)),
     }
+    if parameterization.is_mup(model_cfg):
+        m_width, m_ff = parameterization.width_multiplier(model_cfg), parameterization.ff_width_multiplier(model_cfg)
+        if not math.isclose(m_width, m_ff, rel_tol=1e-12):
+            raise HFCheckpointError(f"model.d_ff / model.mup_base_d_ff = {m_ff:g} differs from model.d_model / "
+                                    f"model.mup_base_d_model = {m_width:g}; BTLM's config has one width scale, "
+                                    f"so only models with equal multipliers can be exported")
+        config.update(architectures=["BTLMLMHeadModel"], model_type="btlm", position_embedding_type="learned",
+                      mup_width_scale=parameterization.output_logits_multiplier(model_cfg),
+                      mup_embeddings_scale=parameterization.embedding_multiplier(model_cfg),
+                      mup_output_alpha=1.0, mup_scale_qk_dot_by_d=True)
+    return config
 
 
 def hf_tensor_shapes(model_cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:

@@ -5,6 +5,8 @@ constrained by logical names, so the same code runs unsharded, data parallel, FS
 Layers are stacked with `nnx.vmap` and applied with `nnx.scan`, so compile time does not grow with depth.
 The attention step is the plug-in selected by `config.model.attention` (cgpt_jax/model/attention/);
 variants that encode positions themselves (RoPE, ALiBi) leave out the position table `wpe`.
+Init stds and the forward multipliers (embeddings, logits, attention scale) follow
+`config.model.parameterization`, SP or muP (cgpt_jax/model/parameterization.py).
 
 Decoding with a KV cache (any attention variant that supports it; `Variant.check_decode` says):
 
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cgpt_jax.model import attention
+from cgpt_jax.model import attention, parameterization
 from cgpt_jax.model.attention.base import Cache, CacheSpec
 from cgpt_jax.model.layers import MLP, LayerNorm, trunc_normal_param
 from cgpt_jax.parallel.sharding import constrain
@@ -59,8 +61,9 @@ class Block(nnx.Module):
         self.ln_attn = LayerNorm(cfg.d_model, cfg.layer_norm_eps, param_dtype)
         self.attn = attention.build(cfg.attention).make(cfg, rngs=rngs)
         self.ln_mlp = LayerNorm(cfg.d_model, cfg.layer_norm_eps, param_dtype)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, output_init_std=cfg.output_init_std,
-                       param_dtype=param_dtype, compute_dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, init_std=parameterization.init_std(cfg, "up_kernel"),
+                       output_init_std=parameterization.init_std(cfg, "down_kernel"), param_dtype=param_dtype,
+                       compute_dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         x_BxLxD = x_BxLxD + self.attn(self.ln_attn(x_BxLxD))
@@ -81,9 +84,9 @@ class GPT(nnx.Module):
         self.cfg = cfg
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-        self.wte = trunc_normal_param(rngs, (padded_vocab_size(cfg), cfg.d_model), cfg.init_std,
-                                      ("vocab", "embed"), param_dtype)
-        self.wpe = (trunc_normal_param(rngs, (cfg.max_seq_len, cfg.d_model), cfg.init_std,
+        self.wte = trunc_normal_param(rngs, (padded_vocab_size(cfg), cfg.d_model),
+                                      parameterization.init_std(cfg, "wte"), ("vocab", "embed"), param_dtype)
+        self.wpe = (trunc_normal_param(rngs, (cfg.max_seq_len, cfg.d_model), parameterization.init_std(cfg, "wpe"),
                                        ("position", "embed"), param_dtype)
                     if attention.build(cfg.attention).learned_positions else None)
 
@@ -138,19 +141,21 @@ class GPT(nnx.Module):
         return self._logits(x_BxTxD), cache
 
     def _embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:
-        """Token (+ position) embeddings; positions None: 0..T-1 for every sequence."""
+        """(Token + position embeddings) · embedding multiplier; positions None: 0..T-1 for every sequence."""
         dt = self.compute_dtype
         x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0).astype(dt)
         if self.wpe is not None and positions_BxT is None:
             x_BxTxD = x_BxTxD + self.wpe[:tokens_BxT.shape[1]].astype(dt)[None]
         elif self.wpe is not None:
             x_BxTxD = x_BxTxD + jnp.take(self.wpe[...], positions_BxT, axis=0).astype(dt)
+        x_BxTxD = x_BxTxD * parameterization.embedding_multiplier(self.cfg)
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
     def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
         x_BxTxD = self.ln_f(x_BxTxD)
         logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.wte[...].astype(self.compute_dtype),
                                   preferred_element_type=jnp.float32)
+        logits_BxTxV = logits_BxTxV * parameterization.output_logits_multiplier(self.cfg)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
         if logits_BxTxV.shape[-1] != self.cfg.vocab_size:
             is_real_V = jnp.arange(logits_BxTxV.shape[-1]) < self.cfg.vocab_size

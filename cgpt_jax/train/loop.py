@@ -38,6 +38,7 @@ from cgpt_jax.train.faults import (
     reject_nonfinite,
 )
 from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
+from cgpt_jax.train.param_table import PARAM_TABLE, format_param_table, param_table
 from cgpt_jax.train.state import create_sharded_state, model_graphdef
 from cgpt_jax.train.step import make_eval_step, make_train_step
 from cgpt_jax.train.writers import MetricWriter
@@ -161,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                     return json.load(f)
 
     t, ck = config.train, config.checkpoint
-    tx = reject_nonfinite(make_optimizer(t))
+    tx = reject_nonfinite(make_optimizer(t, config.model))
     schedule = lr_schedule(t)
     abstract_params = nnx.state(abstract_model(config.model), nnx.Param)
     checkpoint.check_storage(workdir, checkpoint.state_nbytes((abstract_params, jax.eval_shape(tx.init,
@@ -169,6 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     init_source = (checkpoint.find_init_source(init_from, checkpoint.tensor_specs(abstract_params, "params/"))
                    if init_from else None)
     prepare_workdir(workdir, config_dict, overwrite)
+    table = param_table(config)  # init, learning rate and forward multipliers of every parameter, to audit
+    logging.info("parameters:\n%s", format_param_table(table))
+    if jax.process_index() == 0:
+        _write_atomically(os.path.join(workdir, PARAM_TABLE), json.dumps(table, indent=2))
 
     state, shardings = create_sharded_state(config, tx, mesh)
     graphdef = model_graphdef(config.model)

@@ -25,6 +25,11 @@ seq_len, **options)` for the one FLOP count (cgpt_jax/flops.py). FLOP convention
 attention-score entries a variant evaluates, masked or not, as the Cerebras count does for dense
 attention (its full S×S square): 2·K FLOPs for each query-key score and 2·K for each weighted value, per head.
 
+Parameterization (cgpt_jax/model/parameterization.py): a variant scales its attention logits by
+`attention_scale(model_cfg)` (1/sqrt(d_head), or 1/d_head under muP) and initialises each weight matrix
+with `init_std(model_cfg, name)`, its name listed in `MATRIX_GROUPS` (which also sets its muP learning
+rate); subclasses of `DenseAttention` inherit both.
+
 The conformance suite (tests/test_attention_conformance.py) reads `examples` (options that fit its tiny
 model: 4 heads of 8 dims, 16 positions) and `dense_equal_options` (where the variant equals `dense`).
 """

@@ -1,4 +1,6 @@
-"""`dense`: the Cerebras-GPT reference attention (multi-head, causal, 1/sqrt(d_head), f32 softmax).
+"""`dense`: the Cerebras-GPT reference attention (multi-head, causal, f32 softmax). Logits are scaled
+by `self.scale`, 1/sqrt(d_head) or 1/d_head under muP (`parameterization.attention_scale`), which every
+variant built on these steps inherits.
 
 It is written as a pipeline of small steps, the `hooks`; every other variant subclasses it and
 replaces the step it changes (a variant that adds parameters of its own extends `__init__`):
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cgpt_jax.model import parameterization
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, write_cache
 from cgpt_jax.model.layers import trunc_normal_param, zeros_param
@@ -35,7 +38,7 @@ class DenseAttention(Attention):
         self.n_heads = cfg.n_heads
         self.kv_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.scale = 1.0 / self.head_dim**0.5
+        self.scale = parameterization.attention_scale(cfg)  # 1/√d_head (SP) or 1/d_head (muP)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         for name, value in options.items():  # a variant's options override the defaults above
             setattr(self, name, value)
@@ -52,10 +55,10 @@ class DenseAttention(Attention):
         d, h, k = cfg.d_model, self.n_heads, self.head_dim
         param_dtype = jnp.dtype(cfg.param_dtype)
         # Q, K and V in one kernel: the same layout as GPT-2's c_attn (d → [q | k | v]).
-        self.qkv_kernel = trunc_normal_param(rngs, (d, 3, h, k), cfg.init_std,
+        self.qkv_kernel = trunc_normal_param(rngs, (d, 3, h, k), parameterization.init_std(cfg, "qkv_kernel"),
                                              ("embed", None, "heads", "head_dim"), param_dtype)
         self.qkv_bias = zeros_param((3, h, k), (None, "heads", "head_dim"), param_dtype)
-        self.out_kernel = trunc_normal_param(rngs, (h, k, d), cfg.output_init_std,
+        self.out_kernel = trunc_normal_param(rngs, (h, k, d), parameterization.init_std(cfg, "out_kernel"),
                                              ("heads", "head_dim", "embed"), param_dtype)
         self.out_bias = zeros_param((d,), ("embed",), param_dtype)
 
