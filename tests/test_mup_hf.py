@@ -27,6 +27,8 @@ from tests.helpers import tiny_config
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.test_interop_hf import random_hf_model  # noqa: E402  (after the importorskips)
+
 D_MODEL, N_HEAD, N_LAYER, VOCAB, POSITIONS = 48, 4, 2, 97, 32
 WIDTH_SCALE, EMBEDDINGS_SCALE = 0.25, 10.0  # base width 12: logits x 0.25
 TOLERANCE = 1e-4
@@ -36,15 +38,7 @@ MUP_FIELDS = {"model_type": "btlm", "architectures": ["BTLMLMHeadModel"], "posit
 
 
 def random_gpt2(seed: int = 0):
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=D_MODEL, n_layer=N_LAYER,
-                                  n_head=N_HEAD, n_inner=4 * D_MODEL, activation_function="gelu", resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=VOCAB - 1)
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return random_hf_model((D_MODEL, N_HEAD, N_LAYER, VOCAB, POSITIONS, 4 * D_MODEL), seed)
 
 
 def as_btlm(directory: pathlib.Path, **fields) -> None:
