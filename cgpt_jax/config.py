@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.compute_dtype = "float32"  # 'bfloat16' on accelerators
     m.remat = "none"  # 'none' | 'full' | 'dots' | 'dots_no_batch'
+    m.scan_layers = True  # apply the layers with a scan (compile time independent of depth) or unrolled
     # 'sp' | 'mup' (cgpt_jax/model/parameterization.py). Under muP, init_std, output_init_std and
     # train.peak_lr are the base (proxy-width) values and the fields below set the width multipliers.
     m.parameterization = "sp"

@@ -54,6 +54,24 @@ def measured_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def theoretical_cpu_peak_flops(flops_per_cycle: int = 32) -> tuple[float, str]:
+    """Cores × clock × f32 FLOPs per cycle per core, from /proc/cpuinfo, and how it was derived.
+
+    32 FLOPs/cycle is two 256-bit FMA pipes (x86 with AVX2/FMA: Zen 2-4, Intel client cores; Zen 4
+    runs AVX-512 on the same two 256-bit pipes). The clock is the one the kernel reports, which inside
+    a VM is the nominal clock: a boosting CPU can run matmuls above this figure.
+    """
+    import os
+
+    with open("/proc/cpuinfo") as cpuinfo:
+        mhz = [float(line.split(":")[1]) for line in cpuinfo if line.startswith("cpu MHz")]
+    if not mhz:
+        raise ValueError("/proc/cpuinfo reports no clock; pass the theoretical peak explicitly")
+    cores = len(os.sched_getaffinity(0))
+    peak = cores * max(mhz) * 1e6 * flops_per_cycle
+    return peak, f"{cores} cores x {max(mhz):.0f} MHz x {flops_per_cycle} FLOP/cycle"
+
+
 def device_peak_flops(device: jax.Device) -> float:
     """Peak FLOP/s of one device: the vendor table for accelerators, a measured matmul on CPU."""
     if device.platform == "cpu":

@@ -5,3 +5,7 @@ _FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
 if _FAKE_DEVICES not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit the controller's setting
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from cgpt_jax.host_memory import retain_freed_memory  # noqa: E402  (no jax import: must precede JAX's client)
+
+retain_freed_memory()

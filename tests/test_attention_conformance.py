@@ -14,6 +14,7 @@ import math
 import pathlib
 import re
 import types
+import unittest.mock
 from typing import Callable, NamedTuple
 
 import jax
@@ -328,7 +329,13 @@ def check_decode_equals_forward(spec: str) -> None:
 
 def check_flops(spec: str) -> None:
     """Declared mixing FLOPs are positive and equal the matmul FLOPs the forward pass traces, less
-    2 FLOPs per projection weight and token, at two sequence lengths."""
+    2 FLOPs per projection weight and token, at two sequence lengths. Traced in one query chunk: dense's
+    causal_mix skips the masked entries the declared (model) count includes."""
+    with unittest.mock.patch.object(DenseAttention, "CAUSAL_QUERY_CHUNKS", 1):
+        _check_flops_unchunked(spec)
+
+
+def _check_flops_unchunked(spec: str) -> None:
     for length in (SEQ, 2 * SEQ):
         cfg = model_config(spec, max_seq_len=2 * SEQ)
         declared = attention.build(spec).fwd_flops_per_token(cfg, length)
@@ -475,3 +482,34 @@ def test_documented_example_passes_the_suite(mesh):
     finally:
         for name in added:
             attention.unregister(name)
+
+
+@pytest.mark.parametrize("spec", ["dense", "alibi", "gqa(kv_heads=2)"])
+def test_causal_query_chunks_equal_one_block_and_skip_masked_work(spec):
+    """dense's causal_mix (4 query chunks, each reading keys up to its last query) gives the outputs and
+    gradients of one [L, L] block, at a length 4 does not divide, and traces (n+1)/2n of its score FLOPs."""
+    length = 18
+    cfg = model_config(spec, max_seq_len=length)
+    attn = attention.build(spec).make(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(attn)
+    x = jnp.asarray(random_x(cfg, length))
+
+    def loss(s, x):
+        y = nnx.merge(graphdef, s)(x)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
+
+    def run(chunks: int):
+        with unittest.mock.patch.object(DenseAttention, "CAUSAL_QUERY_CHUNKS", chunks):
+            flops = matmul_flops(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr)
+            return (jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x),
+                    jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x), flops)
+
+    y1, grads1, flops1 = run(1)
+    y4, grads4, flops4 = run(4)
+    np.testing.assert_allclose(y4, y1, rtol=1e-6, atol=1e-6)
+    for g4, g1 in zip(jax.tree.leaves(grads4), jax.tree.leaves(grads1)):
+        np.testing.assert_allclose(g4, g1, rtol=1e-5, atol=1e-6)
+    projections = 2 * kernel_sizes(attn) * BATCH * length
+    bounds = [length * i // 4 for i in range(5)]
+    scores_per_head_dim = sum((end - start) * end for start, end in zip(bounds[:-1], bounds[1:]))
+    assert (flops4 - projections) / (flops1 - projections) == pytest.approx(scores_per_head_dim / length**2)

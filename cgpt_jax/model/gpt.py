@@ -108,9 +108,18 @@ class GPT(nnx.Module):
 
         if self.cfg.remat != "none":
             apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        x_BxLxD = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                           transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
-                           )(x_BxLxD, self.blocks)
+        if self.cfg.scan_layers:
+            x_BxLxD = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                               transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+                               )(x_BxLxD, self.blocks)
+        else:
+            # Unrolled: each layer's slice of the stacked parameters, applied in turn. No loop-carried
+            # buffers, so on backends where a scan's stacked activations cost copies (CPU) it is faster,
+            # at a compile time that grows with depth.
+            graphdef, stacked = nnx.split(self.blocks)
+            for layer in range(self.cfg.n_layers):
+                block = nnx.merge(graphdef, jax.tree.map(lambda p: p[layer], stacked))
+                x_BxLxD = apply_block(x_BxLxD, block)
         return self._logits(x_BxLxD)
 
     def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
@@ -153,8 +162,10 @@ class GPT(nnx.Module):
 
     def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
         x_BxTxD = self.ln_f(x_BxTxD)
-        logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.wte[...].astype(self.compute_dtype),
-                                  preferred_element_type=jnp.float32)
+        batch, length, d_model = x_BxTxD.shape
+        logits_NxV = jnp.einsum("nd,vd->nv", x_BxTxD.reshape(batch * length, d_model),
+                                self.wte[...].astype(self.compute_dtype), preferred_element_type=jnp.float32)
+        logits_BxTxV = logits_NxV.reshape(batch, length, -1)
         logits_BxTxV = logits_BxTxV * parameterization.output_logits_multiplier(self.cfg)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
         if logits_BxTxV.shape[-1] != self.cfg.vocab_size:

@@ -22,6 +22,16 @@ def zeros_param(shape: tuple[int, ...], axes: LogicalAxes, dtype: jnp.dtype) -> 
     return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
 
+def matmul_rows(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """x @ w over the last axis, computed as one 2-D matmul on the [B·L, I] rows.
+
+    Same result as einsum('bli,io->blo'); the 2-D form is faster on XLA:CPU, which computes a 3-D einsum's
+    weight gradient (a contraction over both B and L) through a transposed copy of the activations.
+    """
+    batch, length, _ = x_BxLxI.shape
+    return (x_BxLxI.reshape(batch * length, -1) @ w_IxO).reshape(batch, length, -1)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias, computed in float32."""
 
@@ -53,8 +63,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD.astype(dt), self.up_kernel[...].astype(dt))
+        h_BxLxF = matmul_rows(x_BxLxD.astype(dt), self.up_kernel[...].astype(dt))
         h_BxLxF = jax.nn.gelu(h_BxLxF + self.up_bias[...].astype(dt), approximate=False)
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
-        y_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, self.down_kernel[...].astype(dt))
+        y_BxLxD = matmul_rows(h_BxLxF, self.down_kernel[...].astype(dt))
         return y_BxLxD + self.down_bias[...].astype(dt)

@@ -7,6 +7,10 @@ run saves after the current step and exits 0 with a one-line message.
 """
 from __future__ import annotations
 
+from cgpt_jax.host_memory import retain_freed_memory
+
+retain_freed_memory()  # before JAX starts its CPU client (cgpt_jax/host_memory.py)
+
 import json
 import logging as std_logging
 

@@ -24,6 +24,8 @@ A variant also declares, as class attributes and classmethods that need no model
 seq_len, **options)` for the one FLOP count (cgpt_jax/flops.py). FLOP convention: count the
 attention-score entries a variant evaluates, masked or not, as the Cerebras count does for dense
 attention (its full S×S square): 2·K FLOPs for each query-key score and 2·K for each weighted value, per head.
+The count is the model's: an implementation that skips entries masked for every query of a chunk (dense's
+`causal_mix`) still declares them, so that MFU and compute budgets do not depend on the kernel.
 
 Parameterization (cgpt_jax/model/parameterization.py): a variant scales its attention logits by
 `attention_scale(model_cfg)` (1/sqrt(d_head), or 1/d_head under muP) and initialises each weight matrix

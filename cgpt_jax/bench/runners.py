@@ -1,0 +1,101 @@
+"""One training step, ready to time: the JAX step of cgpt_jax and the timing loop that alternates steppers.
+
+A `Stepper` runs one full training step (forward, backward, clipping, AdamW update) on a fixed batch and
+returns when it has finished. `time_alternately` gives every stepper the same rounds, interleaved, so
+that a slow spell of a shared machine hits all of them alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from cgpt_jax.config import resolve, validate
+from cgpt_jax.model import params_count
+from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.parallel.sharding import logical_to_spec
+from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
+from cgpt_jax.train.state import create_sharded_state, model_graphdef
+from cgpt_jax.train.step import make_train_step
+
+
+@dataclasses.dataclass
+class Stepper:
+    name: str
+    step: Callable[[], float]  # one training step; returns its loss once the step has finished
+    compile_s: float  # ahead-of-time compilation (0 for eager frameworks)
+    first_step_s: float  # the first call, after compilation
+    peak_memory_bytes: int | None  # per device; None where nothing reports it
+    peak_memory_source: str
+    params: int
+
+
+def random_tokens(config: ml_collections.ConfigDict, seed: int = 0) -> np.ndarray:
+    """[global_batch, seq_len + 1] int32 tokens: inputs are [:, :-1], targets [:, 1:]."""
+    t = config.train
+    return np.random.default_rng(seed).integers(0, config.model.vocab_size, (t.global_batch_size, t.seq_len + 1),
+                                                dtype=np.int32)
+
+
+def jax_stepper(config: ml_collections.ConfigDict, tokens_BxL1: np.ndarray,
+                devices: list[jax.Device] | None = None) -> Stepper:
+    """cgpt_jax's jitted, sharded, donated train step over `devices`, compiled ahead of time."""
+    devices = devices if devices is not None else jax.devices()
+    config = resolve(config)
+    validate(config, len(devices))
+    t = config.train
+    mesh = make_mesh(config.mesh, devices)
+    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
+    tx = make_optimizer(t, config.model)
+    state, shardings = create_sharded_state(config, tx, mesh)
+    train_step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(t), mesh, shardings,
+                                 batch_sharding)
+    batch = {"inputs": jax.device_put(tokens_BxL1[:, :-1], batch_sharding),
+             "targets": jax.device_put(tokens_BxL1[:, 1:], batch_sharding)}
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+
+    def step() -> float:
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        return float(metrics["loss"])  # waits for the step
+
+    start = time.perf_counter()
+    step()
+    first_step_s = time.perf_counter() - start
+    memory = devices[0].memory_stats() or {}
+    if "peak_bytes_in_use" in memory:
+        peak, source = memory["peak_bytes_in_use"], "allocator peak (device 0)"
+    else:  # XLA:CPU keeps no allocator statistics: what XLA's buffer assignment reserves for the step
+        analysis = compiled.memory_analysis()
+        peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+        source = "XLA buffer assignment (arguments + outputs + temporaries)"
+    return Stepper("cgpt_jax", step, compile_s, first_step_s, peak, source, params_count(config.model))
+
+
+def time_alternately(steppers: list[Stepper], rounds: int, steps_per_round: int,
+                     warmup_steps: int = 2) -> dict[str, list[float]]:
+    """Seconds per step of each stepper in each round; the steppers take turns within every round."""
+    for stepper in steppers:
+        for _ in range(warmup_steps):
+            stepper.step()
+    times: dict[str, list[float]] = {s.name: [] for s in steppers}
+    for _ in range(rounds):
+        for stepper in steppers:
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                stepper.step()
+            times[stepper.name].append((time.perf_counter() - start) / steps_per_round)
+    return times
+
+
+def median_ratio(numerator_s: list[float], denominator_s: list[float]) -> float:
+    """Median over rounds of numerator/denominator, paired round by round."""
+    return statistics.median(n / d for n, d in zip(numerator_s, denominator_s))
