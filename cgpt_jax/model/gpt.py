@@ -37,7 +37,7 @@ from flax import nnx
 
 from cgpt_jax.model import attention, parameterization
 from cgpt_jax.model.attention.base import Cache, CacheSpec
-from cgpt_jax.model.layers import MLP, LayerNorm, trunc_normal_param
+from cgpt_jax.model.layers import MLP, LayerNorm, logits_rows, trunc_normal_param
 from cgpt_jax.parallel.sharding import constrain
 
 # jax.checkpoint policies selectable by config.model.remat ('none' = keep every activation).
@@ -162,10 +162,7 @@ class GPT(nnx.Module):
 
     def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
         x_BxTxD = self.ln_f(x_BxTxD)
-        batch, length, d_model = x_BxTxD.shape
-        logits_NxV = jnp.einsum("nd,vd->nv", x_BxTxD.reshape(batch * length, d_model),
-                                self.wte[...].astype(self.compute_dtype), preferred_element_type=jnp.float32)
-        logits_BxTxV = logits_NxV.reshape(batch, length, -1)
+        logits_BxTxV = logits_rows(x_BxTxD, self.wte[...].astype(self.compute_dtype))
         logits_BxTxV = logits_BxTxV * parameterization.output_logits_multiplier(self.cfg)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
         if logits_BxTxV.shape[-1] != self.cfg.vocab_size:

@@ -32,6 +32,44 @@ def matmul_rows(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
     return (x_BxLxI.reshape(batch * length, -1) @ w_IxO).reshape(batch, length, -1)
 
 
+def logits_rows(x_BxLxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
+    """x @ wᵀ over the last axis in float32: the tied LM head, on the [B·L, D] rows like `matmul_rows`.
+
+    On CPU the backward pass computes the weight gradient as (xᵀ·g)ᵀ, [D, V] then transposed, instead of
+    gᵀ·x: XLA:CPU's matmul is 2-2.5x faster when the output's last axis is the long one (measured at
+    V=512, D=64: 154 vs 61 GFLOP/s), and the step 4% faster at the ladder and d256 shapes. The optimisation
+    barrier keeps XLA from folding the transpose back. Elsewhere it is a plain dot.
+    """
+    batch, length, d_model = x_BxLxD.shape
+    x_NxD = x_BxLxD.reshape(batch * length, d_model)
+    head = _cpu_oriented_head if jax.default_backend() == "cpu" else _head
+    return head(x_NxD, w_VxD).reshape(batch, length, -1)
+
+
+def _head(x_NxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
+    return jnp.einsum("nd,vd->nv", x_NxD, w_VxD, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _cpu_oriented_head(x_NxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
+    return _head(x_NxD, w_VxD)
+
+
+def _cpu_oriented_head_fwd(x_NxD: jax.Array, w_VxD: jax.Array):
+    return _head(x_NxD, w_VxD), (x_NxD, w_VxD)
+
+
+def _cpu_oriented_head_bwd(residuals, g_NxV: jax.Array):
+    x_NxD, w_VxD = residuals
+    g_NxV = g_NxV.astype(x_NxD.dtype)
+    dx_NxD = g_NxV @ w_VxD
+    dw_DxV = jax.lax.optimization_barrier(x_NxD.T @ g_NxV)
+    return dx_NxD, dw_DxV.T.astype(w_VxD.dtype)
+
+
+_cpu_oriented_head.defvjp(_cpu_oriented_head_fwd, _cpu_oriented_head_bwd)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias, computed in float32."""
 
