@@ -39,3 +39,18 @@ def test_plan_refuses_unknown_device_and_mismatched_mesh():
     assert result.returncode != 0 and "unknown device kind 'tpu_v9'" in result.stderr
     result = _plan("--mesh=fsdp=8", "--devices=16")
     assert result.returncode != 0 and "has 8 devices but 16 are available" in result.stderr
+
+
+def test_planned_memory_matches_a_real_run_on_the_same_devices():
+    """cgpt_jax.tools.plan_check: the planner's per-device memory for a 16M-parameter model on 8 fake devices
+    (fsdp=8) against a real run there. State shards and the executable's buffers agree to rounding; the
+    growth of the process's peak resident memory over init and two steps (an OS measurement) is within 15%
+    (8% under for 111M: docs/performance.md)."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "cgpt_jax.tools.plan_check", "--config=experiments/cpu_bench.py:size=d256l4_v50257",
+               "--devices=8", "--config.mesh.fsdp=8", "--config.mesh.data=1"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["state"]["planned_over_measured"] == pytest.approx(1.0, abs=0.03)  # GiB rounded to 3 places
+    assert result["step"]["planned_over_measured"] == pytest.approx(1.0, abs=0.01)
+    assert 0.85 <= result["process"]["planned_over_measured"] <= 1.15

@@ -20,11 +20,12 @@ import sys
 
 _DEVICES_ENV = "CGPT_PLAN_CHECK_DEVICES"
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices to plan for and to run on.")
+# The planner's own flags (--config, --devices, ...): this tool plans exactly as `python -m cgpt_jax.plan`.
+from cgpt_jax import plan as planner
+
+flags.FLAGS.set_default("devices", 8)
 flags.mark_flag_as_required("config")
 
 
@@ -43,13 +44,12 @@ def check(config, n_devices: int) -> dict:
     from cgpt_jax.config import resolve
     from cgpt_jax.parallel.mesh import make_mesh
     from cgpt_jax.parallel.sharding import logical_to_spec
-    from cgpt_jax.plan import plan
     from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
     from cgpt_jax.train.state import create_sharded_state, model_graphdef
     from cgpt_jax.train.step import make_train_step
 
     config = resolve(config)
-    predicted = plan(config, n_devices, "tpu_v5p", 0.45)["memory_per_device_gib"]
+    predicted = planner.plan(config, n_devices, "tpu_v5p", 0.45)["memory_per_device_gib"]
     gib = 2**30
     devices = jax.devices()[:n_devices]
     mesh = make_mesh(config.mesh, devices)
@@ -84,7 +84,7 @@ def check(config, n_devices: int) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    n_devices = _DEVICES.value
+    n_devices = flags.FLAGS.devices
     if os.environ.get(_DEVICES_ENV) != str(n_devices):  # jax reads XLA_FLAGS only when it starts
         other_flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
         env = {**os.environ, _DEVICES_ENV: str(n_devices), "JAX_PLATFORMS": "cpu", "CGPT_HOST_MALLOC": "default",
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
 
     import ml_collections
 
-    config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
+    config = ml_collections.ConfigDict(flags.FLAGS.config.to_dict())
     if config.model.vocab_size == -1:
         raise app.UsageError("the config's vocabulary follows its tokenizer; set --config.model.vocab_size")
     print(json.dumps(check(config, n_devices), indent=2))
