@@ -104,3 +104,16 @@ def test_partial_cluster_flags_are_refused(tmp_path):
                            "--num_processes=2"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     assert proc.returncode != 0 and "give all of --coordinator_address" in proc.stderr
+
+
+def test_unreachable_coordinator_is_a_clear_error_within_the_startup_timeout(tmp_path):
+    """Process 1 of 2 with nobody listening at the coordinator address: a message naming the address,
+    not the runtime's abort, and nothing written."""
+    port = _free_port()
+    start = time.time()
+    proc = _start([f"--workdir={tmp_path}/run", "--startup_timeout_s=3"], 4, 1, 2, port)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert f"cannot reach the coordinator at localhost:{port} after 3 s" in err
+    assert time.time() - start < 30
+    assert not (tmp_path / "run").exists()

@@ -48,8 +48,33 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return
     if num_processes == 1:
         return
+    if process_id:  # not the coordinator: fail clearly if process 0 cannot be reached (jax would abort)
+        _wait_for_coordinator(coordinator_address, timeout_s)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=timeout_s)
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Wait until the coordinator's port accepts connections; a clear error after `timeout_s`.
+
+    Without this, a process whose coordinator never comes up is aborted by the distributed runtime's
+    C++ client (SIGABRT, 'another task died'), which names neither the address nor the likely cause.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--coordinator_address={address!r}: expected HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"cannot reach the coordinator at {address} after {timeout_s:g} s ({e}): process 0 is not "
+                    f"running there yet, has exited, or the port is blocked. Start process 0 first (or together "
+                    f"with the others), check --coordinator_address, or raise --startup_timeout_s.") from None
+            time.sleep(0.25)
 
 
 def _versions() -> dict[str, str]:
