@@ -6,6 +6,9 @@ devices it will run on and raises errors that name the field and the fix.
 """
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import ml_collections
 
 from cgpt_jax.data import default_data_config
@@ -158,3 +161,36 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
         errors.append(str(e))
     if errors:
         raise ValueError("invalid config:\n- " + "\n- ".join(errors))
+
+
+# Config fields a restart (or a re-run sweep) may change: where and how the run computes, what it logs,
+# how it checkpoints. Results agree within float tolerance (bit for bit when only logging or
+# checkpointing changes) and checkpoints stay compatible; any other difference means another run.
+RESTART_MUTABLE_PREFIXES = ("mesh.", "checkpoint.")
+RESTART_MUTABLE_FIELDS = ("train.micro_batches", "train.log_every", "train.eval_every", "train.device_peak_flops",
+                          "model.remat", "model.scan_layers")
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'d_model': 8}} → {'model.d_model': 8}."""
+    out = {}
+    for key, value in config.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def run_differences(previous: dict, current: dict) -> list[str]:
+    """Lines naming the config fields that make `current` another run than `previous` (config dicts as
+    recorded in JSON). Empty: the same run. Ignored: restart-mutable fields, and fields `previous` lacks
+    whose current value is base_config()'s default (a field added since keeps the old behaviour there)."""
+    old, new = flatten(previous), flatten(json.loads(json.dumps(current)))
+    defaults = flatten(json.loads(json.dumps(base_config().to_dict())))
+
+    def differs(k: str) -> bool:
+        if k not in old and k in defaults and new.get(k) == defaults[k]:
+            return False
+        return old.get(k) != new.get(k) and not k.startswith(RESTART_MUTABLE_PREFIXES) \
+            and k not in RESTART_MUTABLE_FIELDS
+
+    return [f"  {k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}"
+            for k in sorted(set(old) | set(new)) if differs(k)]

@@ -145,7 +145,7 @@ def test_runner_refuses_to_mix_configs(tmp_path):
     with pytest.raises(ValueError, match="holds the sweep"):
         runner.open_sweep(other, other.runs(), tmp_path, "local")
     changed = [RunSpec("d8", {"model.d_model": 12})]
-    with pytest.raises(ValueError, match="trained with another config"):
+    with pytest.raises(ValueError, match=r"(?s)trained with another config.*model.d_model: 8 → 12"):
         runner.open_sweep(experiment, changed, tmp_path, "local")
     foreign = tmp_path / "elsewhere"
     (foreign / "d8").mkdir(parents=True)
@@ -161,7 +161,7 @@ def test_runner_refuses_runs_of_an_edited_experiment(tmp_path):
     runner.open_sweep(experiment, experiment.runs(), tmp_path / "w", "local")
     path.write_text(path.read_text().replace("'lr': 0.1", "'lr': 0.2"))
     edited = load_experiment(str(path))
-    with pytest.raises(ValueError, match="train.lr: 0.1 -> 0.2"):
+    with pytest.raises(ValueError, match="train.lr: 0.1 → 0.2"):
         runner.open_sweep(edited, edited.runs(), tmp_path / "w", "local")
 
 

@@ -139,6 +139,21 @@ def test_workdir_of_another_run_is_refused_then_moved_aside(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["d_model"] == 48
 
 
+def test_how_a_run_executes_does_not_make_it_another_run():
+    """Restart-mutable fields (layer loop, remat, mesh, logging) and fields an older cgpt_jax did not record
+    do not count as differences, for restarts and for sweeps alike; the model's shape does."""
+    from cgpt_jax.config import run_differences
+
+    recorded = json.loads(json.dumps(tiny_config().to_dict()))  # as config.json holds it
+    del recorded["model"]["scan_layers"], recorded["model"]["parameterization"]  # fields added since
+    current = tiny_config()
+    current.model.scan_layers, current.model.remat, current.mesh.fsdp = False, "full", 2
+    assert run_differences(recorded, current.to_dict()) == []
+    current.model.d_model, current.model.parameterization = 48, "mup"  # not the default: another run
+    assert run_differences(recorded, current.to_dict()) == [
+        "  model.d_model: 32 → 48", "  model.parameterization: '<absent>' → 'mup'"]
+
+
 def test_resolve_derives_steps_from_tokens_per_param():
     config = tiny_config()
     config.train.steps, config.train.tokens_per_param = -1, 20.0

@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cgpt_jax.config import run_differences
 from cgpt_jax.scaling.experiment import DEFAULT_TRAIN_ARGV, Experiment, RunSpec, train_command
 
 SWEEP_TABLE = "sweep.json"
@@ -76,13 +77,6 @@ def _jsonable(overrides: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(overrides))  # tuples become lists, as they will be when read back
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def open_sweep(experiment: Experiment, runs: list[RunSpec], workdir: Path, launcher: str) -> dict:
     """Check that `workdir` holds nothing of another sweep or config, record each run's provenance, and
     return the sweep table. Fails before any run starts, naming the directory that conflicts."""
@@ -101,10 +95,8 @@ def open_sweep(experiment: Experiment, runs: list[RunSpec], workdir: Path, launc
         record_path = run_dir / RUN_RECORD
         if record_path.exists():
             old = read_json(record_path)
-            if old.get("config") != record["config"]:
-                old_flat, new_flat = _flatten(old.get("config") or {}), _flatten(record["config"])
-                diffs = [f"  {k}: {old_flat.get(k, '<absent>')!r} -> {new_flat.get(k, '<absent>')!r}"
-                         for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
+            diffs = run_differences(old.get("config") or {}, record["config"])
+            if diffs:
                 raise ValueError(
                     f"{run_dir} was trained with another config than the sweep now defines for {run.name!r}:\n"
                     + "\n".join(diffs[:20]) + f"\nUse a new --workdir, or delete {run_dir} to retrain it.")

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -22,7 +21,7 @@ from absl import logging
 from flax import nnx
 
 from cgpt_jax import flops
-from cgpt_jax.config import resolve, validate
+from cgpt_jax.config import resolve, run_differences, validate
 from cgpt_jax.data import make_dataset
 from cgpt_jax.devices import device_peak_flops
 from cgpt_jax.model import abstract_model, params_count
@@ -43,36 +42,12 @@ from cgpt_jax.train.state import create_sharded_state, model_graphdef
 from cgpt_jax.train.step import make_eval_step, make_train_step
 from cgpt_jax.train.writers import MetricWriter
 
-# Config fields a restart may change: where and how the run computes, what it logs, how it checkpoints.
-# Results agree within float tolerance (bit for bit when only logging or checkpointing changes); any other
-# difference means another run.
-RESTART_MUTABLE_PREFIXES = ("mesh.", "checkpoint.")
-RESTART_MUTABLE_FIELDS = ("train.micro_batches", "train.log_every", "train.eval_every", "train.device_peak_flops")
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def _write_atomically(path: str, text: str) -> None:
     """Write then rename, so a kill mid-write never leaves a truncated file for the next start."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def run_differences(previous: dict, config_dict: dict) -> list[str]:
-    """The config fields that make `config_dict` another run than `previous` (restart-mutable ones ignored)."""
-    old, new = _flat(previous), _flat(json.loads(json.dumps(config_dict)))
-    return [f"  {k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not k.startswith(RESTART_MUTABLE_PREFIXES)
-            and k not in RESTART_MUTABLE_FIELDS]
 
 
 def prepare_workdir(workdir: str, config_dict: dict, overwrite: bool) -> None:
