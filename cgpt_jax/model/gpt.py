@@ -2,7 +2,8 @@
 
 Written for one logical device. Every parameter names its logical axes and the residual stream is
 constrained by logical names, so the same code runs unsharded, data parallel, FSDP or tensor parallel.
-Layers are stacked with `nnx.vmap` and applied with `nnx.scan`, so compile time does not grow with depth.
+Layers are stacked with `nnx.vmap` and applied with `nnx.scan`, so compile time does not grow with depth
+(`config.model.scan_layers=False` applies them unrolled: faster on CPU for a few layers).
 The attention step is the plug-in selected by `config.model.attention` (cgpt_jax/model/attention/);
 variants that encode positions themselves (RoPE, ALiBi) leave out the position table `wpe`.
 Init stds and the forward multipliers (embeddings, logits, attention scale) follow
