@@ -25,13 +25,7 @@ from flax import nnx
 
 from cgpt_jax.model import parameterization
 from cgpt_jax.model.attention import register
-from cgpt_jax.model.attention.base import (
-    Attention,
-    Cache,
-    CacheSpec,
-    attend,
-    write_cache,
-)
+from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, write_cache
 from cgpt_jax.model.layers import matmul_rows, trunc_normal_param, zeros_param
 from cgpt_jax.parallel.sharding import constrain
 
