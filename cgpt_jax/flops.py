@@ -3,8 +3,9 @@
 Conventions (per training token, forward + backward):
 
 * ``cerebras``: what the Cerebras-GPT paper plots and tabulates ("algorithmic FLOPs"):
-      6·L·(4d² + 2·d·d_ff) + 6·L·A + 10·V·d
-  with A the attention-mixing forward FLOPs per token and layer (dense: 4·S·d, i.e. QKᵀ and AV over
+      6·L·(P + 2·d·d_ff) + 6·L·A + 10·V·d
+  with P the attention projection weights per layer (4d² for dense; fewer K/V weights for GQA/MQA),
+  A the attention-mixing forward FLOPs per token and layer (dense: 4·S·d, i.e. QKᵀ and AV over
   the full S×S square, no causal saving) and 10·V·d = 6·V·d for the LM head plus 4·V·d for the
   embedding (forward and weight gradient, no input gradient). This reproduces all seven published
   totals to 2 significant figures (tests/test_flops.py). It was derived by fitting, not quoted.
@@ -33,11 +34,12 @@ class Shape:
     seq_len: int
     attention_fwd_flops_per_token: float  # per layer, from the attention variant
     n_params: int  # total, tied LM head counted once
+    attention_projection_params: int  # per layer: the Q, K, V and output projection weights
 
     @classmethod
     def from_model_config(cls, model_cfg, seq_len: int) -> "Shape":
         # Imported here so that flops.py stays importable without building a model.
-        from cgpt_jax.model import attention, params_count
+        from cgpt_jax.model import attention, attention_projection_params, params_count
 
         variant = attention.build(model_cfg.attention)
         return cls(
@@ -48,13 +50,14 @@ class Shape:
             seq_len=seq_len,
             attention_fwd_flops_per_token=variant.fwd_flops_per_token(model_cfg, seq_len),
             n_params=params_count(model_cfg),
+            attention_projection_params=attention_projection_params(model_cfg),
         )
 
 
 def flops_per_token(shape: Shape, convention: Convention = "palm") -> float:
     """Training FLOPs (forward + backward) per token under `convention`."""
     d, L, V = shape.d_model, shape.n_layers, shape.vocab_size
-    block_matmul = L * (4 * d * d + 2 * d * shape.d_ff)
+    block_matmul = L * (shape.attention_projection_params + 2 * d * shape.d_ff)
     mixing = L * shape.attention_fwd_flops_per_token
     if convention == "cerebras":
         return 6 * block_matmul + 6 * mixing + 10 * V * d

@@ -123,6 +123,13 @@ def test_flop_count_reads_the_variant():
     assert base.attention_fwd_flops_per_token == 4 * 16 * 32
     assert banded.attention_fwd_flops_per_token == 4 * 8 * 32  # 2·window keys per query
     assert flops.flops_per_token(banded, "palm") < flops.flops_per_token(base, "palm")
+    # MQA (d 32, 4 heads of 8): K and V project to one head, so 2·32·(32 - 8) fewer weights per layer.
+    cfg.attention = "mqa"
+    single_kv = flops.Shape.from_model_config(cfg, 16)
+    assert base.attention_projection_params == 4 * 32 * 32
+    assert base.attention_projection_params - single_kv.attention_projection_params == 2 * 32 * (32 - 8)
+    assert flops.flops_per_token(base, "palm") - flops.flops_per_token(single_kv, "palm") == \
+        6 * cfg.n_layers * 2 * 32 * (32 - 8)
 
 
 def test_alibi_slopes_follow_the_paper():

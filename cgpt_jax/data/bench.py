@@ -29,7 +29,8 @@ def cerebras_111m_shape(seq_len: int) -> flops.Shape:
     per_block = 4 * d * d + 4 * d + 2 * d * d_ff + d_ff + d + 4 * d  # attention, MLP, two LayerNorms
     n_params = vocab * d + seq_len * d + n_layers * per_block + 2 * d
     return flops.Shape(vocab_size=vocab, d_model=d, n_layers=n_layers, d_ff=d_ff, seq_len=seq_len,
-                       attention_fwd_flops_per_token=4 * seq_len * d, n_params=n_params)
+                       attention_fwd_flops_per_token=4 * seq_len * d, n_params=n_params,
+                       attention_projection_params=4 * d * d)
 
 
 def main(argv: list[str] | None = None) -> None:

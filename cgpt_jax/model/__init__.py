@@ -29,4 +29,14 @@ def params_count(model_cfg: ml_collections.ConfigDict, *, non_embedding: bool = 
     return total
 
 
-__all__ = ["GPT", "abstract_model", "params_count", "padded_vocab_size"]
+def attention_projection_params(model_cfg: ml_collections.ConfigDict) -> int:
+    """Weights of one layer's attention that multiply the residual stream (2-D or more, with an 'embed'
+    axis: Q, K, V and output projections), from abstract shapes: 4·d² for dense, less for GQA/MQA."""
+    from cgpt_jax.model import attention
+
+    layer = nnx.eval_shape(lambda: attention.build(model_cfg.attention).make(model_cfg, rngs=nnx.Rngs(0)))
+    return sum(math.prod(p.shape) for _, p in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+               if p.ndim >= 2 and "embed" in p.get_metadata()["logical_axes"])
+
+
+__all__ = ["GPT", "abstract_model", "attention_projection_params", "params_count", "padded_vocab_size"]
