@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 
 import jax
@@ -61,8 +62,6 @@ def theoretical_cpu_peak_flops(flops_per_cycle: int = 32) -> tuple[float, str]:
     runs AVX-512 on the same two 256-bit pipes). The clock is the one the kernel reports, which inside
     a VM is the nominal clock: a boosting CPU can run matmuls above this figure.
     """
-    import os
-
     with open("/proc/cpuinfo") as cpuinfo:
         mhz = [float(line.split(":")[1]) for line in cpuinfo if line.startswith("cpu MHz")]
     if not mhz:

@@ -42,3 +42,15 @@ def train_steps(config: ml_collections.ConfigDict, n_steps: int, devices=None):
         state, metrics = step(state, dataset.train_batch(s))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.tree.map(np.asarray, state)
+
+
+def byte_bpe_tokenizer(vocab_size: int, text: str, repeats: int):
+    """A small byte-level BPE (HF tokenizers) trained on `text` × `repeats`, with <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train_from_iterator([text] * repeats, trainer=trainer)
+    return tokenizer

@@ -22,7 +22,7 @@ from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.train import checkpoint
 from cgpt_jax.train.optimizer import make_optimizer
 from cgpt_jax.train.state import create_sharded_state
-from tests.helpers import tiny_config
+from tests.helpers import byte_bpe_tokenizer, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
@@ -166,14 +166,7 @@ def test_mesh_shards_the_cache_by_heads_and_matches_one_device(model, generator)
 # --- the command line ---------------------------------------------------------------------------------
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer.train_from_iterator(["the cat sat on the mat; the dog ate the hat"] * 10, trainer=trainer)
-    return tokenizer
+    return byte_bpe_tokenizer(VOCAB, "the cat sat on the mat; the dog ate the hat", repeats=10)
 
 
 def test_cli_on_an_hf_directory_streams_text(model, generator, tmp_path):

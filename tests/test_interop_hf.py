@@ -17,7 +17,7 @@ from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT, attention
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, state_shardings
-from tests.helpers import tiny_config
+from tests.helpers import byte_bpe_tokenizer, tiny_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -206,14 +206,7 @@ def test_sharded_load_gives_each_device_its_shard(hf_dirs, monkeypatch):
 
 
 def make_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer.train_from_iterator(["hello world, the quick brown fox"] * 20, trainer=trainer)
-    return tokenizer
+    return byte_bpe_tokenizer(vocab_size, "hello world, the quick brown fox", repeats=20)
 
 
 def test_tokenizer_files_are_picked_up(hf_dirs, tmp_path):

@@ -22,18 +22,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cgpt_jax import flops
-from cgpt_jax.bench.runners import (
-    jax_stepper,
-    median_ratio,
-    random_tokens,
-    time_alternately,
-)
+from cgpt_jax.bench.runners import jax_stepper, median_ratio, random_tokens, time_alternately
 from cgpt_jax.config import resolve
-from cgpt_jax.devices import (
-    device_peak_flops,
-    measured_cpu_peak_flops,
-    theoretical_cpu_peak_flops,
-)
+from cgpt_jax.devices import device_peak_flops, measured_cpu_peak_flops, theoretical_cpu_peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _COMPARE = flags.DEFINE_enum("compare", None, ["torch"], "Also time the PyTorch eager reference.")
@@ -106,10 +97,9 @@ def main(argv: list[str]) -> None:
     if config.model.vocab_size == -1:
         config.model.vocab_size = _VOCAB.value
     result = run(config, _COMPARE.value, _ROUNDS.value, _STEPS.value, _LABEL.value)
-    line = json.dumps(result)
     if _OUT.value:
         with open(_OUT.value, "a") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -39,8 +39,8 @@ def _vm_kib(field: str) -> int:
 
 def check(config, n_devices: int) -> dict:
     import jax
-    import numpy as np
 
+    from cgpt_jax.bench.runners import random_tokens
     from cgpt_jax.config import resolve
     from cgpt_jax.parallel.mesh import make_mesh
     from cgpt_jax.parallel.sharding import logical_to_spec
@@ -60,8 +60,7 @@ def check(config, n_devices: int) -> dict:
     state_b = sum(shard.data.nbytes for leaf in jax.tree.leaves(state) for shard in leaf.addressable_shards
                   if shard.device == devices[0])
     batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
-    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (t.global_batch_size, t.seq_len + 1),
-                                               dtype=np.int32)
+    tokens = random_tokens(config)
     batch = {"inputs": jax.device_put(tokens[:, :-1], batch_sharding),
              "targets": jax.device_put(tokens[:, 1:], batch_sharding)}
     train_step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(t), mesh, shardings,
