@@ -1,6 +1,8 @@
 """Small building blocks shared by the decoder and the attention variants."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -87,6 +89,16 @@ class LayerNorm(nnx.Module):
         return y.astype(x_BxLxD.dtype)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x·Φ(x) = 0.5·x·(1 + erf(x/√2)): PyTorch's and Cerebras's definition.
+
+    jax.nn.gelu(approximate=False) evaluates Φ through erfc, which XLA:CPU computes 2.5x slower than
+    erf; the two differ by at most ~1e-6 in absolute terms, in the far negative tail. Measured: the
+    train step 2-4% faster at the CPU ladder sizes.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))  # Python floats keep x's dtype
+
+
 class MLP(nnx.Module):
     """d_model → d_ff → d_model with exact (erf) GELU and biases."""
 
@@ -102,7 +114,7 @@ class MLP(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.compute_dtype
         h_BxLxF = matmul_rows(x_BxLxD.astype(dt), self.up_kernel[...].astype(dt))
-        h_BxLxF = jax.nn.gelu(h_BxLxF + self.up_bias[...].astype(dt), approximate=False)
+        h_BxLxF = gelu(h_BxLxF + self.up_bias[...].astype(dt))
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
         y_BxLxD = matmul_rows(h_BxLxF, self.down_kernel[...].astype(dt))
         return y_BxLxD + self.down_bias[...].astype(dt)
