@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from cgpt_jax.config import resolve
-from cgpt_jax.model import GPT, params_count
+from cgpt_jax.model import GPT, layers, params_count
 from experiments import cerebras_gpt
 from tests.helpers import tiny_config
 
@@ -86,3 +86,22 @@ def test_bf16_compute_keeps_f32_params_and_logits():
     model = GPT(cfg, rngs=nnx.Rngs(0))
     logits = model(jnp.zeros((1, 8), jnp.int32))
     assert model.wte[...].dtype == jnp.float32 and logits.dtype == jnp.float32
+
+
+def test_layer_norm_gradient_equals_autodiff_of_the_formula():
+    """layers.layer_norm's written-out backward against jax.grad of the plain formula, in float32."""
+    rng = np.random.default_rng(0)
+    x, g = (jnp.asarray(rng.normal(2.0, 3.0, (4, 16, 48)), jnp.float32) for _ in range(2))
+    scale, bias = (jnp.asarray(rng.normal(size=48), jnp.float32) for _ in range(2))
+
+    def formula(x, scale, bias):
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+    ours = jax.jit(lambda *a: layers.layer_norm(*a, 1e-5))
+    np.testing.assert_allclose(ours(x, scale, bias), formula(x, scale, bias), rtol=1e-6, atol=1e-6)
+    grads = jax.jit(jax.grad(lambda *a: (layers.layer_norm(*a, 1e-5) * g).sum(), argnums=(0, 1, 2)))(x, scale, bias)
+    expected = jax.jit(jax.grad(lambda *a: (formula(*a) * g).sum(), argnums=(0, 1, 2)))(x, scale, bias)
+    for name, got, want in zip(("x", "scale", "bias"), grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()), err_msg=name)

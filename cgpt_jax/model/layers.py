@@ -1,6 +1,7 @@
 """Small building blocks shared by the decoder and the attention variants."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -81,12 +82,41 @@ class LayerNorm(nnx.Module):
         self.bias = zeros_param((dim,), ("norm",), dtype)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        x = x_BxLxD.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        f32 = jnp.float32
+        y = layer_norm(x_BxLxD.astype(f32), self.scale[...].astype(f32), self.bias[...].astype(f32), self.eps)
         return y.astype(x_BxLxD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x_NxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) · scale + bias over the last axis (any leading axes).
+
+    The gradient is written out (the textbook LayerNorm backward, from the normalized x and 1/std saved by
+    the forward pass) instead of differentiated through mean and variance: autodiff's version keeps
+    more intermediates and makes more passes, which XLA:CPU does not fuse away. Same values to float32
+    rounding (tests/test_model.py); measured: the train step 2-4% faster at d128 and d256, level at d48-d80.
+    """
+    return _layer_norm_fwd(x_NxD, scale_D, bias_D, eps)[0]
+
+
+def _layer_norm_fwd(x_NxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float):
+    centered_NxD = x_NxD - x_NxD.mean(-1, keepdims=True)
+    rstd_Nx1 = jax.lax.rsqrt(jnp.square(centered_NxD).mean(-1, keepdims=True) + eps)
+    normed_NxD = centered_NxD * rstd_Nx1
+    return normed_NxD * scale_D + bias_D, (normed_NxD, rstd_Nx1, scale_D)
+
+
+def _layer_norm_bwd(eps: float, residuals, g_NxD: jax.Array):
+    normed_NxD, rstd_Nx1, scale_D = residuals
+    leading_axes = tuple(range(g_NxD.ndim - 1))
+    g_normed_NxD = g_NxD * scale_D
+    # d normed / dx removes the mean and the component along normed, then scales by 1/std.
+    dx_NxD = rstd_Nx1 * (g_normed_NxD - g_normed_NxD.mean(-1, keepdims=True)
+                         - normed_NxD * (g_normed_NxD * normed_NxD).mean(-1, keepdims=True))
+    return dx_NxD, (g_NxD * normed_NxD).sum(leading_axes), g_NxD.sum(leading_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def gelu(x: jax.Array) -> jax.Array:
