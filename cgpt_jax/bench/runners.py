@@ -20,7 +20,7 @@ from cgpt_jax.model import params_count
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import logical_to_spec
 from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
-from cgpt_jax.train.state import create_sharded_state, model_graphdef
+from cgpt_jax.train.state import TrainState, create_sharded_state, model_graphdef
 from cgpt_jax.train.step import make_train_step
 
 
@@ -42,10 +42,18 @@ def random_tokens(config: ml_collections.ConfigDict, seed: int = 0) -> np.ndarra
                                                 dtype=np.int32)
 
 
-def jax_stepper(config: ml_collections.ConfigDict, tokens_BxL1: np.ndarray,
-                devices: list[jax.Device] | None = None) -> Stepper:
-    """cgpt_jax's jitted, sharded, donated train step over `devices`, compiled ahead of time."""
-    devices = devices if devices is not None else jax.devices()
+@dataclasses.dataclass
+class CompiledStep:
+    """cgpt_jax's train step over a mesh, compiled ahead of time, with its initial state and one batch."""
+    compiled: jax.stages.Compiled  # (state, batch) -> (state, metrics); donates the state
+    state: TrainState
+    batch: dict[str, jax.Array]
+    compile_s: float
+
+
+def compile_train_step(config: ml_collections.ConfigDict, tokens_BxL1: np.ndarray,
+                       devices: list[jax.Device]) -> CompiledStep:
+    """Initialise the sharded state, place the batch and compile the jitted, donated train step."""
     config = resolve(config)
     validate(config, len(devices))
     t = config.train
@@ -59,7 +67,15 @@ def jax_stepper(config: ml_collections.ConfigDict, tokens_BxL1: np.ndarray,
              "targets": jax.device_put(tokens_BxL1[:, 1:], batch_sharding)}
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+    return CompiledStep(compiled, state, batch, time.perf_counter() - start)
+
+
+def jax_stepper(config: ml_collections.ConfigDict, tokens_BxL1: np.ndarray,
+                devices: list[jax.Device] | None = None) -> Stepper:
+    """cgpt_jax's jitted, sharded, donated train step over `devices`, compiled ahead of time."""
+    devices = devices if devices is not None else jax.devices()
+    run = compile_train_step(config, tokens_BxL1, devices)
+    compiled, state, batch, compile_s = run.compiled, run.state, run.batch, run.compile_s
 
     def step() -> float:
         nonlocal state
@@ -77,7 +93,7 @@ def jax_stepper(config: ml_collections.ConfigDict, tokens_BxL1: np.ndarray,
         peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                 - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
         source = "XLA buffer assignment (arguments + outputs + temporaries)"
-    return Stepper("cgpt_jax", step, compile_s, first_step_s, peak, source, params_count(config.model))
+    return Stepper("cgpt_jax", step, compile_s, first_step_s, peak, source, params_count(resolve(config).model))
 
 
 def time_alternately(steppers: list[Stepper], rounds: int, steps_per_round: int,

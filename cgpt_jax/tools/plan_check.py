@@ -40,37 +40,23 @@ def _vm_kib(field: str) -> int:
 def check(config, n_devices: int) -> dict:
     import jax
 
-    from cgpt_jax.bench.runners import random_tokens
+    from cgpt_jax.bench.runners import compile_train_step, random_tokens
     from cgpt_jax.config import resolve
-    from cgpt_jax.parallel.mesh import make_mesh
-    from cgpt_jax.parallel.sharding import logical_to_spec
-    from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
-    from cgpt_jax.train.state import create_sharded_state, model_graphdef
-    from cgpt_jax.train.step import make_train_step
 
     config = resolve(config)
     predicted = planner.plan(config, n_devices, "tpu_v5p", 0.45)["memory_per_device_gib"]
     gib = 2**30
     devices = jax.devices()[:n_devices]
-    mesh = make_mesh(config.mesh, devices)
-    t = config.train
-    tx = make_optimizer(t, config.model)
     rss_before_kib = _vm_kib("VmRSS")
-    state, shardings = create_sharded_state(config, tx, mesh)
-    state_b = sum(shard.data.nbytes for leaf in jax.tree.leaves(state) for shard in leaf.addressable_shards
+    run = compile_train_step(config, random_tokens(config), devices)
+    state_b = sum(shard.data.nbytes for leaf in jax.tree.leaves(run.state) for shard in leaf.addressable_shards
                   if shard.device == devices[0])
-    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
-    tokens = random_tokens(config)
-    batch = {"inputs": jax.device_put(tokens[:, :-1], batch_sharding),
-             "targets": jax.device_put(tokens[:, 1:], batch_sharding)}
-    train_step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(t), mesh, shardings,
-                                 batch_sharding)
-    compiled = train_step.lower(state, batch).compile()
+    state = run.state
     for _ in range(2):
-        state, metrics = compiled(state, batch)
+        state, metrics = run.compiled(state, run.batch)
     jax.block_until_ready(metrics)
     process_b = (_vm_kib("VmHWM") - rss_before_kib) * 1024 / n_devices
-    analysis = compiled.memory_analysis()
+    analysis = run.compiled.memory_analysis()
     step_b = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes  # outputs alias the donated state
     measured = {"state": state_b, "step": step_b, "process": process_b}
     planned = {"state": predicted["parameters"] + predicted["optimizer_state"], "step": predicted["total"],
