@@ -47,6 +47,7 @@ def cpu_base_config(size: str) -> ml_collections.ConfigDict:
     m.d_model, m.n_layers, m.n_heads, m.d_ff = d_model, n_layers, n_heads, 4 * d_model
     m.max_seq_len = t.seq_len = SEQ_LEN
     m.scan_layers = False  # 2-4 layers: unrolled is ~30% faster on XLA:CPU and still compiles in seconds
+    m.attention = "fused"  # dense attention's result through the C++ CPU kernel: the step is ~20% faster
     t.global_batch_size, t.peak_lr = BATCH, 3e-3
     t.log_every, t.eval_every = 20, 1_000_000  # evaluated once, at the last step
     return config

@@ -70,10 +70,10 @@ class TorchTrainer:
     """One training step of TorchGPT on a fixed batch: forward, loss, backward, clip, AdamW."""
 
     def __init__(self, config: ml_collections.ConfigDict, tokens_BxL1: torch.Tensor, seed: int = 0):
-        if config.model.parameterization != "sp" or config.model.attention != "dense":
+        if config.model.parameterization != "sp" or config.model.attention not in ("dense", "fused"):
             raise ValueError("the PyTorch reference implements the standard parameterization with dense "
-                             "attention; compare with --config.model.parameterization=sp "
-                             "--config.model.attention=dense")
+                             "attention (`dense`, or `fused`, which computes the same); compare with "
+                             "--config.model.parameterization=sp --config.model.attention=fused")
         torch.manual_seed(seed)
         t = config.train
         self.model = TorchGPT(config.model)

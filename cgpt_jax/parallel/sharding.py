@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 from flax import nnx
@@ -92,6 +92,19 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
         return x
     mesh, rules = current
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def map_shards(fn: Callable[..., jax.Array], in_axes: Sequence[LogicalAxes],
+               out_axes: LogicalAxes) -> Callable[..., jax.Array]:
+    """`fn` run on each device's shard of its arguments, split by logical names as `constrain` would,
+    for code that XLA cannot partition itself (a custom call); `fn` unchanged outside
+    `activation_sharding`."""
+    current = getattr(_context, "value", None)
+    if current is None:
+        return fn
+    mesh, rules = current
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(logical_to_spec(axes, rules) for axes in in_axes),
+                         out_specs=logical_to_spec(out_axes, rules), check_vma=False)
 
 
 # --- parameters and optimizer state ---------------------------------------------------------------

@@ -1,15 +1,29 @@
-"""`fused`: `jax.nn.dot_product_attention`. On GPU in bfloat16/float16 the causal training pass runs
-cuDNN's fused flash-attention kernel; elsewhere (CPU, TPU, float32, decode steps with a cache mask) it
-runs JAX's XLA implementation, which keeps the logits and softmax in float32 like `dense`."""
+"""`fused`: the platform's fused attention kernel for the causal training pass, equal to `dense` to
+float32 rounding.
+
+- GPU, bfloat16/float16: cuDNN's flash-attention kernel (`jax.nn.dot_product_attention`).
+- CPU, float32: cgpt_jax's C++ kernel (`cgpt_jax/kernels/cpu_attention.py`), compiled for the machine
+  on first use; where it cannot be built (no C++ compiler), a warning says why and JAX's XLA
+  implementation runs instead.
+- Everything else (TPU, other dtypes, decode steps with a cache mask, grouped key/value heads on CPU):
+  `jax.nn.dot_product_attention`'s XLA implementation, which keeps logits and softmax in float32 like
+  `dense`.
+"""
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from cgpt_jax.kernels import cpu_attention
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.dense import DenseAttention
+from cgpt_jax.parallel.sharding import map_shards
+
+QKV_AXES = ("batch", "length", "act_heads", None)
 
 
 def _implementation(q_BxTxHxK: jax.Array, causal_self_attention: bool) -> str:
@@ -20,6 +34,16 @@ def _implementation(q_BxTxHxK: jax.Array, causal_self_attention: bool) -> str:
     return "cudnn" if on_gpu and half and head_dim % 8 == 0 and head_dim <= 128 and causal_self_attention else "xla"
 
 
+@functools.cache
+def _cpu_kernel_loaded() -> bool:
+    try:
+        cpu_attention.load()
+        return True
+    except cpu_attention.KernelUnavailable as error:
+        warnings.warn(f"fused attention runs JAX's XLA implementation on CPU: {error}", stacklevel=2)
+        return False
+
+
 @register("fused")
 class FusedAttention(DenseAttention):
     @classmethod
@@ -28,11 +52,15 @@ class FusedAttention(DenseAttention):
 
     def mix(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
             q_pos_BxT: jax.Array | None, k_pos_S: jax.Array | None) -> jax.Array:
-        # The training pass with the plain causal mask needs no mask array: cuDNN skips masked tiles.
+        # The training pass with the plain causal mask needs no mask array: the kernels skip masked tiles.
         plain_causal = q_pos_BxT is None and type(self).visible is DenseAttention.visible
         if q_pos_BxT is None:
             q_pos_BxT, k_pos_S = jnp.arange(q_BxTxHxK.shape[1])[None], jnp.arange(k_BxSxGxK.shape[1])
         bias = self.score_bias(q_pos_BxT, k_pos_S)
+        if (plain_causal and bias is None and cpu_attention.applies(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+                and _cpu_kernel_loaded()):
+            kernel = functools.partial(cpu_attention.causal_attention, scale=self.scale)
+            return map_shards(kernel, (QKV_AXES,) * 3, QKV_AXES)(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
         mask = None if plain_causal else self.visible(q_pos_BxT, k_pos_S)[:, None]
         return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, bias=bias, mask=mask,
                                             scale=self.scale, is_causal=plain_causal,
