@@ -28,7 +28,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t W = 16;  // floats per vector
-constexpr int R = 4;       // query rows per block: each key/value load serves R rows
+constexpr int R = 8;       // query rows per block: each key/value load serves R rows
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -146,22 +146,38 @@ inline void weighted_rows(const Dims& d, const float* w, const float* B, int64_t
   }
 }
 
-// acc[j] += Σ_r w[r][j]·x[r] for j < n: a transposed product into an [L, Kp] accumulator.
+// acc[j] += Σ_r w[r][j]·x[r] for j < n: a transposed product into an [L, Kp] accumulator. Four keys at
+// a time: each key's sum over r is a chain of dependent additions, and four chains keep the FMA units busy.
 inline void accumulate_transposed(const Dims& d, const float* w, const float* x, int64_t n, float* acc) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t c0 = 0; c0 < d.Kp; c0 += W) {
+  constexpr int J = 4;
+  for (int64_t c0 = 0; c0 < d.Kp; c0 += W) {
+    vf xr[R];
+    for (int r = 0; r < R; ++r) xr[r] = load(x + r * d.Kp + c0);
+    int64_t j = 0;
+    for (; j + J <= n; j += J) {
+      vf sum[J];
+      for (int u = 0; u < J; ++u) sum[u] = load(acc + (j + u) * d.Kp + c0);
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < J; ++u) sum[u] += splat(w[r * d.Lp + j + u]) * xr[r];
+      for (int u = 0; u < J; ++u) store(acc + (j + u) * d.Kp + c0, sum[u]);
+    }
+    for (; j < n; ++j) {
       vf sum = load(acc + j * d.Kp + c0);
-      for (int r = 0; r < R; ++r) sum += splat(w[r * d.Lp + j]) * load(x + r * d.Kp + c0);
+      for (int r = 0; r < R; ++r) sum += splat(w[r * d.Lp + j]) * xr[r];
       store(acc + j * d.Kp + c0, sum);
     }
+  }
 }
 
 // Copies rows i0..i0+rows-1 of head h of x into block ([R, Kp], rows past `rows` zero), times `scale`.
 inline void load_rows(const Dims& d, const float* x, int64_t b, int64_t h, int64_t i0, int rows, float scale,
                       float* block) {
   std::fill(block, block + R * d.Kp, 0.0f);
-  for (int r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < d.K; ++c) block[r * d.Kp + c] = x[d.row(b, i0 + r, h) + c] * scale;
+  for (int r = 0; r < rows; ++r) {
+    const float* src = x + d.row(b, i0 + r, h);
+    float* dst = block + r * d.Kp;
+    for (int64_t c = 0; c < d.K; ++c) dst[c] = src[c] * scale;
+  }
 }
 
 void forward_pair(const Dims& d, const float* q, const float* k, const float* v, float scale, int64_t pair,
@@ -210,6 +226,7 @@ void backward_pair(const Dims& d, const float* q, const float* k, const float* v
     const int64_t n = i0 + rows, n_vec = round_up(n);
     load_rows(d, q, b, h, i0, rows, scale, ws.qs);
     load_rows(d, dout, b, h, i0, rows, 1.0f, ws.dos);
+    load_rows(d, o, b, h, i0, rows, 1.0f, ws.out);
     rows_times_transposed(d, ws.qs, ws.Kt, n_vec, ws.s);    // scores
     rows_times_transposed(d, ws.dos, ws.Vt, n_vec, ws.dp);  // dL/dp = dO·Vᵀ
     for (int r = 0; r < R; ++r) {
@@ -221,8 +238,9 @@ void backward_pair(const Dims& d, const float* q, const float* k, const float* v
         continue;
       }
       const int64_t i = i0 + r;
-      float delta = 0;  // Σ_c dO·O = Σ_j p·dL/dp, the softmax backward's row term
-      for (int64_t c = 0; c < d.K; ++c) delta += dout[d.row(b, i, h) + c] * o[d.row(b, i, h) + c];
+      vf delta_v = {};  // Σ_c dO·O = Σ_j p·dL/dp, the softmax backward's row term
+      for (int64_t c0 = 0; c0 < d.Kp; c0 += W) delta_v += load(ws.dos + r * d.Kp + c0) * load(ws.out + r * d.Kp + c0);
+      const float delta = hsum(delta_v);
       const float lse_i = lse[pair * d.L + i];
       for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
         const vf p = visible(j0, i) ? exp_v(load(s + j0) - splat(lse_i)) : splat(0.0f);
