@@ -23,7 +23,7 @@ BATCH = 32
 WARMUP_FRACTION = 0.1
 # name: (d_model, n_layers, n_heads); d_ff = 4 d_model. Width grows at a fixed depth of 2 (a ladder that
 # also changed depth, d64l2 → d64l3, fell off the trend by 3%), from 17k to 207k parameters, about 1.5-2x
-# per rung. The whole ladder trains in about 4 minutes on 2 cores; the cost grows with N², so the
+# per rung. The whole ladder trains in about 3 minutes on 2 cores; the cost grows with N², so the
 # largest rung takes about 40% of it.
 SIZES = {
     "d16l2": (16, 2, 2),
