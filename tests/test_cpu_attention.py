@@ -122,6 +122,15 @@ def test_compile_error_is_reported_and_leaves_nothing_behind(monkeypatch, tmp_pa
     assert os.listdir(tmp_path / "cache" / "kernels") == []
 
 
+def test_unwritable_cache_is_reported(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CGPT_JAX_CACHE", str(blocker))
+    with pytest.raises(cpu_attention.KernelUnavailable, match="cannot write the kernel cache .*set .CGPT_JAX_CACHE"):
+        cpu_attention.build()
+    assert blocker.read_text() == "not a directory"
+
+
 def test_fused_falls_back_to_xla_with_a_warning(monkeypatch):
     def unavailable():
         raise cpu_attention.KernelUnavailable("no C++ compiler (test)")

@@ -60,10 +60,14 @@ def library_path(compiler: str) -> pathlib.Path:
 
 
 def _compile(compiler: str, target: pathlib.Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Compile next to the target and rename: processes that build at the same time never load a
     # half-written library.
-    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
+    except OSError as error:
+        raise KernelUnavailable(f"cannot write the kernel cache {target.parent} ({error}); set $CGPT_JAX_CACHE "
+                                "to a writable directory") from error
     os.close(fd)
     try:
         command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
