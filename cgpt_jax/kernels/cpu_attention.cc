@@ -3,11 +3,12 @@
 // Why: on CPU, XLA runs attention as separate dots, a softmax and many small copies (per-chunk slices,
 // transposes, padded gradient sums); at the CPU ladder's shapes (head dim 16, 128 positions) the
 // copies cost more than the arithmetic. Here each (batch, head) pair is one task that keeps its keys
-// and values in cache and walks the queries 4 rows at a time, computing only the causal triangle.
+// and values in cache and walks the queries R = 8 rows at a time, computing only the causal triangle.
 //
-// Layouts (float32, row-major): q, k, v, o, dq, dk, dv [B, L, H, K]; lse [B, H, L], the log-sum-exp
-// of each query's scaled logits, saved by the forward pass so the backward pass can recompute the
-// probabilities without a second softmax (as FlashAttention does).
+// Layouts (float32, row-major): q, k, v, o, dq, dk, dv [B, L, H, K]; stats [B, H, L, 2], each query's
+// largest scaled logit and the reciprocal of its softmax denominator, saved by the forward pass so the
+// backward pass recomputes exactly the forward probabilities without a second softmax (FlashAttention
+// keeps the log-sum-exp instead, which rounds to the precision of the largest logit).
 //
 // Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register, two AVX2 registers or
 // four NEON registers, chosen by the compiler for the machine (-march=native).
@@ -181,7 +182,7 @@ inline void load_rows(const Dims& d, const float* x, int64_t b, int64_t h, int64
 }
 
 void forward_pair(const Dims& d, const float* q, const float* k, const float* v, float scale, int64_t pair,
-                  float* o, float* lse) {
+                  float* o, float* stats) {
   const int64_t b = pair / d.H, h = pair % d.H;
   Workspace ws(d);
   ws.load_keys_values(d, k, v, b, h);
@@ -206,8 +207,10 @@ void forward_pair(const Dims& d, const float* q, const float* k, const float* v,
         store(s + j0, p);
       }
       const float sum = hsum(sum_v);
-      lse[pair * d.L + i] = max + std::log(sum);
-      const vf inverse = splat(1.0f / sum);
+      const float inverse_sum = 1.0f / sum;
+      stats[2 * (pair * d.L + i)] = max;
+      stats[2 * (pair * d.L + i) + 1] = inverse_sum;
+      const vf inverse = splat(inverse_sum);
       for (int64_t j0 = 0; j0 < n_vec; j0 += W) store(s + j0, load(s + j0) * inverse);
     }
     for (int r = rows; r < R; ++r) std::fill(ws.s + r * d.Lp, ws.s + (r + 1) * d.Lp, 0.0f);
@@ -217,7 +220,7 @@ void forward_pair(const Dims& d, const float* q, const float* k, const float* v,
 }
 
 void backward_pair(const Dims& d, const float* q, const float* k, const float* v, const float* o,
-                   const float* lse, const float* dout, float scale, int64_t pair, float* dq, float* dk, float* dv) {
+                   const float* stats, const float* dout, float scale, int64_t pair, float* dq, float* dk, float* dv) {
   const int64_t b = pair / d.H, h = pair % d.H;
   Workspace ws(d);
   ws.load_keys_values(d, k, v, b, h);
@@ -226,7 +229,6 @@ void backward_pair(const Dims& d, const float* q, const float* k, const float* v
     const int64_t n = i0 + rows, n_vec = round_up(n);
     load_rows(d, q, b, h, i0, rows, scale, ws.qs);
     load_rows(d, dout, b, h, i0, rows, 1.0f, ws.dos);
-    load_rows(d, o, b, h, i0, rows, 1.0f, ws.out);
     rows_times_transposed(d, ws.qs, ws.Kt, n_vec, ws.s);    // scores
     rows_times_transposed(d, ws.dos, ws.Vt, n_vec, ws.dp);  // dL/dp = dO·Vᵀ
     for (int r = 0; r < R; ++r) {
@@ -238,15 +240,16 @@ void backward_pair(const Dims& d, const float* q, const float* k, const float* v
         continue;
       }
       const int64_t i = i0 + r;
-      vf delta_v = {};  // Σ_c dO·O = Σ_j p·dL/dp, the softmax backward's row term
-      for (int64_t c0 = 0; c0 < d.Kp; c0 += W) delta_v += load(ws.dos + r * d.Kp + c0) * load(ws.out + r * d.Kp + c0);
-      const float delta = hsum(delta_v);
-      const float lse_i = lse[pair * d.L + i];
+      const float max = stats[2 * (pair * d.L + i)];
+      const vf inverse_sum = splat(stats[2 * (pair * d.L + i) + 1]);
+      vf delta_v = {};  // Σ_j p·dL/dp, the softmax backward's row term
       for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
-        const vf p = visible(j0, i) ? exp_v(load(s + j0) - splat(lse_i)) : splat(0.0f);
+        const vf p = visible(j0, i) ? exp_v(load(s + j0) - splat(max)) * inverse_sum : splat(0.0f);
         store(s + j0, p);
-        store(dp + j0, p * (load(dp + j0) - splat(delta)));  // dL/ds
+        delta_v += p * load(dp + j0);
       }
+      const vf delta = splat(hsum(delta_v));
+      for (int64_t j0 = 0; j0 < n_vec; j0 += W) store(dp + j0, load(s + j0) * (load(dp + j0) - delta));  // dL/ds
     }
     accumulate_transposed(d, ws.s, ws.dos, n, ws.dV);  // dV += Pᵀ·dO
     accumulate_transposed(d, ws.dp, ws.qs, n, ws.dK);  // dK += dSᵀ·(scale·Q)
@@ -260,10 +263,8 @@ void backward_pair(const Dims& d, const float* q, const float* k, const float* v
   }
 }
 
-using Array4 = ffi::Buffer<ffi::F32, 4>;
+using Array4 = ffi::Buffer<ffi::F32, 4>;  // aliases: the handler macros below split a comma in a template
 using Result4 = ffi::ResultBuffer<ffi::F32, 4>;
-using Array3 = ffi::Buffer<ffi::F32, 3>;  // aliases: the handler macros below split a comma in a template
-using Result3 = ffi::ResultBuffer<ffi::F32, 3>;
 
 ffi::Error check_shapes(std::initializer_list<ffi::Span<const int64_t>> shapes) {
   for (auto shape : shapes)
@@ -272,17 +273,17 @@ ffi::Error check_shapes(std::initializer_list<ffi::Span<const int64_t>> shapes) 
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, float scale, Result4 o, Result3 lse) {
+ffi::Error Forward(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, float scale, Result4 o, Result4 stats) {
   if (ffi::Error error = check_shapes({q.dimensions(), k.dimensions(), v.dimensions()}); error.failure()) return error;
   const auto shape = q.dimensions();
   const Dims d(shape[0], shape[1], shape[2], shape[3]);
   parallel_for(pool, d.B * d.H, [&](int64_t pair) {
-    forward_pair(d, q.typed_data(), k.typed_data(), v.typed_data(), scale, pair, o->typed_data(), lse->typed_data());
+    forward_pair(d, q.typed_data(), k.typed_data(), v.typed_data(), scale, pair, o->typed_data(), stats->typed_data());
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, Array4 o, Array3 lse,
+ffi::Error Backward(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, Array4 o, Array4 stats,
                     Array4 dout, float scale, Result4 dq, Result4 dk, Result4 dv) {
   if (ffi::Error error = check_shapes({q.dimensions(), k.dimensions(), v.dimensions(), o.dimensions(),
                                        dout.dimensions()});
@@ -291,7 +292,7 @@ ffi::Error Backward(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, Array4 o
   const auto shape = q.dimensions();
   const Dims d(shape[0], shape[1], shape[2], shape[3]);
   parallel_for(pool, d.B * d.H, [&](int64_t pair) {
-    backward_pair(d, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
+    backward_pair(d, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), stats.typed_data(),
                   dout.typed_data(), scale, pair, dq->typed_data(), dk->typed_data(), dv->typed_data());
   });
   return ffi::Error::Success();
@@ -307,7 +308,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionForward, Forward,
                                   .Arg<Array4>()  // v
                                   .Attr<float>("scale")
                                   .Ret<Array4>()    // o
-                                  .Ret<Array3>());  // lse
+                                  .Ret<Array4>());  // stats
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -316,7 +317,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionBackward, Backward,
                                   .Arg<Array4>()                    // k
                                   .Arg<Array4>()                    // v
                                   .Arg<Array4>()                    // o
-                                  .Arg<Array3>()                    // lse
+                                  .Arg<Array4>()                    // stats
                                   .Arg<Array4>()                    // dL/do
                                   .Attr<float>("scale")
                                   .Ret<Array4>()    // dq

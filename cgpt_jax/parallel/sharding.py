@@ -94,6 +94,16 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
 
 
+def fits_shards(shape: Sequence[int], axes: LogicalAxes) -> bool:
+    """Whether every dimension divides evenly over the mesh axes its logical name maps to under the
+    current `activation_sharding` (always true outside it), as `map_shards` needs."""
+    current = getattr(_context, "value", None)
+    if current is None:
+        return True
+    mesh, rules = current
+    return all(size % _axis_product(mesh, entry) == 0 for size, entry in zip(shape, logical_to_spec(axes, rules)))
+
+
 def map_shards(fn: Callable[..., jax.Array], in_axes: Sequence[LogicalAxes],
                out_axes: LogicalAxes) -> Callable[..., jax.Array]:
     """`fn` run on each device's shard of its arguments, split by logical names as `constrain` would,

@@ -5,7 +5,8 @@ float32 rounding.
 - CPU, float32: cgpt_jax's C++ kernel (`cgpt_jax/kernels/cpu_attention.py`), compiled for the machine
   on first use; where it cannot be built (no C++ compiler), a warning says why and JAX's XLA
   implementation runs instead.
-- Everything else (TPU, other dtypes, decode steps with a cache mask, grouped key/value heads on CPU):
+- Everything else (TPU, other dtypes, decode steps with a cache mask, grouped key/value heads on CPU, a
+  batch or head count that the mesh does not divide):
   `jax.nn.dot_product_attention`'s XLA implementation, which keeps logits and softmax in float32 like
   `dense`.
 """
@@ -21,9 +22,11 @@ import jax.numpy as jnp
 from cgpt_jax.kernels import cpu_attention
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.dense import DenseAttention
-from cgpt_jax.parallel.sharding import map_shards
+from cgpt_jax.parallel.sharding import fits_shards, map_shards
 
-QKV_AXES = ("batch", "length", "act_heads", None)
+# The CPU kernel runs per shard of batch and heads; the whole length stays on each device, since a query
+# needs every earlier key (a mesh that splits the length gathers it first).
+KERNEL_AXES = ("batch", None, "act_heads", None)
 
 
 def _implementation(q_BxTxHxK: jax.Array, causal_self_attention: bool) -> str:
@@ -58,9 +61,9 @@ class FusedAttention(DenseAttention):
             q_pos_BxT, k_pos_S = jnp.arange(q_BxTxHxK.shape[1])[None], jnp.arange(k_BxSxGxK.shape[1])
         bias = self.score_bias(q_pos_BxT, k_pos_S)
         if (plain_causal and bias is None and cpu_attention.applies(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
-                and _cpu_kernel_loaded()):
+                and fits_shards(q_BxTxHxK.shape, KERNEL_AXES) and _cpu_kernel_loaded()):
             kernel = functools.partial(cpu_attention.causal_attention, scale=self.scale)
-            return map_shards(kernel, (QKV_AXES,) * 3, QKV_AXES)(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+            return map_shards(kernel, (KERNEL_AXES,) * 3, KERNEL_AXES)(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
         mask = None if plain_causal else self.visible(q_pos_BxT, k_pos_S)[:, None]
         return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, bias=bias, mask=mask,
                                             scale=self.scale, is_causal=plain_causal,
