@@ -175,13 +175,17 @@ def test_missing_compiler_is_reported(monkeypatch, tmp_path):
         cpu_attention.build()
 
 
+def fake_compiler(directory, script: str):
+    compiler = directory / "bin" / "fake-c++"
+    compiler.parent.mkdir()
+    compiler.write_text(f"#!/bin/sh\n{script}\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    return compiler
+
+
 def test_compile_error_is_reported_and_leaves_nothing_behind(monkeypatch, tmp_path):
-    failing = tmp_path / "bin" / "failing-c++"
-    failing.parent.mkdir()
-    failing.write_text("#!/bin/sh\necho 'error: this compiler refuses' >&2\nexit 1\n")
-    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CGPT_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CXX", str(failing))
+    monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "echo 'error: this compiler refuses' >&2; exit 1")))
     with pytest.raises(cpu_attention.KernelUnavailable, match="(?s)compiling cpu_attention.cc failed.*this compiler refuses"):
         cpu_attention.build()
     assert os.listdir(tmp_path / "cache" / "kernels") == []
@@ -191,6 +195,7 @@ def test_unwritable_cache_is_reported(monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("CGPT_JAX_CACHE", str(blocker))
+    monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, "exit 1")))  # never reached: the cache fails first
     with pytest.raises(cpu_attention.KernelUnavailable, match="cannot write the kernel cache .*set .CGPT_JAX_CACHE"):
         cpu_attention.build()
     assert blocker.read_text() == "not a directory"
