@@ -191,6 +191,7 @@ void forward_pair(const Dims& d, const float* q, const float* k, const float* v,
     const int64_t n = i0 + rows, n_vec = round_up(n);  // keys 0..n-1 are visible to some row
     load_rows(d, q, b, h, i0, rows, scale, ws.qs);
     rows_times_transposed(d, ws.qs, ws.Kt, n_vec, ws.s);
+    float inverse_sum[R];  // 1 / the softmax denominator of each row
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       float* s = ws.s + r * d.Lp;
@@ -206,16 +207,16 @@ void forward_pair(const Dims& d, const float* q, const float* k, const float* v,
         sum_v += p;
         store(s + j0, p);
       }
-      const float sum = hsum(sum_v);
-      const float inverse_sum = 1.0f / sum;
+      inverse_sum[r] = 1.0f / hsum(sum_v);
       stats[2 * (pair * d.L + i)] = max;
-      stats[2 * (pair * d.L + i) + 1] = inverse_sum;
-      const vf inverse = splat(inverse_sum);
-      for (int64_t j0 = 0; j0 < n_vec; j0 += W) store(s + j0, load(s + j0) * inverse);
+      stats[2 * (pair * d.L + i) + 1] = inverse_sum[r];
     }
     for (int r = rows; r < R; ++r) std::fill(ws.s + r * d.Lp, ws.s + (r + 1) * d.Lp, 0.0f);
-    weighted_rows(d, ws.s, ws.Vr, n, ws.out);
-    for (int r = 0; r < rows; ++r) std::memcpy(o + d.row(b, i0 + r, h), ws.out + r * d.Kp, d.K * sizeof(float));
+    weighted_rows(d, ws.s, ws.Vr, n, ws.out);  // unnormalized: each row is scaled once below
+    for (int r = 0; r < rows; ++r) {
+      float* dst = o + d.row(b, i0 + r, h);
+      for (int64_t c = 0; c < d.K; ++c) dst[c] = ws.out[r * d.Kp + c] * inverse_sum[r];
+    }
   }
 }
 
