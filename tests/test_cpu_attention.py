@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import stat
 
 import jax
@@ -22,6 +21,7 @@ from cgpt_jax.parallel.mesh import MESH_AXES
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, map_shards
 from tests.helpers import tiny_config, train_steps
 
+
 def reference(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale):
     length = q_BxLxHxK.shape[1]
     causal_1xLxL = (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None])[None]
@@ -34,7 +34,7 @@ def random_arrays(shape, seed=0):
 
 # The kernel is compiled on first use; a machine without a C++ compiler runs `fused` through XLA instead
 # (test_fused_falls_back_to_xla_with_a_warning), and the kernel's own tests cannot run there.
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+needs_compiler = pytest.mark.skipif(cpu_attention.compiler() is None,
                                     reason="no C++ compiler to build the CPU attention kernel")
 
 
@@ -63,7 +63,7 @@ CASES = [((2, 128, 4, 16), 1), ((1, 70, 2, 64), 1), ((3, 37, 4, 16), 1), ((2, 33
 @needs_compiler
 @pytest.mark.parametrize("shape, spread", CASES, ids=[f"{'x'.join(map(str, shape))}-spread{spread}" for shape, spread in CASES])
 def test_values_and_gradients_are_as_accurate_as_xla(shape, spread):
-    """Output and q, k, v gradients against float64: the kernel's error is at most twice XLA's float32
+    """Output and q, k, v gradients against float64: the kernel's error is at most 2.5 times XLA's float32
     error on the same inputs (measured ≤ 2.0x, mostly ≈ 1x), with a floor of float32 rounding."""
     cpu_attention.load()
     q, k, v, do = random_arrays(shape)
@@ -85,6 +85,8 @@ def test_values_and_gradients_are_as_accurate_as_xla(shape, spread):
         kernel_error = np.max(np.abs(kernel_value - truth))
         xla_error = max(np.max(np.abs(xla_value - truth)), 1.2e-7 * np.max(np.abs(truth)))
         assert kernel_error <= 2.5 * xla_error, f"{name}: kernel error {kernel_error:.2e}, XLA's {xla_error:.2e}"
+
+
 @needs_compiler
 def test_sharded_gradients_equal_unsharded_and_run_per_shard():
     """Batch over data (4), heads over tensor (2): each device runs the kernel on its own [2, L, 2, K]
@@ -109,6 +111,8 @@ def test_sharded_gradients_equal_unsharded_and_run_per_shard():
     assert len(custom_calls) == 2 and all("f32[2,24,2,16]" in line for line in custom_calls), custom_calls
     for a, b in zip(jax.tree.leaves(sharded_result), jax.tree.leaves(unsharded_result)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @needs_compiler
 def test_fused_trains_like_dense_through_the_kernel():
     """The model's compiled train step with `fused` on CPU calls the kernel's forward and backward, and
@@ -156,6 +160,8 @@ def test_fused_under_a_mesh_equals_the_reference(batch, rules, kernel):
     expected = output_and_grads(lambda q, k, v: reference(q, k, v, layer.scale), q, k, v)
     for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6 * float(jnp.max(jnp.abs(b))))
+
+
 @needs_compiler
 def test_vmap_runs_the_kernel_per_element():
     cpu_attention.load()
@@ -216,6 +222,8 @@ def test_fused_falls_back_to_xla_with_a_warning(monkeypatch):
         np.testing.assert_allclose(layer.mix(q, k, v, None, None), reference(q, k, v, layer.scale), atol=1e-6)
     finally:
         fused._cpu_kernel_loaded.cache_clear()
+
+
 @needs_compiler
 def test_a_built_kernel_is_reused(monkeypatch, tmp_path):
     """The second build finds the cached library and does not compile again."""

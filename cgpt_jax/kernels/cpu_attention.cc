@@ -110,16 +110,17 @@ struct Workspace {
     for (int p = 0; p < 11; ++p) { *parts[p] = at; at += sizes[p]; }
   }
 
-  void load_keys_values(const Dims& d, const float* k, const float* v, int64_t b, int64_t h) {
+  // Vt is only read by the backward pass (dL/dp = dO·Vᵀ).
+  void load_keys_values(const Dims& d, const float* k, const float* v, int64_t b, int64_t h, bool with_vt) {
     for (int64_t j = 0; j < d.L; ++j) {
       std::memcpy(Kr + j * d.Kp, k + d.row(b, j, h), d.K * sizeof(float));
       std::memcpy(Vr + j * d.Kp, v + d.row(b, j, h), d.K * sizeof(float));
     }
     for (int64_t c = 0; c < d.K; ++c)
-      for (int64_t j = 0; j < d.L; ++j) {
-        Kt[c * d.Lp + j] = Kr[j * d.Kp + c];
-        Vt[c * d.Lp + j] = Vr[j * d.Kp + c];
-      }
+      for (int64_t j = 0; j < d.L; ++j) Kt[c * d.Lp + j] = Kr[j * d.Kp + c];
+    if (with_vt)
+      for (int64_t c = 0; c < d.K; ++c)
+        for (int64_t j = 0; j < d.L; ++j) Vt[c * d.Lp + j] = Vr[j * d.Kp + c];
   }
 };
 
@@ -185,7 +186,7 @@ void forward_pair(const Dims& d, const float* q, const float* k, const float* v,
                   float* o, float* stats) {
   const int64_t b = pair / d.H, h = pair % d.H;
   Workspace ws(d);
-  ws.load_keys_values(d, k, v, b, h);
+  ws.load_keys_values(d, k, v, b, h, false);
   for (int64_t i0 = 0; i0 < d.L; i0 += R) {
     const int rows = (int)std::min<int64_t>(R, d.L - i0);
     const int64_t n = i0 + rows, n_vec = round_up(n);  // keys 0..n-1 are visible to some row
@@ -224,7 +225,7 @@ void backward_pair(const Dims& d, const float* q, const float* k, const float* v
                    const float* stats, const float* dout, float scale, int64_t pair, float* dq, float* dk, float* dv) {
   const int64_t b = pair / d.H, h = pair % d.H;
   Workspace ws(d);
-  ws.load_keys_values(d, k, v, b, h);
+  ws.load_keys_values(d, k, v, b, h, true);
   for (int64_t i0 = 0; i0 < d.L; i0 += R) {
     const int rows = (int)std::min<int64_t>(R, d.L - i0);
     const int64_t n = i0 + rows, n_vec = round_up(n);

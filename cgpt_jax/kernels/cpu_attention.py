@@ -11,8 +11,8 @@ backward pass recomputes the forward probabilities exactly and takes the softmax
 
 The kernel is compiled for this machine (`-march=native`) on first use by the C++ compiler in `$CXX`
 (default `c++`) against the XLA FFI headers that jaxlib ships, and cached under
-`$CGPT_JAX_CACHE` (default `~/.cache/cgpt_jax`)/kernels, keyed by the source, the flags, jaxlib's version
-and the CPU. `build()` and `load()` raise `KernelUnavailable` with the reason when that fails (no compiler, a
+`$CGPT_JAX_CACHE` (default `~/.cache/cgpt_jax`)/kernels, keyed by the source, the compiler and its
+version, the flags, jaxlib's version and the CPU. `build()` and `load()` raise `KernelUnavailable` with the reason when that fails (no compiler, a
 compile error); `fused` attention then runs JAX's XLA implementation instead.
 """
 from __future__ import annotations
@@ -98,15 +98,20 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
             os.remove(partial)
 
 
+def compiler() -> str | None:
+    """The C++ compiler that builds the kernel: `$CXX` (default `c++`) on PATH, or None."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
 def build() -> pathlib.Path:
     """The kernel's shared library for this machine: compiled on first use, then taken from the cache."""
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
+    compiler_path = compiler()
+    if compiler_path is None:
         raise KernelUnavailable(f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH "
                                 "(install g++ or clang, or set $CXX)")
-    path = library_path(compiler)
+    path = library_path(compiler_path)
     if not path.exists():
-        _compile(compiler, path)
+        _compile(compiler_path, path)
     return path
 
 
