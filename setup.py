@@ -6,7 +6,10 @@ setup(
     version="0.1.0",
     description="Cerebras-GPT (standard and muP) in JAX/Flax NNX: one model, any mesh, scaling laws on a laptop",
     packages=find_packages(include=["cgpt_jax", "cgpt_jax.*"]),
-    package_data={"cgpt_jax.kernels": ["*.cc"]},  # C++ sources, compiled on the user's machine at first use
+    package_data={
+        "cgpt_jax.kernels": ["*.cc"],  # C++ sources, compiled on the user's machine at first use
+        "cgpt_jax.reference": ["*.json"],  # the published Cerebras-GPT facts the product and tests read
+    },
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

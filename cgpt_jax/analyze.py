@@ -18,8 +18,8 @@ from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS
 
 _REFERENCE = flags.DEFINE_enum("reference", None, ["cerebras"], "Overlay the published Cerebras-GPT points "
                                "and Eq. 1 on their own FLOP axis.")
-_REFERENCE_PATH = flags.DEFINE_string("reference_path", None, "cerebras_gpt.json; default: "
-                                      "../shared/reference/cerebras_gpt.json beside the repository.")
+_REFERENCE_PATH = flags.DEFINE_string("reference_path", None, "Another cerebras_gpt.json to overlay; default: "
+                                      "the published values shipped in cgpt_jax/reference/cerebras_gpt.json.")
 _FLOPS = flags.DEFINE_enum("flops", "cerebras", list(FLOP_CONVENTIONS), "FLOP convention of the compute axis.")
 _PARAMS = flags.DEFINE_enum("params", "non_embedding", list(PARAM_COUNTS), "Which parameter count is N.")
 _EXPERIMENT = flags.DEFINE_string("experiment", None, "When DIR mixes configs: a prefix of the group to fit.")

@@ -6,7 +6,7 @@
 Only the published facts are typed here (shape, batch, peak LR, decay type, Adam eps, and the two
 configs whose output-layer init departs from 0.02/sqrt(2L)); everything else is derived:
 d_ff = 4·d_model, steps = 20 tokens/param, warmup = 375M tokens, head dim = d_model / heads.
-Source: ../shared/reference/cerebras_gpt.json (modelzoo configs at b353ab5).
+Source: cgpt_jax/reference/cerebras_gpt.json (modelzoo configs at b353ab5; the tests check these values against it).
 
 13B was trained with a batch ramp (720 sequences for 57k steps, then 1080); here it uses batch 720 for
 its batch-720-equivalent step count. `sweep()` lists the seven sizes: one scaling curve.

@@ -1,14 +1,11 @@
 """The one FLOP count reproduces the seven published Cerebras-GPT training-FLOP totals to 2 s.f."""
-import json
-import pathlib
-
 import pytest
 
-from cgpt_jax import flops
+from cgpt_jax import flops, reference
 from cgpt_jax.config import resolve
 from experiments import cerebras_gpt
 
-REFERENCE = json.loads((pathlib.Path(__file__).parents[2] / "shared/reference/cerebras_gpt.json").read_text())
+REFERENCE = reference.load()
 SIZES = {"111m": "111M", "256m": "256M", "590m": "590M", "1.3b": "1.3B", "2.7b": "2.7B", "6.7b": "6.7B",
          "13b": "13B"}
 

@@ -1,19 +1,17 @@
 """The decoder: published parameter counts, init statistics, causality, vocabulary padding."""
-import json
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from cgpt_jax import reference
 from cgpt_jax.config import resolve
 from cgpt_jax.model import GPT, layers, params_count
 from experiments import cerebras_gpt
 from tests.helpers import tiny_config
 
-REFERENCE = json.loads((pathlib.Path(__file__).parents[2] / "shared/reference/cerebras_gpt.json").read_text())
+REFERENCE = reference.load()
 SIZE_KEYS = {"111m": "111M", "256m": "256M", "590m": "590M", "1.3b": "1.3B", "2.7b": "2.7B",
              "6.7b": "6.7B", "13b": "13B"}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cgpt_jax import reference
 from cgpt_jax.config import resolve, validate
 from cgpt_jax.model import GPT, attention, parameterization
 from cgpt_jax.train.loop import train_and_evaluate
@@ -22,7 +22,7 @@ from experiments import cerebras_gpt
 from tests.helpers import tiny_config
 from tests.test_attention_conformance import randomized
 
-REFERENCE = json.loads((pathlib.Path(__file__).parents[2] / "shared/reference/cerebras_gpt.json").read_text())
+REFERENCE = reference.load()
 MUP_SIZES = {"111m": "111M", "256m": "256M", "590m": "590M", "1.3b": "1.3B", "2.7b": "2.7B"}
 TRUNCATED_STD = 0.87962566  # std of N(0, 1) truncated at ±2: what trunc_normal(std) gives, times std
 

@@ -10,7 +10,6 @@ import pytest
 
 from cgpt_jax.scaling import fits
 from cgpt_jax.scaling.analysis import analyze
-from cgpt_jax.scaling.reference import DEFAULT_PATH
 from cgpt_jax.scaling.report import write_outputs
 from cgpt_jax.scaling.results import collect_runs
 
@@ -157,13 +156,12 @@ def test_reference_overlay_and_missing_reference(tmp_path):
     _ladder(tmp_path)
     with pytest.raises(FileNotFoundError, match="--reference_path"):
         analyze(tmp_path, reference="cerebras", reference_path=tmp_path / "missing.json")
-    if not DEFAULT_PATH.is_file():
-        pytest.skip("no reference JSON beside the repository")
     analysis = analyze(tmp_path, reference="cerebras", n_bootstrap=100)
     assert analysis.reference.law == {"a": 5.984e22, "b": -0.0737, "c": 0.5066}
     paths = write_outputs(analysis, tmp_path)
     report = paths["report"].read_text()
     assert "## Reference: Cerebras-GPT" in report and "inside our 95% intervals: 3 of 3 (a, b, c)" in report
+    assert "cgpt_jax/reference/cerebras_gpt.json (package data)" in report  # the report names its source
     assert _strict_json(paths["fit"])["reference"]["eq1"]["b"] == -0.0737
 
 
@@ -172,12 +170,12 @@ def test_analyze_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "cgpt_jax.analyze", str(tmp_path), "--n_bootstrap=50",
                           "--reference=cerebras"], capture_output=True, text=True, check=False, env=env, cwd=REPO)
-    if not DEFAULT_PATH.is_file():
-        assert out.returncode == 1 and "--reference_path" in out.stderr
-        return
     assert out.returncode == 0, out.stderr
     assert "L(C) = (C/a)^b + c" in out.stdout and "report:" in out.stdout
     assert (tmp_path / "scaling.png").is_file()
+    # The overlay is always there: the published values ship with the package.
+    assert "## Reference: Cerebras-GPT" in (tmp_path / "report.md").read_text()
+    assert _strict_json(tmp_path / "fit.json")["reference"]["eq1"] == {"a": 5.984e22, "b": -0.0737, "c": 0.5066}
     empty = subprocess.run([sys.executable, "-m", "cgpt_jax.analyze", str(tmp_path / "none")],
                            capture_output=True, text=True, check=False, env=env, cwd=REPO)
     assert empty.returncode == 1 and "does not exist" in empty.stderr

@@ -20,7 +20,7 @@ the group's learning rate (Cerebras's AdamBase), so under muP a hidden matrix's 
 
 Cerebras scales the MLP down projection with its own fan-in (d_ff, base 1024) and everything else in the
 blocks with d_model (base 256); the published models all have d_ff = 4·d_model, where m_ff = m.
-Facts: ../shared/reference/cerebras_gpt.json, key `mup`.
+Facts: cgpt_jax/reference/cerebras_gpt.json (the published values, with sources), key `mup`.
 """
 from __future__ import annotations
 

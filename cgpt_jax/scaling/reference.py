@@ -1,12 +1,14 @@
-"""The published Cerebras-GPT scaling points and Eq. 1, read from the project's reference JSON."""
+"""The published Cerebras-GPT scaling points and Eq. 1, from the package's reference (cgpt_jax/reference)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
 
-# The repository sits beside the shared folder: <root>/main (this repo) and <root>/shared/reference.
-DEFAULT_PATH = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "cerebras_gpt.json"
+from cgpt_jax import reference
+
+# What the report names as the source when no --reference_path overrides the shipped copy.
+PACKAGED = f"cgpt_jax/reference/{reference.FILENAME} (package data)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,20 +17,22 @@ class CerebrasReference:
     flops: list[float]  # the paper's Training FLOPs column (its own convention, not 6ND)
     loss: list[float]  # Pile test cross-entropy, paper / modelzoo values
     law: dict[str, float]  # Eq. 1: {'a', 'b', 'c'}
-    path: Path
+    path: str  # where the facts were read: PACKAGED, or the override file
 
     def summary(self) -> dict:
-        return {"path": str(self.path), "points": dict(zip(self.names, zip(self.flops, self.loss))),
-                "eq1": self.law}
+        return {"path": self.path, "points": dict(zip(self.names, zip(self.flops, self.loss))), "eq1": self.law}
 
 
 def load_cerebras(path: Path | None = None) -> CerebrasReference:
-    path = (path or DEFAULT_PATH).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Cerebras-GPT reference not found at {path}; it is expected at ../shared/reference/"
-            f"cerebras_gpt.json beside the repository. Pass --reference_path=/path/to/cerebras_gpt.json")
-    data = json.loads(path.read_text())
+    """The overlay's facts from the shipped reference, or from `path` (--reference_path) when given."""
+    if path is None:
+        data, source = reference.load(), PACKAGED
+    else:
+        path = path.resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--reference_path={path} is not a file; leave it out to use the published "
+                                    f"values shipped as {PACKAGED}")
+        data, source = json.loads(path.read_text()), str(path)
     try:
         names = list(data["models"])
         flops = [float(data["models"][n]["training_flops_reported"]) for n in names]
@@ -36,7 +40,7 @@ def load_cerebras(path: Path | None = None) -> CerebrasReference:
         eq1 = data["scaling_laws"][0]
         law = {k: float(eq1[k]) for k in ("a", "b", "c")}
     except (KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{path} lacks a field the overlay needs ({e!r}): expected models.<size>."
+        raise ValueError(f"{source} lacks a field the overlay needs ({e!r}): expected models.<size>."
                          f"training_flops_reported, pile_test_loss.SP_paper_and_modelzoo_readme and "
                          f"scaling_laws[0].a/b/c") from None
-    return CerebrasReference(names=names, flops=flops, loss=loss, law=law, path=path)
+    return CerebrasReference(names=names, flops=flops, loss=loss, law=law, path=source)
