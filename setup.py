@@ -9,6 +9,7 @@ setup(
     package_data={
         "cgpt_jax.kernels": ["*.cc"],  # C++ sources, compiled on the user's machine at first use
         "cgpt_jax.reference": ["*.json"],  # the published Cerebras-GPT facts the product and tests read
+        "cgpt_jax.scaling": ["templates/*.tmpl"],  # the sweep's TPU / SLURM launch-script templates
     },
     python_requires=">=3.10",
     install_requires=[

@@ -2,7 +2,7 @@
 
 local (default): trains the runs one after another, each in its own process, skipping finished runs,
 re-launching unfinished ones (the trainer resumes them) and recording failures without stopping.
-tpu / slurm: writes one launch script per run from launch/sweep_*.tmpl and prints how to submit them.
+tpu / slurm: writes one launch script per run from cgpt_jax/scaling/templates/ and prints how to submit them.
 Then: `python -m cgpt_jax.analyze DIR`.
 """
 from __future__ import annotations

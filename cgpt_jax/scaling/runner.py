@@ -14,6 +14,7 @@ trainer resumes from its own checkpoint.
 from __future__ import annotations
 
 import datetime
+import importlib.resources
 import json
 import re
 import shlex
@@ -33,7 +34,8 @@ SUMMARY = "summary.json"
 FAILURE = "failure.json"
 STDOUT_LOG = "train.log"
 STDERR_LOG = "train.err"
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
+# Launch-script templates are package data, so an installed cgpt_jax writes them without the repository.
+TEMPLATES = importlib.resources.files("cgpt_jax.scaling") / "templates"
 _STDERR_TAIL_LINES = 60
 
 # Per launcher: its template and the options --launcher_opts may set, with their defaults.
@@ -209,10 +211,7 @@ def write_launch_scripts(experiment: Experiment, runs: list[RunSpec], workdir: P
                          opts: dict[str, str]) -> list[Path]:
     """One script per unfinished run plus DIR/submit_all.sh; returns the per-run scripts."""
     spec = LAUNCHERS[launcher]
-    template_path = LAUNCH_DIR / spec["template"]
-    if not template_path.is_file():
-        raise FileNotFoundError(f"launch template {template_path} is missing; it ships with the repository")
-    template = template_path.read_text()
+    template = (TEMPLATES / spec["template"]).read_text()
     table = open_sweep(experiment, runs, workdir, launcher)
     repo = opts["repo"] or str(Path.cwd())
     remote_root = (opts["workdir"] or str(workdir.resolve())).rstrip("/")
