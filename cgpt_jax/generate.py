@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from tokenizers import Tokenizer
 
+from cgpt_jax import cli
 from cgpt_jax.infer import Generator, Sampling
 from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT, abstract_model
@@ -54,7 +55,8 @@ def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
     else:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract_params)
     like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
-    source = checkpoint.find_init_source(str(run_dir), checkpoint.tensor_specs(abstract_params, "params/"))
+    source = checkpoint.find_init_source(str(run_dir), checkpoint.tensor_specs(abstract_params, "params/"),
+                                         flag="--checkpoint")
     model = nnx.merge(graphdef, checkpoint.load_init_params(source, like))
     tokenizer_file = pathlib.Path(description.get("store", "")) / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tokenizer_file)) if "store" in description and tokenizer_file.is_file() else None
@@ -141,7 +143,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        loaded, mesh = load(_CHECKPOINT.value, _TENSOR_PARALLEL.value)
+        loaded, mesh = load(cli.resolve_path(_CHECKPOINT.value), _TENSOR_PARALLEL.value)
         run(loaded, mesh, prompt=_PROMPT.value,
             prompt_ids=None if _PROMPT_IDS.value is None else [int(t) for t in _PROMPT_IDS.value],
             max_new_tokens=_MAX_NEW.value,
@@ -153,4 +155,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

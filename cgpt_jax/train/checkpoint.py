@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging as std_logging
 import math
 import os
 import shutil
@@ -304,62 +305,81 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 # --- another run's parameters (--init_from) -------------------------------------------------------------
 
+class _NotReadOnlyNotice(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    """A manager that only reads another run's checkpoints. The options read_only implies are given, and
+    Orbax's notice that the directory is read-only is dropped: both would only tell the user what we asked."""
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    notice = _NotReadOnlyNotice()
+    absl_logger = std_logging.getLogger("absl")  # Orbax logs through absl
+    absl_logger.addFilter(notice)
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_logger.removeFilter(notice)
+
+
 @dataclasses.dataclass(frozen=True)
 class InitSource:
     """Another run's newest complete checkpoint whose parameters fit this model."""
     directory: str
     step: int
     fingerprint: dict[str, int]  # of its params, by name
+    flag: str  # the command-line flag that named it, for messages
 
 
-def find_init_source(run_dir: str, params_specs: dict[str, list]) -> InitSource:
-    """Check `--init_from` before anything is written: the directory exists, holds a complete checkpoint,
-    and its parameters have this model's names, shapes and dtypes. `params_specs` come from
-    `tensor_specs(params, prefix="params/")`."""
+def find_init_source(run_dir: str, params_specs: dict[str, list], flag: str = "--init_from") -> InitSource:
+    """Check `--init_from` (or the caller's `flag`) before anything is written: the directory exists, holds a
+    complete checkpoint, and its parameters have this model's names, shapes and dtypes. `params_specs` come
+    from `tensor_specs(params, prefix="params/")`."""
     if not os.path.isdir(run_dir):
-        raise ValueError(f"--init_from={run_dir}: no such directory.")
-    directory = os.path.join(run_dir, CHECKPOINT_DIR)
+        raise ValueError(f"{flag}={run_dir}: no such directory.")
+    directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))  # Orbax takes absolute paths only
     if not os.path.isdir(directory):
-        directory = run_dir  # a checkpoints directory given directly
+        directory = os.path.abspath(run_dir)  # a checkpoints directory given directly
     steps, _ = scan(directory)
     if not steps:
-        raise ValueError(f"--init_from={run_dir}: no complete checkpoint in {directory}; point it at a run "
+        raise ValueError(f"{flag}={run_dir}: no complete checkpoint in {directory}; point it at a run "
                          f"directory that holds {CHECKPOINT_DIR}/<step>/{COMMIT_MARKER}.")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = _read_only_manager(directory)
     try:
         for step in reversed(steps):
             try:
                 meta = _read_meta(manager, step)
             except _Damaged as e:
-                logging.warning("--init_from: skipping checkpoint %s/%d: %s", directory, step, e)
+                logging.warning("%s: skipping checkpoint %s/%d: %s", flag, directory, step, e)
                 continue
             saved = {k: v for k, v in meta["tensors"].items() if k.startswith("params/")}
             differences = _spec_differences(saved, params_specs)
             if differences:
-                raise ValueError(f"--init_from={run_dir}: the parameters in {directory}/{step} do not fit this "
+                raise ValueError(f"{flag}={run_dir}: the parameters in {directory}/{step} do not fit this "
                                  f"model:\n" + "\n".join(differences) +
                                  "\nInitialise from a run with the same model shape.")
             return InitSource(directory, step, {k: v for k, v in meta["fingerprint"].items()
-                                                if k.startswith("params/")})
+                                                if k.startswith("params/")}, flag)
     finally:
         manager.close()
-    raise ValueError(f"--init_from={run_dir}: no checkpoint in {directory} has a readable meta.")
+    raise ValueError(f"{flag}={run_dir}: no checkpoint in {directory} has a readable meta.")
 
 
 def load_init_params(source: InitSource, like_params: Any) -> Any:
     """The source checkpoint's parameters, restored onto the shardings of `like_params`."""
     item = {"params": _abstract(like_params)}
-    manager = ocp.CheckpointManager(source.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = _read_only_manager(source.directory)
     try:
         restored = manager.restore(source.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
     except Exception as e:
-        raise CheckpointError(f"--init_from: cannot read the parameters of {source.directory}/{source.step}: "
+        raise CheckpointError(f"{source.flag}: cannot read the parameters of {source.directory}/{source.step}: "
                               f"{type(e).__name__}: {str(e)[:300]}") from e
     finally:
         manager.close()
     params = restored["state"]["params"]
     if {"params/" + k: v for k, v in fingerprint(params).items()} != source.fingerprint:
-        raise CheckpointError(f"--init_from: the parameters in {source.directory}/{source.step} differ from "
+        raise CheckpointError(f"{source.flag}: the parameters in {source.directory}/{source.step} differ from "
                               f"the fingerprint taken when they were saved; the checkpoint is damaged.")
     return params
