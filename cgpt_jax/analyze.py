@@ -11,6 +11,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from cgpt_jax import cli
 from cgpt_jax.scaling.analysis import analyze
 from cgpt_jax.scaling.groups import analyze_groups
 from cgpt_jax.scaling.report import write_grouped_outputs, write_outputs
@@ -33,18 +34,19 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the report, fit and plot
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.analyze DIR [--reference=cerebras]")
-    workdir = Path(argv[1])
+    workdir = Path(cli.resolve_path(argv[1]))
     if _GROUP_BY.value is not None:
         _main_grouped(workdir)
         return
     try:
         analysis = analyze(workdir, experiment=_EXPERIMENT.value, flops=_FLOPS.value, params=_PARAMS.value,
                            reference=_REFERENCE.value,
-                           reference_path=Path(_REFERENCE_PATH.value) if _REFERENCE_PATH.value else None,
+                           reference_path=Path(cli.resolve_path(_REFERENCE_PATH.value)) if _REFERENCE_PATH.value
+                           else None,
                            n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"cgpt_jax.analyze: {e}")
-    paths = write_outputs(analysis, Path(_OUT.value) if _OUT.value else workdir)
+    paths = write_outputs(analysis, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
     for law in (analysis.compute_law, analysis.chinchilla_law):
         if law is not None:
             ci = law.fit.ci or {}
@@ -65,7 +67,7 @@ def _main_grouped(workdir: Path) -> None:
                                  params=_PARAMS.value, n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"cgpt_jax.analyze: {e}")
-    paths = write_grouped_outputs(grouped, Path(_OUT.value) if _OUT.value else workdir)
+    paths = write_grouped_outputs(grouped, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
     print(f"L(C) = (C/a)^b + c per {grouped.group_by}; loss at C* = {grouped.common_compute:.4g} FLOPs:")
     for row in grouped.comparison:
         speed = "" if row["tokens_per_sec_mean"] is None else f"; {row['tokens_per_sec_mean']:,.0f} tokens/s"
@@ -79,4 +81,4 @@ def _main_grouped(workdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from cgpt_jax import cli
 from cgpt_jax.scaling import runner
 from cgpt_jax.scaling.experiment import load_experiment, train_command
 
@@ -30,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    workdir = Path(_WORKDIR.value)
+    workdir = Path(cli.resolve_path(_WORKDIR.value))
     try:
         experiment = load_experiment(_CONFIG.value)
         runs = experiment.runs()
@@ -66,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -21,10 +21,10 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from cgpt_jax import flops
+from cgpt_jax import cli, flops
 from cgpt_jax.bench.runners import jax_stepper, median_ratio, random_tokens, time_alternately
 from cgpt_jax.config import resolve
-from cgpt_jax.devices import device_peak_flops, measured_cpu_peak_flops, theoretical_cpu_peak_flops
+from cgpt_jax.devices import cpu_peak_flops, device_peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _COMPARE = flags.DEFINE_enum("compare", None, ["torch"], "Also time the PyTorch eager reference.")
@@ -37,13 +37,11 @@ flags.mark_flag_as_required("config")
 
 
 def peak_flops(devices: list[jax.Device]) -> dict[str, dict]:
-    """The peaks MFU is reported against: {name: {'flops': total over devices, 'how': ...}}."""
+    """The peaks MFU is reported against: {name: {'flops': total over devices or None if unknown, 'how': ...}}."""
     if devices[0].platform != "cpu":
         per_device = device_peak_flops(devices[0])
         return {"vendor": {"flops": per_device * len(devices), "how": f"{len(devices)}x {devices[0].device_kind}"}}
-    theoretical, how = theoretical_cpu_peak_flops()
-    return {"theoretical": {"flops": theoretical, "how": how},
-            "measured": {"flops": measured_cpu_peak_flops(), "how": "best jnp.dot of 2048x2048 f32"}}
+    return cpu_peak_flops()
 
 
 def run(config: ml_collections.ConfigDict, compare: str | None, rounds: int, steps: int,
@@ -82,7 +80,8 @@ def run(config: ml_collections.ConfigDict, compare: str | None, rounds: int, ste
             "peak_memory_mib": None if stepper.peak_memory_bytes is None
             else round(stepper.peak_memory_bytes / 2**20, 1),
             "peak_memory_source": stepper.peak_memory_source,
-            "mfu": {name: round(flops.mfu(tokens_per_sec, shape, peak["flops"]), 4) for name, peak in peaks.items()},
+            "mfu": {name: None if peak["flops"] is None else round(flops.mfu(tokens_per_sec, shape, peak["flops"]), 4)
+                    for name, peak in peaks.items()},
         }
     if compare:
         other = steppers[1].name
@@ -98,10 +97,10 @@ def main(argv: list[str]) -> None:
         config.model.vocab_size = _VOCAB.value
     result = run(config, _COMPARE.value, _ROUNDS.value, _STEPS.value, _LABEL.value)
     if _OUT.value:
-        with open(_OUT.value, "a") as f:
+        with open(cli.resolve_path(_OUT.value), "a") as f:
             f.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -6,7 +6,10 @@ compared them.
 from __future__ import annotations
 
 import json
-import sys
+
+from absl import app
+
+from cgpt_jax import cli
 
 
 def _cell(value, fmt: str) -> str:
@@ -26,11 +29,13 @@ def table(results: list[dict]) -> str:
         torch = r["frameworks"].get("pytorch_eager", {})
         row = [label, f"{ours['params']:,}", f"{ours['tokens_per_sec']:,.0f}",
                _cell(torch.get("tokens_per_sec"), ",.0f"), _cell(r.get("ratio_tokens_per_sec"), ".2f")]
-        row += [f"{ours['mfu'][name]:.2f} / {_cell(torch.get('mfu', {}).get(name), '.2f')}" for name in peak_names]
+        row += [f"{_cell(ours['mfu'][name], '.2f')} / {_cell(torch.get('mfu', {}).get(name), '.2f')}"
+                for name in peak_names]
         row += [f"{ours['compile_s']:.1f}",
                 f"{_cell(ours['peak_memory_mib'], '.0f')} / {_cell(torch.get('peak_memory_mib'), '.0f')}"]
         lines.append("| " + " | ".join(row) + " |")
-    peaks = "; ".join(f"{name}: {p['flops'] / 1e9:.0f} GFLOP/s ({p['how']})" for name, p in first["peaks"].items())
+    peaks = "; ".join(f"{name}: {'unknown' if p['flops'] is None else format(p['flops'] / 1e9, '.0f') + ' GFLOP/s'} "
+                      f"({p['how']})" for name, p in first["peaks"].items())
     lines.append("")
     lines.append(f"Peaks: {peaks}. Devices: {first['devices']}, {first['compute_dtype']}; "
                  f"{first['rounds']} rounds × {first['steps_per_round']} steps per framework, taking turns.")
@@ -39,8 +44,8 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: python -m cgpt_jax.bench.report RESULTS.jsonl")
-    with open(argv[1]) as f:
+        raise app.UsageError("usage: python -m cgpt_jax.bench.report RESULTS.jsonl")
+    with open(cli.resolve_path(argv[1])) as f:
         results = [json.loads(line) for line in f if line.strip()]
     if not results:
         raise SystemExit(f"{argv[1]} holds no results")
@@ -48,4 +53,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run(main)

@@ -24,6 +24,7 @@ from absl import app, flags
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from cgpt_jax import cli
 from cgpt_jax.scaling.results import collect_runs, select_group
 
 MAX_SPREAD = 1  # grid points between the widths' optima that still count as "transfers"
@@ -148,9 +149,10 @@ def write_outputs(workdir: Path, out_dir: Path, experiment: str | None = None) -
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.scaling.transfer DIR [--out=DIR]")
-    workdir, args = Path(argv[1]), flags.FLAGS
+    workdir, args = Path(cli.resolve_path(argv[1])), flags.FLAGS
     try:
-        result, paths = write_outputs(workdir, Path(args.out) if args.out else workdir, args.experiment)
+        result, paths = write_outputs(workdir, Path(cli.resolve_path(args.out)) if args.out else workdir,
+                                      args.experiment)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"cgpt_jax.scaling.transfer: {e}")
     for param, r in result.items():
@@ -165,4 +167,4 @@ if __name__ == "__main__":
     # Flags are defined only when run as a program, so importing this module (tests) defines none.
     flags.DEFINE_string("out", None, "Where to write transfer.md/.json/.png; default: DIR.")
     flags.DEFINE_string("experiment", None, "When DIR mixes sweeps: a prefix of the one to read.")
-    app.run(main)
+    cli.run(main)

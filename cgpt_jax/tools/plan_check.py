@@ -23,7 +23,7 @@ _DEVICES_ENV = "CGPT_PLAN_CHECK_DEVICES"
 from absl import app, flags
 
 # The planner's own flags (--config, --devices, ...): this tool plans exactly as `python -m cgpt_jax.plan`.
-from cgpt_jax import plan as planner
+from cgpt_jax import cli, plan as planner
 
 flags.FLAGS.set_default("devices", 8)
 flags.mark_flag_as_required("config")
@@ -86,4 +86,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

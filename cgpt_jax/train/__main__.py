@@ -12,11 +12,11 @@ from cgpt_jax.host_memory import retain_freed_memory
 retain_freed_memory()  # before JAX starts its CPU client (cgpt_jax/host_memory.py)
 
 import json
-import logging as std_logging
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from cgpt_jax import cli
 from cgpt_jax.parallel import distributed
 from cgpt_jax.train.loop import train_and_evaluate
 
@@ -39,22 +39,13 @@ _WATCHDOG = flags.DEFINE_float("watchdog_s", 0.0, "Exit with status 3 when no st
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Orbax logs several INFO lines per save; keep its warnings and errors only."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietOrbax())
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_STARTUP_TIMEOUT.value)
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
-                                 init_from=_INIT_FROM.value, watchdog_s=_WATCHDOG.value)
+    summary = train_and_evaluate(_CONFIG.value, cli.resolve_path(_WORKDIR.value), overwrite=_OVERWRITE.value,
+                                 init_from=cli.resolve_optional_path(_INIT_FROM.value), watchdog_s=_WATCHDOG.value)
     if summary["status"] == "preempted":
         print(summary["message"], flush=True)  # exit status 0: re-running the command resumes
         return
@@ -62,4 +53,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
