@@ -5,13 +5,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cgpt_jax.config import base_config, resolve, validate
+from cgpt_jax.config import base_config, resolve
 from cgpt_jax.data import make_dataset
 from cgpt_jax.parallel.mesh import make_mesh
-from cgpt_jax.parallel.sharding import logical_to_spec
-from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
-from cgpt_jax.train.state import create_sharded_state, model_graphdef
-from cgpt_jax.train.step import make_train_step
+from cgpt_jax.train.setup import build_run
 
 
 def tiny_config(**mesh) -> ml_collections.ConfigDict:
@@ -26,20 +23,16 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
 
 
 def train_steps(config: ml_collections.ConfigDict, n_steps: int, devices=None):
-    """Run `n_steps` train steps; returns (losses, final state as host numpy arrays)."""
+    """Run `n_steps` of the training run's own step (`build_run`); returns (losses, final state as host
+    numpy arrays)."""
     devices = devices if devices is not None else jax.devices()[:1]
-    validate(config, len(devices))
-    mesh = make_mesh(config.mesh, devices)
-    tx = make_optimizer(config.train)
-    state, shardings = create_sharded_state(config, tx, mesh)
-    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
+    run = build_run(config, make_mesh(config.mesh, devices))
+    state = run.init_state()
     dataset = make_dataset(config.data, seq_len=config.train.seq_len,
-                           global_batch_size=config.train.global_batch_size, seed=0, sharding=batch_sharding)
-    step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(config.train), mesh,
-                           shardings, batch_sharding)
+                           global_batch_size=config.train.global_batch_size, seed=0, sharding=run.batch_sharding)
     losses = []
     for s in range(n_steps):
-        state, metrics = step(state, dataset.train_batch(s))
+        state, metrics = run.train_step(state, dataset.train_batch(s))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.tree.map(np.asarray, state)
 

@@ -15,8 +15,7 @@ from cgpt_jax.model.attention.alibi import alibi_slopes
 from cgpt_jax.model.attention.dense import DenseAttention
 from cgpt_jax.model.attention.rope import rotate_half
 from cgpt_jax.parallel.mesh import make_mesh
-from cgpt_jax.train.optimizer import make_optimizer
-from cgpt_jax.train.state import create_sharded_state
+from cgpt_jax.train.setup import build_run
 from tests.helpers import tiny_config, train_steps
 
 SEVEN = {"dense", "gqa", "mqa", "rope", "alibi", "sliding_window", "blockwise", "fused"}
@@ -169,7 +168,7 @@ def test_kv_heads_not_divisible_by_the_tensor_axis_names_the_parameter():
     config.model.attention = "gqa(kv_heads=2)"
     mesh = make_mesh(config.mesh, jax.devices())
     with pytest.raises(ValueError, match=r"attn/kv_(kernel|bias) .*'kv_heads'.*cannot be split over mesh axes tensor"):
-        create_sharded_state(config, make_optimizer(config.train), mesh)
+        build_run(config, mesh)
 
 
 def test_a_combined_variant_trains_on_a_tensor_parallel_mesh():

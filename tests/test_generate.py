@@ -20,8 +20,7 @@ from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.train import checkpoint
-from cgpt_jax.train.optimizer import make_optimizer
-from cgpt_jax.train.state import create_sharded_state
+from cgpt_jax.train.setup import build_run
 from tests.helpers import byte_bpe_tokenizer, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +196,7 @@ def test_cli_on_an_hf_directory_streams_text(model, generator, tmp_path):
 def test_cli_on_a_run_directory(tmp_path):
     config = tiny_config()
     mesh = make_mesh(config.mesh, jax.devices()[:1])
-    state, _ = create_sharded_state(config, make_optimizer(config.train), mesh)
+    state = build_run(config, mesh).init_state()
     (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "data_description": {"source": "synthetic"}}))
     saver = checkpoint.RunCheckpoints(str(tmp_path), config.checkpoint)
     saver.save(3, state, {}, wait=True)

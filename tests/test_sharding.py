@@ -5,8 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
-from cgpt_jax.train.state import create_sharded_state
-from cgpt_jax.train.optimizer import make_optimizer
+from cgpt_jax.train.setup import build_run
 from cgpt_jax.parallel.mesh import make_mesh
 from tests.helpers import tiny_config, train_steps
 
@@ -31,7 +30,7 @@ def test_sharded_training_equals_single_device(mesh, single_device_run):
 def test_parameters_are_actually_sharded():
     config = tiny_config(data=2, fsdp=2, tensor=2)
     mesh = make_mesh(config.mesh, jax.devices())
-    state, _ = create_sharded_state(config, make_optimizer(config.train), mesh)
+    state = build_run(config, mesh).init_state()
     qkv = state.params["blocks"]["attn"]["qkv_kernel"].get_value()
     assert qkv.sharding.spec == P(None, "fsdp", None, "tensor", None)
     assert qkv.addressable_shards[0].data.shape == (2, 16, 3, 2, 8)
@@ -50,7 +49,7 @@ def test_replication_guard_lists_offenders():
     config.mesh.rules = [r for r in config.mesh.rules if r[0] != "embed"]
     mesh = make_mesh(config.mesh, jax.devices())
     with pytest.raises(ValueError, match=r"(?s)stay replicated.*wte"):
-        create_sharded_state(config, make_optimizer(config.train), mesh)
+        build_run(config, mesh)
 
 
 def test_undivisible_parameter_names_the_fix():
@@ -59,4 +58,4 @@ def test_undivisible_parameter_names_the_fix():
     config.data.synthetic_vocab_size = 62
     mesh = make_mesh(config.mesh, jax.devices())
     with pytest.raises(ValueError, match="wte.*vocab_pad_multiple"):
-        create_sharded_state(config, make_optimizer(config.train), mesh)
+        build_run(config, mesh)

@@ -15,13 +15,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from cgpt_jax.config import resolve, validate
+from cgpt_jax.config import resolve
 from cgpt_jax.model import params_count
 from cgpt_jax.parallel.mesh import make_mesh
-from cgpt_jax.parallel.sharding import logical_to_spec
-from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
-from cgpt_jax.train.state import TrainState, create_sharded_state, model_graphdef
-from cgpt_jax.train.step import make_train_step
+from cgpt_jax.train.setup import build_run
+from cgpt_jax.train.state import TrainState
 
 
 @dataclasses.dataclass
@@ -53,20 +51,14 @@ class CompiledStep:
 
 def compile_train_step(config: ml_collections.ConfigDict, tokens_BxL1: np.ndarray,
                        devices: list[jax.Device]) -> CompiledStep:
-    """Initialise the sharded state, place the batch and compile the jitted, donated train step."""
+    """The training run's own step (`build_run`): initialise the sharded state, place the batch and compile
+    the jitted, donated train step."""
     config = resolve(config)
-    validate(config, len(devices))
-    t = config.train
-    mesh = make_mesh(config.mesh, devices)
-    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
-    tx = make_optimizer(t, config.model)
-    state, shardings = create_sharded_state(config, tx, mesh)
-    train_step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(t), mesh, shardings,
-                                 batch_sharding)
-    batch = {"inputs": jax.device_put(tokens_BxL1[:, :-1], batch_sharding),
-             "targets": jax.device_put(tokens_BxL1[:, 1:], batch_sharding)}
+    run = build_run(config, make_mesh(config.mesh, devices))
+    state = run.init_state()
+    batch = run.place_batch(tokens_BxL1)
     start = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
+    compiled = run.train_step.lower(state, batch).compile()
     return CompiledStep(compiled, state, batch, time.perf_counter() - start)
 
 

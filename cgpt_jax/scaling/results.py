@@ -6,14 +6,16 @@ import json
 import math
 from pathlib import Path
 
-from cgpt_jax.scaling.runner import FAILURE, RUN_RECORD, SUMMARY, SWEEP_TABLE, read_json
+from cgpt_jax import run_dir
+from cgpt_jax.run_dir import FLOP_CONVENTIONS, SUMMARY
+from cgpt_jax.scaling.runner import FAILURE, RUN_RECORD, SWEEP_TABLE, read_json
 
-FLOP_CONVENTIONS = ("cerebras", "palm", "6n")
 PARAM_COUNTS = ("non_embedding", "total")
-_RUN_FILES = (SUMMARY, FAILURE, RUN_RECORD, "config.json", "metrics.jsonl")
+_RUN_FILES = (SUMMARY, FAILURE, RUN_RECORD, run_dir.CONFIG, run_dir.METRICS)
 # A final eval loss this far above the run's best eval loss means training blew up late.
 _DIVERGED_RISE = 1.2
 NO_PROVENANCE = "(runs without sweep_run.json)"
+OPTIONAL_SUMMARY_KEYS = ("final_train_loss", "skipped_steps", "wall_time_s", "tokens_per_sec")  # not fitted
 
 
 @dataclasses.dataclass
@@ -67,10 +69,10 @@ def _read_run(path: Path) -> Run:
     record = read_json(path / RUN_RECORD) if (path / RUN_RECORD).is_file() else None
     run = Run(name=path.name, path=path, status="unfinished", group=_group(record),
               planned_config=None if record is None else record.get("config"))
-    if (path / "config.json").is_file():
-        run.config = read_json(path / "config.json")
+    if (path / run_dir.CONFIG).is_file():
+        run.config = read_json(path / run_dir.CONFIG)
     summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else None
-    if summary is None or summary.get("status") != "finished":
+    if summary is None or summary.get("status") != run_dir.FINISHED:
         if (path / FAILURE).is_file():
             failure = read_json(path / FAILURE)
             run.status = "failed"
@@ -81,8 +83,7 @@ def _read_run(path: Path) -> Run:
         return run
 
     run.status = "finished"
-    missing = [k for k in ("final_eval_loss", "n_params", "n_params_non_embedding", "tokens",
-                           *(f"flops_{c}" for c in FLOP_CONVENTIONS)) if summary.get(k) is None]
+    missing = [k for k in run_dir.SUMMARY_KEYS if summary.get(k) is None and k not in OPTIONAL_SUMMARY_KEYS]
     if missing:
         run.problems.append(f"summary.json lacks {missing}")
         return run
@@ -96,7 +97,7 @@ def _read_run(path: Path) -> Run:
     if not math.isfinite(run.loss):
         run.problems.append(f"non-finite final eval loss {run.loss}")
     else:
-        run.problems += _metrics_problems(path / "metrics.jsonl", run.loss)
+        run.problems += _metrics_problems(path / run_dir.METRICS, run.loss)
     return run
 
 

@@ -26,11 +26,11 @@ from typing import Any
 from tqdm import tqdm
 
 from cgpt_jax.config import run_differences
+from cgpt_jax.run_dir import SUMMARY, finished_summary
 from cgpt_jax.scaling.experiment import DEFAULT_TRAIN_ARGV, Experiment, RunSpec, train_command
 
 SWEEP_TABLE = "sweep.json"
 RUN_RECORD = "sweep_run.json"
-SUMMARY = "summary.json"
 FAILURE = "failure.json"
 STDOUT_LOG = "train.log"
 STDERR_LOG = "train.err"
@@ -66,9 +66,8 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def is_finished(run_dir: Path) -> bool:
-    path = run_dir / SUMMARY
-    return path.is_file() and read_json(path).get("status") == "finished"
+def is_finished(run_path: Path) -> bool:
+    return finished_summary(str(run_path)) is not None
 
 
 def _now() -> str:

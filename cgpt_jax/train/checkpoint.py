@@ -29,10 +29,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from cgpt_jax import run_dir
 from cgpt_jax.train.state import TrainState
 from cgpt_jax.treepath import path_name
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = run_dir.CHECKPOINTS
 REJECTED_DIR = "checkpoints_rejected"
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, just before the step becomes visible
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes a step under this name, then renames it

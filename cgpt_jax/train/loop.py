@@ -1,97 +1,145 @@
-"""The training loop, top to bottom: config → mesh → data → state → step → checkpoint → evals → summary.
+"""The training loop, top to bottom: config → mesh → data → run (state, steps) → resume → loop → summary.
 
-Start-up order: validate the config, build the mesh and the dataset (the model's vocabulary follows
-the tokenizer), resolve derived fields, check storage and `init_from`, check the workdir, then create the
-sharded state and resume it. Resume order (own checkpoint > init_from > scratch): see `train_and_evaluate`.
+`train_and_evaluate` reads in order: resolve the config against the data, set the run up
+(`train/setup.py:build_run`), prepare the run directory (`cgpt_jax/run_dir.py`), resume, then iterate:
+dispatch step t, read step t-1's metrics, evaluate, save. The pieces around the loop are small and named:
+`NonFiniteSteps` (the NaN policy), `Throughput` (timing without compile, evaluations and saves),
+`PreemptionWatch` and `distributed.Watchdog`.
 """
 from __future__ import annotations
 
-import datetime
-import json
+import contextlib
 import math
 import os
-import shutil
 import time
+from typing import Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
-from flax import nnx
 
-from cgpt_jax import flops
-from cgpt_jax.config import resolve, run_differences, validate
-from cgpt_jax.data import make_dataset
+from cgpt_jax import flops, run_dir
+from cgpt_jax.config import resolve, validate
+from cgpt_jax.data import Dataset, make_dataset
 from cgpt_jax.devices import device_peak_flops
-from cgpt_jax.model import abstract_model, params_count
+from cgpt_jax.model import params_count
 from cgpt_jax.parallel import distributed
 from cgpt_jax.parallel.mesh import make_mesh
-from cgpt_jax.parallel.sharding import logical_to_spec
 from cgpt_jax.train import checkpoint
-from cgpt_jax.train.faults import (
-    NonFiniteError,
-    PreemptionWatch,
-    diagnose_nonfinite,
-    nonfinite_tensors,
-    reject_nonfinite,
-)
-from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
-from cgpt_jax.train.param_table import PARAM_TABLE, format_param_table, param_table
-from cgpt_jax.train.state import create_sharded_state, model_graphdef
-from cgpt_jax.train.step import make_eval_step, make_train_step
+from cgpt_jax.train.faults import NonFiniteError, PreemptionWatch, diagnose_nonfinite, nonfinite_tensors
+from cgpt_jax.train.param_table import format_param_table, param_table
+from cgpt_jax.train.setup import Run, batch_sharding, build_run
+from cgpt_jax.train.state import TrainState
 from cgpt_jax.train.writers import MetricWriter
 
-def _write_atomically(path: str, text: str) -> None:
-    """Write then rename, so a kill mid-write never leaves a truncated file for the next start."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+
+def resolve_with_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                      ) -> tuple[ml_collections.ConfigDict, Dataset]:
+    """The dataset, and the config resolved against it (the model's vocabulary follows the tokenizer)."""
+    t = config.train
+    dataset = make_dataset(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size, seed=t.seed,
+                           sharding=batch_sharding(mesh, config.mesh.rules))
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.model.vocab_size == -1:
+        config.model.vocab_size = dataset.vocab_size
+    elif dataset.vocab_size > config.model.vocab_size:
+        raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
+                         f"{config.model.vocab_size}; set model.vocab_size=-1 to follow the tokenizer.")
+    return resolve(config), dataset
 
 
-def prepare_workdir(workdir: str, config_dict: dict, overwrite: bool) -> None:
-    """Create the workdir, or accept it when it holds this same run; never delete another run.
-
-    With `overwrite`, a workdir holding another config is moved aside to `<workdir>.replaced-<time>`.
-    A restart may change the restart-mutable fields; config.json then records the new values.
-    """
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        diffs = run_differences(previous, config_dict)
-        if diffs:
-            if not overwrite:
-                raise ValueError(
-                    f"workdir {workdir} holds another run's config; differences:\n" + "\n".join(diffs[:20]) +
-                    "\nUse another --workdir, or pass --overwrite to move the old run aside (it is kept).")
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            aside = f"{workdir.rstrip('/')}.replaced-{stamp}"
-            shutil.move(workdir, aside)
-            logging.warning("moved the previous run in %s aside to %s", workdir, aside)
-    os.makedirs(workdir, exist_ok=True)
-    _write_atomically(path, json.dumps(config_dict, indent=2))
+def restore(run: Run, checkpoints: checkpoint.RunCheckpoints, init_source: checkpoint.InitSource | None
+            ) -> tuple[TrainState, dict]:
+    """The state to start from, in this order: the workdir's own newest complete checkpoint (an exact
+    resume), else the parameters of `init_source` with a fresh optimizer, else scratch. Also returns the
+    loop's counters saved with the checkpoint (empty unless resuming)."""
+    state = run.init_state()
+    restored = checkpoints.restore_latest(like=state)
+    if restored is not None:
+        state, counters = restored
+        logging.info("resuming from checkpoint %s/%d", checkpoints.directory, counters["step"])
+        if init_source is not None:
+            logging.info("ignoring --init_from: the workdir's own checkpoint takes precedence")
+        return state, counters
+    if init_source is not None:
+        state = state.replace(params=checkpoint.load_init_params(init_source, like_params=state.params))
+        logging.info("initialised the parameters from %s/%d; fresh optimizer at step 0",
+                     init_source.directory, init_source.step)
+    else:
+        logging.info("starting from scratch (seed %d)", run.config.train.seed)
+    return state, {}
 
 
-def _drop_metrics_from(workdir: str, first_step: int) -> None:
-    """Keep only metric lines before `first_step`, so a restarted run logs each step once."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a line torn by a kill mid-write: always after the last checkpoint
-                continue
-            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:200]!r}") from None
-        if record["step"] < first_step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    _write_atomically(path, "".join(kept))
+class NonFiniteSteps:
+    """config.checkpoint.nan_policy: 'halt' stops at the first step with a non-finite loss or gradient;
+    'skip' counts steps whose update the optimizer's guard rejected, up to max_consecutive_skips in a row."""
+
+    def __init__(self, ck: ml_collections.ConfigDict, skipped: int):
+        self.ck = ck
+        self.skipped = skipped
+        self.in_a_row = 0
+
+    def accept(self, step: int, values: dict[str, float]) -> bool:
+        """True when the loop goes on after `step` (with its update applied, or skipped)."""
+        if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
+            self.in_a_row = 0
+            return True
+        if (self.ck.nan_policy == "skip" and not math.isfinite(values["grad_norm"])
+                and self.in_a_row < self.ck.max_consecutive_skips):
+            self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+            logging.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped "
+                            "(%d skipped so far)", step, values["loss"], values["grad_norm"], self.skipped)
+            return True
+        return False
+
+    def reason(self) -> str:
+        if self.ck.nan_policy == "skip":
+            return f"more than checkpoint.max_consecutive_skips={self.ck.max_consecutive_skips} non-finite steps in a row"
+        return "checkpoint.nan_policy='halt'"
+
+
+class Throughput:
+    """Tokens per second of the train steps alone: the first step (it compiles), evaluations and
+    checkpoint saves are not timed."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.interval_start: float | None = None
+        self.interval_steps = 0
+        self.total_s, self.total_steps = 0.0, 0
+
+    def start(self, metrics) -> None:
+        jax.block_until_ready(metrics)
+        self.interval_start = time.time()
+
+    def count_step(self) -> None:
+        self.interval_steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.time()
+        yield
+        if self.interval_start is not None:
+            self.interval_start += time.time() - start
+
+    def close_interval(self) -> float | None:
+        """Tokens/s since the last call (None if no timed step), and start the next interval."""
+        rate = None
+        if self.interval_start is not None and self.interval_steps:
+            elapsed = time.time() - self.interval_start
+            self.total_s, self.total_steps = self.total_s + elapsed, self.total_steps + self.interval_steps
+            rate = self.interval_steps * self.tokens_per_step / elapsed
+        self.interval_start, self.interval_steps = time.time(), 0
+        return rate
+
+    def mean(self) -> float:
+        return self.total_steps * self.tokens_per_step / self.total_s if self.total_s else float("nan")
+
+
+def _float_or_nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
@@ -99,78 +147,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                        show_progress: bool = True, watchdog_s: float = 0.0) -> dict:
     """Train `config` in `workdir` and return the run summary (also written to summary.json).
 
-    Where the train state comes from, in this order:
-      1. the workdir's own newest complete checkpoint: an exact resume (re-run the same command after
-         any stop; damaged checkpoints are skipped with a warning);
-      2. else `init_from`, another run's directory: the parameters of its newest complete checkpoint, with
-         a fresh optimizer at step 0;
-      3. else a fresh initialisation from config.train.seed.
-    On SIGTERM/SIGINT the loop finishes the current step, saves synchronously and returns a summary with
-    status 'preempted' (summary.json is written only by a finished run).
+    Where the train state comes from: see `restore` (own checkpoint > init_from > scratch); re-run the same
+    command after any stop. On SIGTERM/SIGINT the loop finishes the current step, saves synchronously and
+    returns a summary with status 'preempted' (summary.json is written only by a finished run).
     """
+    # --- set-up: every check before anything is written or compiled ---
     devices = devices if devices is not None else jax.devices()
     validate(config, len(devices))
     checkpoint.validate_checkpoint_config(config.checkpoint)
-    summary_path = os.path.join(workdir, "summary.json")
-
     mesh = make_mesh(config.mesh, devices)
-    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
-    dataset = make_dataset(config.data, seq_len=config.train.seq_len,
-                           global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-                           sharding=batch_sharding)
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.model.vocab_size == -1:
-        config.model.vocab_size = dataset.vocab_size
-    elif dataset.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
-                         f"{config.model.vocab_size}; set model.vocab_size=-1 to follow the tokenizer.")
-    config = resolve(config)
-    validate(config, len(devices))
+    config, dataset = resolve_with_data(config, mesh)
     config_dict = {**config.to_dict(), "data_description": dataset.describe()}
     if jax.process_count() > 1:
         distributed.preflight(config_dict, expected_devices=len(devices))
-    if os.path.exists(summary_path) and not overwrite:
-        with open(os.path.join(workdir, "config.json")) as f:
-            if not run_differences(json.load(f), config_dict):
-                logging.info("run in %s already finished; nothing to do", workdir)
-                with open(summary_path) as f:
-                    return json.load(f)
-
+    if not overwrite and run_dir.is_same_finished_run(workdir, config_dict):
+        logging.info("run in %s already finished; nothing to do", workdir)
+        return run_dir.read_json(run_dir.path(workdir, run_dir.SUMMARY))
+    run = build_run(config, mesh)
     t, ck = config.train, config.checkpoint
-    tx = reject_nonfinite(make_optimizer(t, config.model))
-    schedule = lr_schedule(t)
-    abstract_params = nnx.state(abstract_model(config.model), nnx.Param)
-    checkpoint.check_storage(workdir, checkpoint.state_nbytes((abstract_params, jax.eval_shape(tx.init,
-                                                                                               abstract_params))))
-    init_source = (checkpoint.find_init_source(init_from, checkpoint.tensor_specs(abstract_params, "params/"))
+    checkpoint.check_storage(workdir, checkpoint.state_nbytes(run.abstract_state))
+    init_source = (checkpoint.find_init_source(init_from, checkpoint.tensor_specs(run.abstract_state.params,
+                                                                                  "params/"))
                    if init_from else None)
-    prepare_workdir(workdir, config_dict, overwrite)
+    run_dir.prepare(workdir, config_dict, overwrite)
     table = param_table(config)  # init, learning rate and forward multipliers of every parameter, to audit
     logging.info("parameters:\n%s", format_param_table(table))
     if jax.process_index() == 0:
-        _write_atomically(os.path.join(workdir, PARAM_TABLE), json.dumps(table, indent=2))
+        run_dir.write_json_atomically(run_dir.path(workdir, run_dir.PARAM_TABLE), table)
 
-    state, shardings = create_sharded_state(config, tx, mesh)
-    graphdef = model_graphdef(config.model)
-    train_step = make_train_step(config, graphdef, tx, schedule, mesh, shardings, batch_sharding)
-    eval_step = make_eval_step(config, graphdef, mesh, shardings.params, batch_sharding)
-
-    # Resume order: own checkpoint > init_from > scratch.
     checkpoints = checkpoint.RunCheckpoints(workdir, ck)
-    restored = checkpoints.restore_latest(like=state)
-    resumed: dict = {}
-    if restored is not None:
-        state, resumed = restored
-        logging.info("resuming from checkpoint %s/%d", checkpoints.directory, resumed["step"])
-        if init_source is not None:
-            logging.info("ignoring --init_from: the workdir's own checkpoint takes precedence")
-    elif init_source is not None:
-        state = state.replace(params=checkpoint.load_init_params(init_source, like_params=state.params))
-        logging.info("initialised the parameters from %s/%d; fresh optimizer at step 0",
-                     init_source.directory, init_source.step)
-    else:
-        logging.info("starting from scratch (seed %d)", t.seed)
-
+    state, counters = restore(run, checkpoints, init_source)
+    start_step = int(state.step)
     shape = flops.Shape.from_model_config(config.model, t.seq_len)
     peak = t.device_peak_flops if t.device_peak_flops > 0 else device_peak_flops(devices[0])
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -178,123 +185,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                  f"{params_count(config.model):,}", f"{params_count(config.model, non_embedding=True):,}",
                  t.steps, tokens_per_step, dict(mesh.shape))
 
-    def evaluate() -> float:
-        return float(np.mean([float(eval_step(state.params, batch)) for batch in dataset.eval_batches()]))
-
-    def as_float(x: float | None) -> float:
-        return float("nan") if x is None else x
-
-    start_step = int(state.step)
-    _drop_metrics_from(workdir, start_step)
+    # --- the loop ---
+    run_dir.drop_metrics_from(workdir, start_step)
     writer = MetricWriter(workdir)
+    nonfinite = NonFiniteSteps(ck, skipped=counters.get("skipped_steps", 0))
+    throughput = Throughput(tokens_per_step)
+    train_loss = _float_or_nan(counters.get("train_loss"))
+    eval_loss = _float_or_nan(counters.get("eval_loss"))
     run_start = time.time()
-    interval_start, interval_steps, compute_time, compute_steps = None, 0, 0.0, 0
-    pending: tuple[int, dict] | None = None  # read step t-1's metrics only after dispatching step t
-    # Counters a resumed run continues from its checkpoint.
-    last_train_loss = as_float(resumed.get("train_loss"))
-    eval_loss = as_float(resumed.get("eval_loss"))
-    skipped, skipped_in_a_row = resumed.get("skipped_steps", 0), 0
 
-    def on_nonfinite(bad_step: int, values: dict) -> None:
-        """nan_policy 'skip': count a step whose update the optimizer rejected; otherwise stop, diagnosed."""
-        nonlocal skipped, skipped_in_a_row
-        if ck.nan_policy == "skip" and not math.isfinite(values["grad_norm"]) \
-                and skipped_in_a_row < ck.max_consecutive_skips:
-            skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
-            logging.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped "
-                            "(%d skipped so far)", bad_step, values["loss"], values["grad_norm"], skipped)
-            return
-        writer.write(bad_step, values)
-        reason = ("more than checkpoint.max_consecutive_skips="
-                  f"{ck.max_consecutive_skips} non-finite steps in a row" if ck.nan_policy == "skip"
-                  else "checkpoint.nan_policy='halt'")
-        checkpoints.wait()  # let an in-flight (good) save commit, so the message names it
-        last = checkpoints.latest_step()
-        raise NonFiniteError(
-            diagnose_nonfinite(bad_step, values, state, dataset.train_batch(bad_step), graphdef, config) +
-            f"\nStopped ({reason}) without saving; the last checkpoint is "
-            f"{'none' if last is None else f'{checkpoints.directory}/{last}'}. "
-            "To drop such updates and go on, set --config.checkpoint.nan_policy=skip.")
-
-    def flush(pending_step: int, metrics: dict) -> None:
-        nonlocal last_train_loss, interval_start, interval_steps, compute_time, compute_steps, skipped_in_a_row
+    def read_metrics(step: int, metrics: dict) -> None:
+        """Host-side work for a dispatched step: the NaN policy, then the log line every log_every steps."""
+        nonlocal train_loss
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last_train_loss = values["loss"]
-        if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
-            skipped_in_a_row = 0
-        else:
-            on_nonfinite(pending_step, values)
-        if pending_step % t.log_every == 0 or pending_step == t.steps - 1:
-            if interval_start is not None and interval_steps:
-                elapsed = time.time() - interval_start
-                compute_time, compute_steps = compute_time + elapsed, compute_steps + interval_steps
-                tokens_per_sec = interval_steps * tokens_per_step / elapsed
-                values["tokens_per_sec"] = tokens_per_sec
-                values["mfu"] = flops.mfu(tokens_per_sec, shape, peak * len(devices))
-            writer.write(pending_step, values)
-            interval_start, interval_steps = time.time(), 0
+        train_loss = values["loss"]
+        if not nonfinite.accept(step, values):
+            writer.write(step, values)
+            checkpoints.wait()  # let an in-flight (good) save commit, so the message names it
+            last = checkpoints.latest_step()
+            raise NonFiniteError(
+                diagnose_nonfinite(step, values, state, dataset.train_batch(step), run.graphdef, config) +
+                f"\nStopped ({nonfinite.reason()}) without saving; the last checkpoint is "
+                f"{'none' if last is None else f'{checkpoints.directory}/{last}'}. "
+                "To drop such updates and go on, set --config.checkpoint.nan_policy=skip.")
+        if step % t.log_every == 0 or step == t.steps - 1:
+            rate = throughput.close_interval()
+            if rate is not None:
+                values["tokens_per_sec"] = rate
+                values["mfu"] = flops.mfu(rate, shape, peak * len(devices))
+            writer.write(step, values)
 
     def save(steps_done: int, wait: bool) -> None:
-        # Only after every step up to here was read and found finite (flush), and never a non-finite state.
+        # Only after every step up to here was read and found finite, and never a non-finite state.
         bad = nonfinite_tensors(state)
         if bad:
             raise NonFiniteError(f"not saving checkpoint {steps_done}: non-finite tensors {bad[:12]}")
         checkpoints.save(steps_done, state, {"config": config_dict, "mesh": dict(mesh.shape),
-                                             "skipped_steps": skipped, "train_loss": last_train_loss,
+                                             "skipped_steps": nonfinite.skipped, "train_loss": train_loss,
                                              "eval_loss": eval_loss}, wait=wait)
 
     progress = tqdm.tqdm(total=t.steps, initial=start_step, disable=not show_progress or jax.process_index() != 0,
                          desc=os.path.basename(workdir.rstrip("/")), unit="step")
     preemption = PreemptionWatch()
-    watchdog: distributed.Watchdog | None = None
+    watchdog = distributed.Watchdog(0.0)  # disarmed until the first step has compiled
+    pending: tuple[int, dict] | None = None  # step t-1's metrics are read only after step t is dispatched
     stopped_at = None
     try:
         for step in range(start_step, t.steps):
-            state, metrics = train_step(state, dataset.train_batch(step))
+            state, metrics = run.train_step(state, dataset.train_batch(step))
             if pending is not None:
-                flush(*pending)
+                read_metrics(*pending)
             if step == start_step:
-                # The first step includes compilation: time from its end.
-                jax.block_until_ready(metrics)
-                interval_start = time.time()
-                # Armed only now: compilation may take long, a stalled step or collective must not.
-                watchdog = distributed.Watchdog(watchdog_s)
+                throughput.start(metrics)
+                watchdog = distributed.Watchdog(watchdog_s)  # compiling may take long; a stalled step may not
             else:
-                interval_steps += 1
+                throughput.count_step()
             pending = (step, metrics)
             is_last = step == t.steps - 1
             if (step + 1) % t.eval_every == 0 or is_last:
-                flush(*pending)
+                read_metrics(*pending)
                 pending = None
-                eval_start = time.time()
-                if watchdog:
-                    watchdog.beat("evaluating")
-                eval_loss = evaluate()
+                watchdog.beat("evaluating")
+                with throughput.paused():
+                    eval_loss = float(np.mean([float(run.eval_step(state.params, batch))
+                                               for batch in dataset.eval_batches()]))
                 writer.write(step, {"eval_loss": eval_loss})
-                progress.set_postfix(loss=f"{last_train_loss:.3f}", eval=f"{eval_loss:.3f}")
-                interval_start = (interval_start or eval_start) + (time.time() - eval_start)
+                progress.set_postfix(loss=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}")
             stop = preemption.should_stop(step) and not is_last
             if is_last or stop or (ck.every_steps and (step + 1) % ck.every_steps == 0):
                 if pending is not None:
-                    flush(*pending)
+                    read_metrics(*pending)
                     pending = None
-                pause_start = time.time()
-                if watchdog:
-                    watchdog.beat("saving a checkpoint")
-                save(step + 1, wait=is_last or stop)
-                interval_start = (interval_start or pause_start) + (time.time() - pause_start)
+                watchdog.beat("saving a checkpoint")
+                with throughput.paused():
+                    save(step + 1, wait=is_last or stop)
             checkpoints.check_background()  # a failed background save stops the run at the next step
-            if watchdog:
-                watchdog.beat("training")
+            watchdog.beat("training")
             progress.update(1)
             if stop:
                 stopped_at = step + 1
                 break
         if pending is not None:
-            flush(*pending)
+            read_metrics(*pending)
     finally:
-        if watchdog:
-            watchdog.stop()
+        watchdog.stop()
         preemption.close()
         progress.close()
         writer.close()
@@ -304,22 +278,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         message = (f"stopped by {preemption.signal_name} after step {stopped_at - 1}: saved checkpoint "
                    f"{checkpoints.directory}/{stopped_at}; re-run the same command to resume")
         logging.warning(message)
-        return {"status": "preempted", "step": stopped_at, "message": message}
+        return {"status": run_dir.PREEMPTED, "step": stopped_at, "message": message}
 
     tokens = t.steps * tokens_per_step
     summary = {
-        "status": "finished",
+        "status": run_dir.FINISHED,
         "step": t.steps,
         "final_eval_loss": eval_loss,
-        "final_train_loss": last_train_loss,
-        "skipped_steps": skipped,
+        "final_train_loss": train_loss,
+        "skipped_steps": nonfinite.skipped,
         "n_params": params_count(config.model),
         "n_params_non_embedding": params_count(config.model, non_embedding=True),
         "tokens": tokens,
-        **{f"flops_{c}": flops.training_flops(shape, tokens, c) for c in flops.CONVENTIONS},
+        **{f"flops_{c}": flops.training_flops(shape, tokens, c) for c in run_dir.FLOP_CONVENTIONS},
         "wall_time_s": time.time() - run_start,
-        "tokens_per_sec": compute_steps * tokens_per_step / compute_time if compute_time else float("nan"),
+        "tokens_per_sec": throughput.mean(),
     }
     if jax.process_index() == 0:
-        _write_atomically(summary_path, json.dumps(summary, indent=2))
+        run_dir.write_json_atomically(run_dir.path(workdir, run_dir.SUMMARY), summary)
     return summary

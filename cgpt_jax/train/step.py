@@ -51,7 +51,8 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
-                    state_shardings: Any, batch_sharding: jax.sharding.NamedSharding
+                    state_shardings: Any, batch_sharding: jax.sharding.NamedSharding, *,
+                    compiler_options: dict[str, Any] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     rules = config.mesh.rules
     micro_batches = config.train.micro_batches
@@ -67,12 +68,13 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, {"inputs": batch_sharding,
                                                                "targets": batch_sharding}),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                   compiler_options=compiler_options)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
-                   params_shardings: Any, batch_sharding: jax.sharding.NamedSharding
-                   ) -> Callable[[nnx.State, Batch], jax.Array]:
+                   params_shardings: Any, batch_sharding: jax.sharding.NamedSharding, *,
+                   compiler_options: dict[str, Any] | None = None) -> Callable[[nnx.State, Batch], jax.Array]:
     def eval_step(params: nnx.State, batch: Batch) -> jax.Array:
         with activation_sharding(mesh, config.mesh.rules):
             return cross_entropy(graphdef, params, batch)
@@ -80,4 +82,4 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(eval_step, in_shardings=(params_shardings, {"inputs": batch_sharding,
                                                               "targets": batch_sharding}),
-                   out_shardings=replicated)
+                   out_shardings=replicated, compiler_options=compiler_options)

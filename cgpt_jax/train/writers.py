@@ -1,12 +1,13 @@
-"""Where metrics go: DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard event files."""
+"""Where metrics go: DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events (cgpt_jax/run_dir.py)."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 from tensorboardX import SummaryWriter
+
+from cgpt_jax import run_dir
 
 
 class MetricWriter:
@@ -15,8 +16,8 @@ class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(run_dir.path(workdir, run_dir.METRICS), "a")
+            self.tensorboard = SummaryWriter(run_dir.path(workdir, run_dir.TENSORBOARD))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,0 +1,114 @@
+"""The run directory's contract: what a training run writes, under which names, and what its summary holds.
+
+    DIR/config.json        the resolved config (plus `data_description`), written before the first step
+    DIR/param_table.json   init, learning rate and forward multipliers of every parameter
+    DIR/metrics.jsonl      one JSON object per logged step: step, loss, lr, grad_norm, tokens_per_sec, mfu;
+                           eval_loss on evaluation steps
+    DIR/tensorboard/       the same metrics as TensorBoard events
+    DIR/checkpoints/<N>/   Orbax checkpoints after N steps (cgpt_jax/train/checkpoint.py)
+    DIR/summary.json       written last, by a finished run only (SUMMARY_KEYS)
+
+Every reader (the sweep runner, the scaling analysis, generation, the chaos test) takes the names from here.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+
+from absl import logging
+
+from cgpt_jax.config import run_differences
+from cgpt_jax.flops import CONVENTIONS as FLOP_CONVENTIONS  # one `flops_<convention>` summary key each
+
+CONFIG = "config.json"
+PARAM_TABLE = "param_table.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+SUMMARY = "summary.json"
+
+FINISHED = "finished"  # summary.json's status; a preempted run returns status 'preempted' and writes none
+PREEMPTED = "preempted"
+# What a finished run's summary.json holds (the analysis needs all but the last two).
+SUMMARY_KEYS = ("status", "step", "final_eval_loss", "final_train_loss", "skipped_steps", "n_params",
+                "n_params_non_embedding", "tokens", *(f"flops_{c}" for c in FLOP_CONVENTIONS),
+                "wall_time_s", "tokens_per_sec")
+
+
+def path(workdir: str, name: str) -> str:
+    return os.path.join(workdir, name)
+
+
+def write_json_atomically(file_path: str, data: dict) -> None:
+    """Write then rename, so a kill mid-write never leaves a truncated file for the next reader."""
+    tmp = f"{file_path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2))
+    os.replace(tmp, file_path)
+
+
+def read_json(file_path: str) -> dict:
+    with open(file_path) as f:
+        return json.load(f)
+
+
+def finished_summary(workdir: str) -> dict | None:
+    """The summary of a finished run in `workdir`, else None."""
+    file_path = path(workdir, SUMMARY)
+    if not os.path.isfile(file_path):
+        return None
+    summary = read_json(file_path)
+    return summary if summary.get("status") == FINISHED else None
+
+
+def prepare(workdir: str, config_dict: dict, overwrite: bool) -> None:
+    """Create the workdir, or accept it when it holds this same run; never delete another run.
+
+    With `overwrite`, a workdir holding another config is moved aside to `<workdir>.replaced-<time>`.
+    A restart may change the restart-mutable fields; config.json then records the new values.
+    """
+    config_path = path(workdir, CONFIG)
+    if os.path.exists(config_path):
+        diffs = run_differences(read_json(config_path), config_dict)
+        if diffs:
+            if not overwrite:
+                raise ValueError(
+                    f"workdir {workdir} holds another run's config; differences:\n" + "\n".join(diffs[:20]) +
+                    "\nUse another --workdir, or pass --overwrite to move the old run aside (it is kept).")
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            aside = f"{workdir.rstrip('/')}.replaced-{stamp}"
+            shutil.move(workdir, aside)
+            logging.warning("moved the previous run in %s aside to %s", workdir, aside)
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomically(config_path, config_dict)
+
+
+def is_same_finished_run(workdir: str, config_dict: dict) -> bool:
+    """True when `workdir` holds a finished run of this config (re-running it has nothing to do)."""
+    return (finished_summary(workdir) is not None and os.path.isfile(path(workdir, CONFIG))
+            and not run_differences(read_json(path(workdir, CONFIG)), config_dict))
+
+
+def drop_metrics_from(workdir: str, first_step: int) -> None:
+    """Keep only metric lines before `first_step`, so a restarted run logs each step once."""
+    file_path = path(workdir, METRICS)
+    if not os.path.exists(file_path):
+        return
+    with open(file_path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a line torn by a kill mid-write: always after the last checkpoint
+                continue
+            raise ValueError(f"{file_path}: line {i + 1} is not JSON: {line[:200]!r}") from None
+        if record["step"] < first_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{file_path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("".join(kept))
+    os.replace(tmp, file_path)
