@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cgpt_jax.data import corpus, default_data_config, make_dataset
-from cgpt_jax.data.prepare import main as prepare_main, prepare
+from cgpt_jax.data.prepare import define_flags as define_data_flags, main as prepare_main, prepare
 from cgpt_jax.data.store import MANIFEST, StoreError, build_or_reuse, open_store
 from cgpt_jax.data.tokenizer import TokenizerError, parse_spec
 
@@ -169,8 +170,11 @@ def test_make_dataset_over_a_text_dir(tmp_path):
 
 def test_prepare_command_line(tmp_path, capsys):
     root = write_corpus(tmp_path / "corpus")
-    prepare_main(["--source=text_dir", f"--text_dir={root}", "--tokenizer=bytes", f"--cache_dir={tmp_path}",
-                  f"--val_fraction={VAL_FRACTION}", "--include=*.txt,*.md"])
+    flag_values = flags.FlagValues()  # the command's flags, kept apart from this process's
+    define_data_flags(flag_values)
+    flag_values(["prepare", "--source=text_dir", f"--text_dir={root}", "--tokenizer=bytes", f"--cache_dir={tmp_path}",
+                 f"--val_fraction={VAL_FRACTION}", "--include=*.txt,*.md"])
+    prepare_main(["prepare"], flag_values)
     summary = json.loads(capsys.readouterr().out)
     assert summary["source"]["include"] == ["*.txt", "*.md"]
     assert summary["splits"]["train"]["tokens"] > 0

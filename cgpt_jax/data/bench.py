@@ -10,18 +10,16 @@ model can consume): this CPU's measured f32 matmul rate and the H200's bf16 peak
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cgpt_jax import devices, flops
-from cgpt_jax.data import make_dataset
-from cgpt_jax.data.prepare import config_from_args
+from cgpt_jax import cli, devices, flops
+from cgpt_jax.data import make_dataset, prepare
 
 
 def cerebras_111m_shape(seq_len: int) -> flops.Shape:
@@ -33,13 +31,11 @@ def cerebras_111m_shape(seq_len: int) -> flops.Shape:
                        attention_projection_params=4 * d * d)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--global_batch_size", type=int, default=120)
-    parser.add_argument("--steps", type=int, default=40)
-    args, data_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    data_cfg = config_from_args(data_argv)
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
+    data_cfg = prepare.config_from_flags(args)
     data_cfg.prefetch = 0  # time the work itself; prefetch only hides it behind the step
     mesh = Mesh(np.array(jax.devices()), ("data",))
     dataset = make_dataset(data_cfg, seq_len=args.seq_len, global_batch_size=args.global_batch_size, seed=0,
@@ -77,4 +73,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Flags are defined only when run as a program, so importing this module defines none.
+    flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
+    flags.DEFINE_integer("global_batch_size", 120, "Sequences per step.")
+    flags.DEFINE_integer("steps", 40, "Steps timed for each measurement.")
+    prepare.define_flags(flags.FLAGS)
+    cli.run(main)

@@ -9,18 +9,19 @@ Every field of `default_data_config()` is a flag. Training calls the same `prepa
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import logging
 import sys
 
 import ml_collections
+from absl import app, flags
 
+from cgpt_jax import cli
 from cgpt_jax.data import corpus, default_data_config
 from cgpt_jax.data.store import Source, TokenStore, build_or_reuse
 
 SOURCES = ("synthetic", "stdlib", "text_dir", "tfds")
+PATH_FIELDS = ("cache_dir", "text_dir", "tfds_data_dir")  # resolved against the current directory
 
 
 def source_from_config(data_cfg: ml_collections.ConfigDict) -> Source:
@@ -43,29 +44,43 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> TokenStore:
     return build_or_reuse(source_from_config(data_cfg), data_cfg.tokenizer, data_cfg.cache_dir)
 
 
-def config_from_args(argv: list[str]) -> ml_collections.ConfigDict:
-    cfg = default_data_config()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, default in cfg.items():
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """One flag per field of `default_data_config()`, with its default. Only the commands that take them
+    define them (here and `cgpt_jax.data.bench`), so importing this module defines no flags."""
+    for key, default in default_data_config().items():
+        help_text = f"config.data.{key}"
         if isinstance(default, bool):
-            parser.add_argument(f"--{key}", type=lambda v: v.lower() in ("1", "true", "yes"), default=default)
+            flags.DEFINE_bool(key, default, help_text, flag_values=flag_values)
         elif isinstance(default, tuple):
-            parser.add_argument(f"--{key}", type=lambda v: tuple(filter(None, v.split(","))), default=default,
-                                help="comma-separated")
+            flags.DEFINE_list(key, list(default), help_text + " (comma-separated)", flag_values=flag_values)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(key, default, help_text, flag_values=flag_values)
+        elif isinstance(default, float):
+            flags.DEFINE_float(key, default, help_text, flag_values=flag_values)
         else:
-            parser.add_argument(f"--{key}", type=type(default), default=default)
-    for key, value in vars(parser.parse_args(argv)).items():
-        cfg[key] = value
+            flags.DEFINE_string(key, default, help_text, flag_values=flag_values)
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> ml_collections.ConfigDict:
+    """The data config that the flags of `define_flags` give, paths resolved."""
+    cfg = default_data_config()
+    for key, default in cfg.items():
+        value = flag_values[key].value
+        cfg[key] = tuple(value) if isinstance(default, tuple) else value
+    for key in PATH_FIELDS:
+        cfg[key] = cli.resolve_optional_path(cfg[key])
     return cfg
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout carries only the summary
-        store = prepare(config_from_args(sys.argv[1:] if argv is None else argv))
+        store = prepare(config_from_flags(flag_values))
     summary = {k: store.manifest[k] for k in ("source", "tokenizer", "splits", "build")}
     print(json.dumps({"store": str(store.path), **summary}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags(flags.FLAGS)
+    cli.run(main)

@@ -12,7 +12,6 @@ alternating so that load from other processes hits both alike. Prints one JSON o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,8 +21,10 @@ from typing import Callable
 
 import jax
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
+from cgpt_jax import cli
 from cgpt_jax.config import base_config
 from cgpt_jax.infer import Generator
 from cgpt_jax.interop import hf
@@ -56,15 +57,12 @@ def interleaved_medians(runs: dict[str, Callable[[int], object]], lengths: tuple
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prompt_len", type=int, default=128)
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
     if args.new_tokens < 2:
-        parser.error("--new_tokens must be at least 2 (the rate is measured between 1 and new_tokens)")
+        raise app.UsageError("--new_tokens must be at least 2 (the rate is measured between 1 and new_tokens)")
 
     import torch
     import transformers
@@ -105,4 +103,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Flags are defined only when run as a program, so importing this module defines none.
+    flags.DEFINE_integer("batch", 1, "Prompts decoded together.")
+    flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
+    flags.DEFINE_integer("new_tokens", 128, "Tokens generated per prompt (at least 2).")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per implementation and length; the median is kept.")
+    cli.run(main)

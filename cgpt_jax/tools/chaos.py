@@ -11,7 +11,6 @@ entirely, summary included. Prints one line per kill, then `K/N resumes exact`; 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,6 +20,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+from absl import app, flags
+
+from cgpt_jax import cli
 
 DEFAULT_CONFIG = "experiments/cerebras_gpt.py:size=tiny"
 # Frequent saves and a line per step, so that kills land during saves and every step is compared.
@@ -156,20 +159,22 @@ def run_chaos(n: int, workdir: str, *, config: str = DEFAULT_CONFIG, overrides: 
     return Result(kills=n, exact=exact, lines=lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    # argparse, not absl flags: tests import this module next to modules that define absl flags.
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=20, help="How many times to SIGKILL the run.")
-    parser.add_argument("--workdir", default="/tmp/cgpt_jax_chaos", help="Holds reference/ and chaos/ (replaced).")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="Experiment config, as for python -m cgpt_jax.train.")
-    parser.add_argument("--override", action="append", help="A --config.x=y flag for both runs (repeatable); "
-                        f"default: {' '.join(DEFAULT_OVERRIDES)}")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments.")
-    args = parser.parse_args(argv)
-    result = run_chaos(args.n, args.workdir, config=args.config, overrides=args.override or DEFAULT_OVERRIDES,
-                       seed=args.seed)
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
+    result = run_chaos(args.n, cli.resolve_path(args.workdir), config=args.config,
+                       overrides=args.override or DEFAULT_OVERRIDES, seed=args.seed)
     sys.exit(0 if result.exact == result.kills else 1)
 
 
 if __name__ == "__main__":
-    main()
+    # Flags are defined only when run as a program: tests import this module next to modules whose flags
+    # (--config, --workdir, --seed) have the same names.
+    flags.DEFINE_integer("n", 20, "How many times to SIGKILL the run.")
+    flags.DEFINE_string("workdir", "/tmp/cgpt_jax_chaos", "Holds reference/ and chaos/ (replaced).")
+    flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment config, as for python -m cgpt_jax.train.")
+    flags.DEFINE_multi_string("override", None, "A --config.x=y flag for both runs (repeatable); "
+                              f"default: {' '.join(DEFAULT_OVERRIDES)}")
+    flags.DEFINE_integer("seed", 0, "Seed of the kill moments.")
+    cli.run(main)
