@@ -5,7 +5,10 @@ setup(
     name="cgpt_jax",
     version="0.1.0",
     description="Cerebras-GPT (standard and muP) in JAX/Flax NNX: one model, any mesh, scaling laws on a laptop",
-    packages=find_packages(include=["cgpt_jax", "cgpt_jax.*"]),
+    # experiments/ is installed as cgpt_jax.experiments, so `--config=experiments/NAME.py` works from any
+    # directory after `pip install` (cgpt_jax/experiment_files.py) and experiments import each other by it.
+    packages=[*find_packages(include=["cgpt_jax", "cgpt_jax.*"]), "cgpt_jax.experiments"],
+    package_dir={"cgpt_jax.experiments": "experiments"},
     package_data={
         "cgpt_jax.kernels": ["*.cc"],  # C++ sources, compiled on the user's machine at first use
         "cgpt_jax.reference": ["*.json"],  # the published Cerebras-GPT facts the product and tests read

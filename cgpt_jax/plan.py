@@ -20,9 +20,10 @@ import time
 _DEVICES_ENV = "CGPT_PLAN_DEVICES"
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+from cgpt_jax import experiment_files  # noqa: E402  (imports no jax)
+
+_CONFIG = experiment_files.define_config_file("config", "Experiment config file.")
 _MESH = flags.DEFINE_string("mesh", None, "Target mesh, e.g. 'fsdp=64' or 'data=4,fsdp=8,tensor=2' "
                             "(axes not named are 1). Default: the config's mesh with --devices.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Target device count (default: the --mesh product).")

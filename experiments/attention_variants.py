@@ -24,7 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import parse_arg
-from experiments import cpu_ladder
+from cgpt_jax.experiments import cpu_ladder
 
 # sweep key -> config.model.attention (keys are run-name and command-line friendly)
 VARIANTS = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import parse_arg
-from experiments.cpu_ladder import SIZES as LADDER_SIZES
-from experiments.cpu_ladder import cpu_base_config
+from cgpt_jax.experiments.cpu_ladder import SIZES as LADDER_SIZES
+from cgpt_jax.experiments.cpu_ladder import cpu_base_config
 
 # name: (d_model, n_layers, n_heads, vocab, seq_len, batch)
 EXTRA_SIZES = {

@@ -17,7 +17,7 @@ import ml_collections
 
 from cgpt_jax import flops
 from cgpt_jax.config import parse_arg
-from experiments.cpu_ladder import BATCH, SEQ_LEN, SIZES, WARMUP_FRACTION, cpu_base_config
+from cgpt_jax.experiments.cpu_ladder import BATCH, SEQ_LEN, SIZES, WARMUP_FRACTION, cpu_base_config
 
 SIZES = {**SIZES, "d64l3": (64, 3, 4), "d80l3": (80, 3, 5)}  # (d_model, n_layers, n_heads)
 # budget (training FLOPs, Cerebras convention) -> the sizes trained at it

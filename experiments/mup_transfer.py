@@ -20,7 +20,7 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import parse_arg
-from experiments import cerebras_gpt, cpu_ladder
+from cgpt_jax.experiments import cerebras_gpt, cpu_ladder
 
 WIDTHS = (16, 32, 64, 128)
 # Peak learning rates, a factor of 2 apart, around each parameterization's optimum at the narrowest width

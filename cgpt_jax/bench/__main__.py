@@ -19,14 +19,13 @@ import statistics
 import jax
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
-from cgpt_jax import cli, flops
+from cgpt_jax import cli, experiment_files, flops
 from cgpt_jax.bench.runners import jax_stepper, median_ratio, random_tokens, time_alternately
 from cgpt_jax.config import resolve
 from cgpt_jax.devices import cpu_peak_flops, device_peak_flops
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = experiment_files.define_config_file("config", "Experiment config file.")
 _COMPARE = flags.DEFINE_enum("compare", None, ["torch"], "Also time the PyTorch eager reference.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds; the frameworks take turns in each.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per framework per round.")

@@ -20,6 +20,8 @@ from typing import Any
 
 import ml_collections
 
+from cgpt_jax import experiment_files
+
 # Run names become directory names and SLURM job names.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Types that absl's config_flags can parse back from one command-line value.
@@ -115,11 +117,10 @@ def parse_spec(spec: str) -> tuple[Path, str | None]:
 
 def load_experiment(spec: str) -> Experiment:
     path, arg = parse_spec(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment file {path} not found (from --config={spec}); "
-                                f"paths are relative to the current directory {Path.cwd()}")
+    # The trainers get `path` as given and resolve it by the same rule (cgpt_jax/experiment_files.py).
+    file = experiment_files.resolve(path)
     module_name = "cgpt_experiment_" + re.sub(r"\W", "_", path.stem)
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module_spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     for fn in ("get_config", "sweep"):

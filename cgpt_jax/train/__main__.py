@@ -14,14 +14,13 @@ retain_freed_memory()  # before JAX starts its CPU client (cgpt_jax/host_memory.
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from cgpt_jax import cli
+from cgpt_jax import cli, experiment_files
 from cgpt_jax.parallel import distributed
 from cgpt_jax.train.loop import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. "
-                                          "experiments/cerebras_gpt.py:size=tiny", lock_config=True)
+_CONFIG = experiment_files.define_config_file("config", "Experiment config file, e.g. "
+                                             "experiments/cerebras_gpt.py:size=tiny")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, TensorBoard, "
                                "checkpoints/).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "If the workdir holds another run's config, move that "
