@@ -40,6 +40,7 @@ from flax import nnx
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from cgpt_jax import cli
 from cgpt_jax.config import base_config, resolve, validate
 from cgpt_jax.data import make_dataset
 from cgpt_jax.model import GPT
@@ -226,7 +227,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--widths needs at least two widths to fit a slope, --steps at least 1")
     results = coord_check(widths, args.steps, base_width=args.base_width or widths[0], d_head=args.d_head,
                           n_layers=args.n_layers, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(cli.resolve_path(args.out))
     out.mkdir(parents=True, exist_ok=True)
     plot(results, widths, out / "coord_check.png")
     mup_flat, sp_grows, report = verdict(results)
@@ -252,4 +253,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 2, "Sequences in the one training batch (few tokens: see measure()).")
     flags.DEFINE_float("lr", LEARNING_RATE, "The constant learning rate (muP: the base LR).")
     flags.DEFINE_string("out", "runs/mup_check", "Where to write coord_check.png and coord_check.json.")
-    app.run(main)
+    cli.run(main)

@@ -21,7 +21,7 @@ _DEVICES_ENV = "CGPT_PLAN_DEVICES"
 
 from absl import app, flags  # noqa: E402
 
-from cgpt_jax import experiment_files  # noqa: E402  (imports no jax)
+from cgpt_jax import cli, experiment_files  # noqa: E402  (imports no jax)
 
 _CONFIG = experiment_files.define_config_file("config", "Experiment config file.")
 _MESH = flags.DEFINE_string("mesh", None, "Target mesh, e.g. 'fsdp=64' or 'data=4,fsdp=8,tensor=2' "
@@ -158,4 +158,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
