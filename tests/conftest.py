@@ -1,6 +1,8 @@
 """Every test process sees 8 fake CPU devices, so sharded code runs on CPU (flag set before jax loads)."""
 import os
 
+import pytest
+
 _FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
 if _FAKE_DEVICES not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit the controller's setting
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()
@@ -9,3 +11,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from cgpt_jax.host_memory import retain_freed_memory  # noqa: E402  (no jax import: must precede JAX's client)
 
 retain_freed_memory()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes; runs only with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: give --run-slow to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)

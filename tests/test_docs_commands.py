@@ -1,0 +1,147 @@
+"""The commands of the README's and docs' ```bash blocks work as written.
+
+Every documented command is listed in COMMANDS below, either run (from a scratch directory, so that its
+relative paths are resolved as a user's would be, with this interpreter for `.venv/bin/python`) or
+skipped with its reason; a command added to the docs without an entry fails `test_every_documented_
+command_is_listed`. Runs marked slow (minutes) need `--run-slow` (`bash launch/test.sh --run-slow`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PY = ".venv/bin/python"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    run: bool
+    reason: str = ""  # why it is skipped, or why it is slow
+    slow: bool = False
+
+
+def run(slow: str = "") -> Entry:
+    return Entry(True, slow, slow=bool(slow))
+
+
+def skip(reason: str) -> Entry:
+    return Entry(False, reason)
+
+
+# Documented command (comments dropped, continuation lines joined) -> what this test does with it.
+COMMANDS = {
+    "bash launch/local.sh": skip("sets up .venv and trains the whole CPU ladder (3 min); the ladder's sweep "
+                                 "and analysis are run below with --run-slow"),
+    "bash launch/test.sh": skip("runs this test suite"),
+    "bash launch/setup.sh": skip("installs .venv; the test run itself is its check"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cerebras_gpt.py:size=tiny --workdir=runs/tiny": run(),
+    f"{PY} -m cgpt_jax.train --config=experiments/cerebras_gpt.py:size=111m --workdir=runs/111m "
+    "--config.data.source=tfds --config.data.tfds_name=c4/en --config.data.tokenizer=gpt2 "
+    "--config.model.compute_dtype=bfloat16 --config.mesh.data=-1 --config.mesh.fsdp=4":
+        skip("needs the C4 dataset (network) and an accelerator mesh of 4+ devices for 111M"),
+    f"{PY} -m cgpt_jax.bench --config=experiments/cpu_bench.py:size=d64l2 --compare=torch":
+        run("5 rounds of a d64 model in two frameworks, about a minute"),
+    f"{PY} -m cgpt_jax.plan --config=experiments/cerebras_gpt.py:size=13b --mesh=fsdp=16,tensor=4 --device=tpu_v5p "
+    "--config.model.vocab_pad_multiple=128 --config.model.remat=full --config.train.micro_batches=5":
+        run("compiles 13B for 64 fake devices: 20-50 s"),
+    f"{PY} -m cgpt_jax.sweep --config=experiments/cpu_ladder.py --workdir=runs/cpu_ladder":
+        run("trains the six-run CPU ladder, about 3 minutes"),
+    f"{PY} -m cgpt_jax.analyze runs/cpu_ladder --reference=cerebras": run("needs the ladder's sweep"),
+    f"{PY} -m cgpt_jax.generate --checkpoint=runs/tiny --prompt_ids=1,2,3 --max_new_tokens=20": run(),
+    f"{PY} -m cgpt_jax.sweep --config=experiments/attention_variants.py:sizes=d16l2/d24l2/d32l2/d48l2 "
+    "--workdir=runs/attention_variants": skip("28 runs, about 27 minutes"),
+    f"{PY} -m cgpt_jax.analyze runs/attention_variants --group_by=model.attention":
+        skip("needs the attention-variant sweep; --group_by is tested in tests/test_scaling_groups.py"),
+    "bash launch/multiprocess_cpu.sh 2 4 --config=experiments/cerebras_gpt.py:size=tiny --workdir=runs/mp":
+        skip("writes runs/mp inside the repository; the same processes are tests/test_distributed.py"),
+    "bash launch/tpu_pod.sh MY_TPU us-central2-b --config=experiments/cerebras_gpt.py:size=1.3b "
+    "--workdir=/mnt/runs/1.3b --watchdog_s=1800": skip("needs a TPU pod and gcloud"),
+    "sbatch --nodes=4 launch/slurm.sbatch --config=experiments/cerebras_gpt.py:size=6.7b "
+    "--workdir=/shared/runs/6.7b --watchdog_s=1800": skip("needs a SLURM cluster"),
+    "bash launch/cpu_bench.sh": skip("every benchmark size, about 10 minutes; one size is run above"),
+    f"{PY} -m cgpt_jax.bench.report runs/cpu_bench/bench.jsonl": skip("reads launch/cpu_bench.sh's results"),
+    "bash launch/gpu_bench.sh": skip("needs a GPU"),
+}
+
+
+def documented_commands() -> list[str]:
+    """Every command of every ```bash block, continuation lines joined and comments dropped."""
+    commands = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words:
+                    commands.append(shlex.join(words))
+    return commands
+
+
+def _run(command: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    words = shlex.split(command)
+    if words[0] == PY:
+        words[0] = sys.executable  # the interpreter running the tests is the one `.venv/bin/python` names
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device, as for a user
+    result = subprocess.run(words, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _library_info_lines(stderr: str) -> list[str]:
+    """absl-format INFO lines from files that are not cgpt_jax's (Orbax, JAX, ...): hidden by default."""
+    own_files = {path.name for path in (REPO / "cgpt_jax").rglob("*.py")}
+    return [line for line in stderr.splitlines()
+            if (m := re.match(r"I\d{4} \S+\s+\d+ (\S+?):\d+\]", line)) and m.group(1) not in own_files]
+
+
+def test_every_documented_command_is_listed():
+    documented = documented_commands()
+    assert set(documented) == set(COMMANDS), (
+        f"not in COMMANDS: {sorted(set(documented) - set(COMMANDS))}; "
+        f"no longer documented: {sorted(set(COMMANDS) - set(documented))}")
+
+
+def test_train_tiny_then_generate_from_its_relative_path(tmp_path):
+    train = _run(f"{PY} -m cgpt_jax.train --config=experiments/cerebras_gpt.py:size=tiny --workdir=runs/tiny",
+                 tmp_path, timeout=400)
+    assert (tmp_path / "runs/tiny/summary.json").is_file()
+    assert "starting from scratch" in train.stderr  # cgpt_jax's own INFO messages are shown
+    assert not _library_info_lines(train.stderr), _library_info_lines(train.stderr)
+
+    generate = _run(f"{PY} -m cgpt_jax.generate --checkpoint=runs/tiny --prompt_ids=1,2,3 --max_new_tokens=20",
+                    tmp_path, timeout=200)
+    ids = generate.stdout.split()
+    assert generate.stdout.count("\n") == 1 and ids[:3] == ["1", "2", "3"] and len(ids) == 23  # no EOS: 20 new
+    assert generate.stderr.strip() == ""  # the text is not buried under log lines
+
+    # A run without checkpoints: the error names the flag the user gave (the loader is --init_from's).
+    (tmp_path / "runs/empty").mkdir()
+    (tmp_path / "runs/empty/config.json").write_bytes((tmp_path / "runs/tiny/config.json").read_bytes())
+    with pytest.raises(AssertionError, match=r"--checkpoint=\S*runs/empty: no complete checkpoint") as failed:
+        _run(f"{PY} -m cgpt_jax.generate --checkpoint=runs/empty --prompt_ids=1", tmp_path, timeout=200)
+    assert "--init_from" not in str(failed.value)
+
+
+LADDER = (f"{PY} -m cgpt_jax.sweep --config=experiments/cpu_ladder.py --workdir=runs/cpu_ladder",
+          f"{PY} -m cgpt_jax.analyze runs/cpu_ladder --reference=cerebras")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c, e in COMMANDS.items() if e.slow and c not in LADDER])
+def test_slow_documented_command(command, tmp_path):
+    _run(command, tmp_path, timeout=900)
+
+
+@pytest.mark.slow
+def test_cpu_ladder_then_analyze(tmp_path):
+    for command in LADDER:
+        _run(command, tmp_path, timeout=900)
+    assert (tmp_path / "runs/cpu_ladder/report.md").is_file()
