@@ -82,8 +82,6 @@ def test_mup_flag_and_fields_are_checked():
         config.model.update(change)
         with pytest.raises(ValueError, match=message):
             validate(config, 8)
-    with pytest.raises(ValueError, match="'blocks/attn/gate' belongs to no parameterization group"):
-        parameterization.param_group("blocks/attn/gate")
 
 
 def test_sp_table_is_the_identity_and_sp_optimizer_is_plain_adamw():
@@ -116,9 +114,57 @@ def test_mup_optimizer_scales_each_update_by_its_group_lr():
     scaled, _ = jax.jit(mup_tx.update)(grads, mup_tx.init(params), params)
     expected = {"embedding": 1.0, "attn_input": 0.25, "mlp_input": 0.25, "attn_output": 0.25, "mlp_output": 0.25,
                 "layernorm": 1.0, "bias": 1.0}
-    for (path, b), s in zip(jax.tree_util.tree_leaves_with_path(base), jax.tree.leaves(scaled)):
-        factor = expected[parameterization.param_group(path_name(path))]
-        np.testing.assert_allclose(np.asarray(s), factor * np.asarray(b), rtol=1e-6)
+    for (path, b), (_, s) in zip(nnx.to_flat_state(base), nnx.to_flat_state(scaled)):
+        factor = expected[parameterization.param_group("/".join(path), b)]  # updates keep the declarations
+        np.testing.assert_allclose(np.asarray(s[...]), factor * np.asarray(b[...]), rtol=1e-6)
+
+
+def test_existing_parameters_keep_their_groups_and_rules():
+    """The table of a muP model with every kind of parameter (gqa: q/kv kernels; rope: no wpe; m = m_ff = 4),
+    as it was when groups were looked up by parameter name: (group, init, init std, LR multiplier, decay)."""
+    config = mup_config(attention="gqa(kv_heads=2)+rope")
+    m = config.model
+    sigma, sigma_out = m.init_std, m.output_init_std
+    hidden = ("trunc_normal", pytest.approx(sigma / 2), 0.25, 0.1)
+    layernorm = {"scale": ("layernorm", "ones", None, 1.0, 0.0), "bias": ("layernorm", "zeros", None, 1.0, 0.0)}
+    bias = ("bias", "zeros", None, 1.0, 0.0)
+    expected = {
+        "wte": ("embedding", "trunc_normal", sigma, 1.0, 0.1),
+        "blocks/attn/q_kernel": ("attn_input", *hidden), "blocks/attn/kv_kernel": ("attn_input", *hidden),
+        "blocks/mlp/up_kernel": ("mlp_input", *hidden),
+        "blocks/attn/out_kernel": ("attn_output", "trunc_normal", pytest.approx(sigma_out / 2), 0.25, 0.1),
+        "blocks/mlp/down_kernel": ("mlp_output", "trunc_normal", pytest.approx(sigma_out / 2), 0.25, 0.1),
+        **{f"{ln}/{p}": layernorm[p] for ln in ("blocks/ln_attn", "blocks/ln_mlp", "ln_f") for p in ("scale", "bias")},
+        **{f"blocks/{name}": bias for name in ("attn/q_bias", "attn/kv_bias", "attn/out_bias", "mlp/up_bias",
+                                               "mlp/down_bias")},
+    }
+    rows = param_table(config)["params"]
+    assert {row["param"]: (row["group"], row["init"], row["init_std"], row["lr_multiplier"], row["weight_decay"])
+            for row in rows} == expected
+    assert [row["group"] for row in rows] == sorted((row["group"] for row in rows), key=list(parameterization.GROUPS).index)
+
+
+def test_declarations_defaults_and_errors():
+    """A parameter's group and decay come from its metadata; one undeclared dimension (per layer) makes a
+    vector; an undeclared matrix, an unknown group or a non-boolean decay is an error naming the parameter."""
+    def param(shape, axes, **declaration):
+        return nnx.Param(jnp.zeros(shape), logical_axes=axes, **declaration)
+
+    gain, stacked_gain = param((8,), ("head_dim",)), param((2, 8), ("layers", "head_dim"))
+    assert parameterization.param_group("a/gain", gain) == parameterization.param_group("a/g", stacked_gain) == "vector"
+    assert not parameterization.decays("a/gain", gain)
+    assert parameterization.decays("a/gain", param((8,), ("head_dim",), weight_decay=True))
+    gate = param((8, 4), ("embed", "heads"), param_group="attn_input")
+    assert parameterization.param_group("a/gate", gate) == "attn_input" and parameterization.decays("a/gate", gate)
+    assert not parameterization.decays("a/gate", param((8, 4), ("embed", "heads"), param_group="attn_input",
+                                                       weight_decay=False))
+    with pytest.raises(ValueError, match=r"'blocks/attn/gate' of shape \(2, 8, 4\) declares no parameterization "
+                                         r"group.*nnx.Param\(\.\.\., param_group=\.\.\.\)"):
+        parameterization.param_group("blocks/attn/gate", param((2, 8, 4), ("layers", "embed", "heads")))
+    with pytest.raises(ValueError, match="'a/gate' declares param_group='attention_input'; the groups are"):
+        parameterization.param_group("a/gate", param((8, 4), ("embed", "heads"), param_group="attention_input"))
+    with pytest.raises(ValueError, match="'a/gain' declares weight_decay='no'; use True or False"):
+        parameterization.decays("a/gain", param((8,), ("head_dim",), weight_decay="no"))
 
 
 def test_mup_init_matches_the_table():

@@ -38,7 +38,7 @@ from flax import nnx
 
 from cgpt_jax.model import attention, parameterization
 from cgpt_jax.model.attention.base import Cache, CacheSpec
-from cgpt_jax.model.layers import MLP, LayerNorm, logits_rows, trunc_normal_param
+from cgpt_jax.model.layers import MLP, LayerNorm, logits_rows, weight_param
 from cgpt_jax.parallel.sharding import constrain
 
 # jax.checkpoint policies selectable by config.model.remat ('none' = keep every activation).
@@ -62,9 +62,7 @@ class Block(nnx.Module):
         self.ln_attn = LayerNorm(cfg.d_model, cfg.layer_norm_eps, param_dtype)
         self.attn = attention.build(cfg.attention).make(cfg, rngs=rngs)
         self.ln_mlp = LayerNorm(cfg.d_model, cfg.layer_norm_eps, param_dtype)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, init_std=parameterization.init_std(cfg, "up_kernel"),
-                       output_init_std=parameterization.init_std(cfg, "down_kernel"), param_dtype=param_dtype,
-                       compute_dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         x_BxLxD = x_BxLxD + self.attn(self.ln_attn(x_BxLxD))
@@ -85,10 +83,8 @@ class GPT(nnx.Module):
         self.cfg = cfg
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-        self.wte = trunc_normal_param(rngs, (padded_vocab_size(cfg), cfg.d_model),
-                                      parameterization.init_std(cfg, "wte"), ("vocab", "embed"), param_dtype)
-        self.wpe = (trunc_normal_param(rngs, (cfg.max_seq_len, cfg.d_model), parameterization.init_std(cfg, "wpe"),
-                                       ("position", "embed"), param_dtype)
+        self.wte = weight_param(rngs, cfg, "embedding", (padded_vocab_size(cfg), cfg.d_model), ("vocab", "embed"))
+        self.wpe = (weight_param(rngs, cfg, "embedding", (cfg.max_seq_len, cfg.d_model), ("position", "embed"))
                     if attention.build(cfg.attention).learned_positions else None)
 
         @nnx.split_rngs(splits=cfg.n_layers)

@@ -3,26 +3,40 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
+from cgpt_jax.model import parameterization
 from cgpt_jax.parallel.sharding import LogicalAxes, constrain
 
 
-def trunc_normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: LogicalAxes,
-                       dtype: jnp.dtype) -> nnx.Param:
-    """Normal(0, std²) truncated at ±2·std, as torch's trunc_normal_(std, a=-2std, b=2std) used by Cerebras.
+def weight_param(rngs: nnx.Rngs, cfg: ml_collections.ConfigDict, group: str, shape: tuple[int, ...],
+                 axes: LogicalAxes) -> nnx.Param:
+    """A weight of parameterization group `group` (a matrix or an embedding), declared as such: Normal(0,
+    std²) truncated at ±2·std with the group's std (`parameterization.init_std`), as torch's
+    trunc_normal_(std, a=-2std, b=2std) used by Cerebras.
 
     (jax.nn.initializers.truncated_normal rescales so the *truncated* std equals `std`; Cerebras does not.)
     """
+    std = parameterization.init_std(cfg, group)
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
-    return nnx.Param(value.astype(dtype), logical_axes=axes)
+    return nnx.Param(value.astype(jnp.dtype(cfg.param_dtype)), logical_axes=axes,
+                     **{parameterization.GROUP_KEY: group, parameterization.INIT_KEY: "trunc_normal"})
 
 
-def zeros_param(shape: tuple[int, ...], axes: LogicalAxes, dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+def constant_param(init: Literal["zeros", "ones"], shape: tuple[int, ...], axes: LogicalAxes, dtype: jnp.dtype,
+                   group: str) -> nnx.Param:
+    """A parameter of `group` initialised to zeros or ones (biases, LayerNorm), declared as such."""
+    value = jnp.ones(shape, dtype) if init == "ones" else jnp.zeros(shape, dtype)
+    return nnx.Param(value, logical_axes=axes, **{parameterization.GROUP_KEY: group, parameterization.INIT_KEY: init})
+
+
+def bias_param(shape: tuple[int, ...], axes: LogicalAxes, dtype: jnp.dtype) -> nnx.Param:
+    return constant_param("zeros", shape, axes, dtype, "bias")
 
 
 def matmul_rows(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
@@ -78,8 +92,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
-        self.bias = zeros_param((dim,), ("norm",), dtype)
+        self.scale = constant_param("ones", (dim,), ("norm",), dtype, "layernorm")
+        self.bias = constant_param("zeros", (dim,), ("norm",), dtype, "layernorm")
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         f32 = jnp.float32
@@ -131,16 +145,15 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """d_model → d_ff → d_model with exact (erf) GELU and biases."""
+    """d_model → d_ff → d_model with exact (erf) GELU and biases (model.d_model, model.d_ff)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, init_std: float, output_init_std: float,
-                 param_dtype: jnp.dtype, compute_dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.compute_dtype = compute_dtype
-        self.up_kernel = trunc_normal_param(rngs, (d_model, d_ff), init_std, ("embed", "mlp"), param_dtype)
-        self.up_bias = zeros_param((d_ff,), ("mlp",), param_dtype)
-        self.down_kernel = trunc_normal_param(rngs, (d_ff, d_model), output_init_std, ("mlp", "embed"),
-                                              param_dtype)
-        self.down_bias = zeros_param((d_model,), ("embed",), param_dtype)
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        d_model, d_ff, param_dtype = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.up_kernel = weight_param(rngs, cfg, "mlp_input", (d_model, d_ff), ("embed", "mlp"))
+        self.up_bias = bias_param((d_ff,), ("mlp",), param_dtype)
+        self.down_kernel = weight_param(rngs, cfg, "mlp_output", (d_ff, d_model), ("mlp", "embed"))
+        self.down_bias = bias_param((d_model,), ("embed",), param_dtype)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.compute_dtype

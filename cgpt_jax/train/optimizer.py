@@ -2,18 +2,23 @@
 
 Under muP each parameter's update (Adam step and decoupled weight decay together) is further multiplied by
 its group's learning-rate multiplier (cgpt_jax/model/parameterization.py), which is Cerebras's AdamBase
-with per-group learning rates; under SP the chain is plain AdamW.
+with per-group learning rates; under SP the chain is plain AdamW. Which parameters are decayed, and each
+one's group, are read from the declarations the parameters carry (Variable metadata), so the optimizer is
+given nnx.State trees.
 """
 from __future__ import annotations
+
+import functools
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
 from cgpt_jax.model import parameterization
+from cgpt_jax.model.parameterization import decays
 from cgpt_jax.treepath import path_name
-
-NO_DECAY_NAMES = ("scale",)  # LayerNorm scales; every parameter whose name ends in "bias" is excluded too
 
 
 def lr_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
@@ -28,19 +33,28 @@ def lr_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [t.warmup_steps])
 
 
-def decays(path) -> bool:
-    """Weight decay applies to weight matrices and embeddings, not to biases or LayerNorm parameters."""
-    name = path_name(path).rsplit("/", 1)[-1]
-    return not (name.endswith("bias") or name in NO_DECAY_NAMES)
+def _for_each_param(fn: Callable[[str, nnx.Variable], Any], tree) -> Any:
+    """fn(name, param) for every parameter of `tree` (an nnx.State, or a tree of the same structure such as
+    its gradients or updates, whose Variables carry the declarations): a tree with the results in place of
+    the Variables."""
+    def apply(path, param):
+        if not isinstance(param, nnx.Variable):
+            raise TypeError(f"{path_name(path)}: the optimizer takes nnx.State trees (their parameters' "
+                            f"declarations are Variable metadata), got a {type(param).__name__} leaf")
+        return fn(path_name(path), param)
+
+    return jax.tree_util.tree_map_with_path(apply, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def weight_decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+    """True for the parameters weight decay applies to (`parameterization.decays`: weight matrices and
+    embeddings, not biases, LayerNorm parameters or vectors, unless a parameter declares otherwise)."""
+    return _for_each_param(decays, params)
 
 
-def lr_multiplier(model_cfg: ml_collections.ConfigDict, path) -> float:
-    """The learning rate of the parameter at `path` relative to train.peak_lr."""
-    return parameterization.lr_multiplier(model_cfg, parameterization.param_group(path_name(path)))
+def lr_multiplier(model_cfg: ml_collections.ConfigDict, name: str, param: nnx.Variable) -> float:
+    """The learning rate of parameter `param` (at path `name`) relative to train.peak_lr."""
+    return parameterization.lr_multiplier(model_cfg, parameterization.param_group(name, param))
 
 
 def scale_by_lr_multipliers(model_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -51,7 +65,8 @@ def scale_by_lr_multipliers(model_cfg: ml_collections.ConfigDict) -> optax.Gradi
 
     def update(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map_with_path(lambda path, u: u * lr_multiplier(model_cfg, path), updates), state
+        multipliers = _for_each_param(functools.partial(lr_multiplier, model_cfg), updates)
+        return jax.tree.map(lambda m, u: jax.tree.map(lambda x: x * m, u), multipliers, updates), state
 
     return optax.GradientTransformation(init, update)
 

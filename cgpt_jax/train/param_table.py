@@ -8,29 +8,29 @@ parameterization can be audited: each parameter's group, init, learning rate and
                  "init": "trunc_normal", "init_std": 0.0462, "lr_multiplier": 0.333, "peak_lr": 0.002,
                  "weight_decay": 0.1, "forward": {"attention_logits": 0.0156}}, ...]}
 
-`init` is 'trunc_normal' (±2 std, `init_std`), 'ones' or 'zeros' (`init_std` null); `weight_decay` is the
+Every column comes from the parameter's declaration (its group; cgpt_jax/model/parameterization.py).
+`init` is 'trunc_normal' (±2 std, `init_std`), 'ones' or 'zeros', or 'module' for a parameter its module
+initialises in its own way (`init_std` null but for 'trunc_normal'; cgpt_jax/model/layers.py's helpers
+record it); `weight_decay` is the
 decoupled coefficient, applied times the parameter's own learning rate; `forward` names what the parameter's
 output is multiplied by: 'embedding_output' (the token + position sum), 'output_logits' (the tied LM head),
 'attention_logits' (q·k).
 """
 from __future__ import annotations
 
-import jax
 import ml_collections
 from flax import nnx
 
 from cgpt_jax.model import abstract_model, parameterization
-from cgpt_jax.train.optimizer import decays
-from cgpt_jax.treepath import path_name
 
 PARAM_TABLE = "param_table.json"
 
 
-def _init(name: str, group: str, model_cfg: ml_collections.ConfigDict) -> tuple[str, float | None]:
-    leaf = name.rsplit("/", 1)[-1]
-    if leaf in parameterization.MATRIX_GROUPS:
-        return "trunc_normal", parameterization.init_std(model_cfg, leaf)
-    return ("ones" if group == "layernorm" and leaf == "scale" else "zeros"), None
+def _init(group: str, param: nnx.Variable, model_cfg: ml_collections.ConfigDict) -> tuple[str, float | None]:
+    """How the module says it initialised `param` ('trunc_normal' with the group's std, 'zeros', 'ones'), or
+    'module' where it does not say (its own init)."""
+    init = param.get_metadata().get(parameterization.INIT_KEY, "module")
+    return init, parameterization.init_std(model_cfg, group) if init == "trunc_normal" else None
 
 
 def _forward(leaf: str, group: str, model_cfg: ml_collections.ConfigDict) -> dict[str, float]:
@@ -48,17 +48,17 @@ def param_table(config: ml_collections.ConfigDict) -> dict:
     """The table of a resolved config (see the module docstring)."""
     m, t = config.model, config.train
     rows = []
-    params = nnx.state(abstract_model(m), nnx.Param)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = path_name(path)
-        group = parameterization.param_group(name)
-        init, std = _init(name, group, m)
+    for path, param in nnx.to_flat_state(nnx.state(abstract_model(m), nnx.Param)):
+        name = "/".join(map(str, path))
+        group = parameterization.param_group(name, param)
+        init, std = _init(group, param, m)
         lr_multiplier = parameterization.lr_multiplier(m, group)
-        rows.append({"param": name, "group": group, "shape": list(leaf.shape), "init": init, "init_std": std,
+        rows.append({"param": name, "group": group, "shape": list(param.shape), "init": init, "init_std": std,
                      "lr_multiplier": lr_multiplier, "peak_lr": t.peak_lr * lr_multiplier,
-                     "weight_decay": t.weight_decay if decays(path) else 0.0,
+                     "weight_decay": t.weight_decay if parameterization.decays(name, param) else 0.0,
                      "forward": _forward(name.rsplit("/", 1)[-1], group, m)})
-    rows.sort(key=lambda row: (parameterization.GROUPS.index(row["group"]), row["param"]))
+    groups = list(parameterization.GROUPS)
+    rows.sort(key=lambda row: (groups.index(row["group"]), row["param"]))
     return {
         "parameterization": m.parameterization,
         "width_multiplier": parameterization.width_multiplier(m),
@@ -81,7 +81,8 @@ def format_param_table(table: dict) -> str:
     columns = ("param", "group", "shape", "init std", "LR mult", "peak LR", "decay", "forward")
     lines = [columns]
     for row in table["params"]:
-        std = "1" if row["init"] == "ones" else "0" if row["init"] == "zeros" else f"{row['init_std']:.4g}"
+        init = row["init"]
+        std = f"{row['init_std']:.4g}" if init == "trunc_normal" else {"ones": "1", "zeros": "0"}.get(init, init)
         forward = ", ".join(f"{k} x{v:.4g}" for k, v in row["forward"].items())
         lines.append((row["param"], row["group"], "x".join(map(str, row["shape"])), std,
                       f"{row['lr_multiplier']:.4g}", f"{row['peak_lr']:.4g}", f"{row['weight_decay']:g}", forward))

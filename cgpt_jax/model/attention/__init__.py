@@ -35,6 +35,7 @@ class Entry:
 
 
 _REGISTRY: dict[str, Entry] = {}
+_BUILT: dict[str, Variant] = {}  # build's results by spec string; emptied whenever the registry changes
 
 
 def register(name: str, **fixed: Any) -> Callable[[type[Attention]], type[Attention]]:
@@ -47,6 +48,7 @@ def register(name: str, **fixed: Any) -> Callable[[type[Attention]], type[Attent
         if unknown:
             raise ValueError(f"register({name!r}): {cls.__name__} has no option(s) {sorted(unknown)}")
         _REGISTRY[name] = Entry(cls, dict(fixed))
+        _BUILT.clear()
         return cls
     return add
 
@@ -54,6 +56,7 @@ def register(name: str, **fixed: Any) -> Callable[[type[Attention]], type[Attent
 def unregister(name: str) -> None:
     """Remove a variant registered at run time (tests and the documentation example use this)."""
     del _REGISTRY[name]
+    _BUILT.clear()
 
 
 def registered() -> dict[str, Entry]:
@@ -168,8 +171,15 @@ def _parse_component(node: ast.expr, spec: str) -> Component:
 
 def build(spec: str) -> Variant:
     """Parse ``"name"``, ``"name(key=value, ...)"`` or ``"a(...)+b(...)"`` into a `Variant`, with
-    errors that list the registered variants and their arguments."""
+    errors that list the registered variants and their arguments. Parsed once per spec string: the model,
+    the config check and the FLOP count all call this, and get the same Variant."""
     _discover()
+    if spec not in _BUILT:
+        _BUILT[spec] = _parse(spec)
+    return _BUILT[spec]
+
+
+def _parse(spec: str) -> Variant:
     try:
         node = ast.parse(spec.strip(), mode="eval").body
     except SyntaxError:

@@ -26,7 +26,7 @@ from flax import nnx
 from cgpt_jax.model import parameterization
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, write_cache
-from cgpt_jax.model.layers import matmul_rows, trunc_normal_param, zeros_param
+from cgpt_jax.model.layers import bias_param, matmul_rows, weight_param
 from cgpt_jax.parallel.sharding import constrain
 
 
@@ -58,12 +58,10 @@ class DenseAttention(Attention):
         d, h, k = cfg.d_model, self.n_heads, self.head_dim
         param_dtype = jnp.dtype(cfg.param_dtype)
         # Q, K and V in one kernel: the same layout as GPT-2's c_attn (d → [q | k | v]).
-        self.qkv_kernel = trunc_normal_param(rngs, (d, 3, h, k), parameterization.init_std(cfg, "qkv_kernel"),
-                                             ("embed", None, "heads", "head_dim"), param_dtype)
-        self.qkv_bias = zeros_param((3, h, k), (None, "heads", "head_dim"), param_dtype)
-        self.out_kernel = trunc_normal_param(rngs, (h, k, d), parameterization.init_std(cfg, "out_kernel"),
-                                             ("heads", "head_dim", "embed"), param_dtype)
-        self.out_bias = zeros_param((d,), ("embed",), param_dtype)
+        self.qkv_kernel = weight_param(rngs, cfg, "attn_input", (d, 3, h, k), ("embed", None, "heads", "head_dim"))
+        self.qkv_bias = bias_param((3, h, k), (None, "heads", "head_dim"), param_dtype)
+        self.out_kernel = weight_param(rngs, cfg, "attn_output", (h, k, d), ("heads", "head_dim", "embed"))
+        self.out_bias = bias_param((d,), ("embed",), param_dtype)
 
     def project(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x → q [B, T, H, K], k and v [B, T, G, K] (G = kv_heads)."""

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cgpt_jax.model import parameterization
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.base import REQUIRED
 from cgpt_jax.model.attention.dense import DenseAttention
-from cgpt_jax.model.layers import trunc_normal_param, zeros_param
+from cgpt_jax.model.layers import bias_param, weight_param
 from cgpt_jax.parallel.sharding import constrain
 
 
@@ -38,15 +37,12 @@ class GroupedQueryAttention(DenseAttention):
         d, h, g, k = cfg.d_model, self.n_heads, self.kv_heads, self.head_dim
         param_dtype = jnp.dtype(cfg.param_dtype)
         kv_axis = "kv_heads" if g > 1 else None  # one KV head (MQA) stays replicated
-        self.q_kernel = trunc_normal_param(rngs, (d, h, k), parameterization.init_std(cfg, "q_kernel"),
-                                           ("embed", "heads", "head_dim"), param_dtype)
-        self.q_bias = zeros_param((h, k), ("heads", "head_dim"), param_dtype)
-        self.kv_kernel = trunc_normal_param(rngs, (d, 2, g, k), parameterization.init_std(cfg, "kv_kernel"),
-                                            ("embed", None, kv_axis, "head_dim"), param_dtype)
-        self.kv_bias = zeros_param((2, g, k), (None, kv_axis, "head_dim"), param_dtype)
-        self.out_kernel = trunc_normal_param(rngs, (h, k, d), parameterization.init_std(cfg, "out_kernel"),
-                                             ("heads", "head_dim", "embed"), param_dtype)
-        self.out_bias = zeros_param((d,), ("embed",), param_dtype)
+        self.q_kernel = weight_param(rngs, cfg, "attn_input", (d, h, k), ("embed", "heads", "head_dim"))
+        self.q_bias = bias_param((h, k), ("heads", "head_dim"), param_dtype)
+        self.kv_kernel = weight_param(rngs, cfg, "attn_input", (d, 2, g, k), ("embed", None, kv_axis, "head_dim"))
+        self.kv_bias = bias_param((2, g, k), (None, kv_axis, "head_dim"), param_dtype)
+        self.out_kernel = weight_param(rngs, cfg, "attn_output", (h, k, d), ("heads", "head_dim", "embed"))
+        self.out_bias = bias_param((d,), ("embed",), param_dtype)
 
     def project(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = self.compute_dtype
