@@ -2,6 +2,8 @@
 that the conformance suite does not cover (ALiBi slopes, RoPE relativity, GQA's dense mapping)."""
 from __future__ import annotations
 
+import unittest.mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +93,35 @@ def test_decode_unsupported_is_refused_before_tracing():
             abstract_model(model_cfg("gqa(kv_heads=2)+forward_only")).init_cache(2, 16)
     finally:
         attention.unregister("forward_only")
+
+
+def test_a_spec_is_parsed_once_and_reparsed_after_the_registry_changes():
+    """Config check, model, cache layout and FLOP count all build one spec string: it is parsed once.
+    Registering or unregistering a variant forgets the parsed strings, so a re-registered name is seen."""
+    class First(DenseAttention):
+        pass
+
+    class Second(DenseAttention):
+        pass
+
+    attention.register("reregistered")(First)  # also empties the cache: the count below starts from zero
+    try:
+        config = tiny_config()
+        config.model.attention = "gqa(kv_heads=2)+reregistered"
+        with unittest.mock.patch.object(attention, "_parse", wraps=attention._parse) as parse:
+            validate(config, 1)
+            abstract_model(config.model).cache_layout(2, 16)
+            flops.Shape.from_model_config(config.model, 16)
+            assert attention.build(config.model.attention) is attention.build(config.model.attention)
+        assert parse.call_count == 1
+        assert attention.build("reregistered").cls is First
+        attention.unregister("reregistered")
+        with pytest.raises(ValueError, match="unknown attention variant 'reregistered'"):
+            attention.build("reregistered")
+        attention.register("reregistered")(Second)
+        assert attention.build("reregistered").cls is Second
+    finally:
+        attention.unregister("reregistered")
 
 
 def test_combination_is_one_cached_class_with_merged_declarations():

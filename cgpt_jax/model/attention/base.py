@@ -28,9 +28,12 @@ The count is the model's: an implementation that skips entries masked for every 
 `causal_mix`) still declares them, so that MFU and compute budgets do not depend on the kernel.
 
 Parameterization (cgpt_jax/model/parameterization.py): a variant scales its attention logits by
-`attention_scale(model_cfg)` (1/sqrt(d_head), or 1/d_head under muP) and initialises each weight matrix
-with `init_std(model_cfg, name)`, its name listed in `MATRIX_GROUPS` (which also sets its muP learning
-rate); subclasses of `DenseAttention` inherit both.
+`attention_scale(model_cfg)` (1/sqrt(d_head), or 1/d_head under muP), and every parameter it creates
+declares its group as `nnx.Param` metadata, which sets its init std, muP learning rate and weight decay:
+`layers.weight_param(rngs, cfg, "attn_input", shape, axes)` for a matrix, `layers.bias_param` for a
+bias, `nnx.Param(value, logical_axes=..., param_group="vector")` for a gain or per-head scalar (the
+default for a parameter of one dimension that declares nothing). Subclasses of `DenseAttention` inherit
+its scale and its declared projections.
 
 The conformance suite (tests/test_attention_conformance.py) reads `examples` (options that fit its tiny
 model: 4 heads of 8 dims, 16 positions) and `dense_equal_options` (where the variant equals `dense`).
