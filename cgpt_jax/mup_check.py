@@ -25,7 +25,6 @@ The models train on one small batch, the one they are measured on (see `measure`
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import pathlib
@@ -34,21 +33,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags
 from flax import nnx
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from cgpt_jax import cli
-from cgpt_jax.config import base_config, resolve, validate
+from cgpt_jax.config import base_config, resolve
 from cgpt_jax.data import make_dataset
 from cgpt_jax.model import GPT
 from cgpt_jax.model.attention.base import scores
 from cgpt_jax.parallel.mesh import make_mesh
-from cgpt_jax.parallel.sharding import logical_to_spec
-from cgpt_jax.train.optimizer import make_optimizer
-from cgpt_jax.train.state import model_graphdef
+from cgpt_jax.train.setup import build_run
 
 LAYER_TYPES = ("embedding", "attn_logits", "attn_output", "mlp_output", "residual", "logits")
 # Measured as the change since initialisation: under muP the readout is scaled by 1/width, so the logits'
@@ -125,37 +121,23 @@ def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, list[flo
     The model trains on one fixed batch, the batch it is measured on: the infinite-width behaviour the
     check looks for shows once the width is large against the tokens in play, so a few tokens let it
     show at CPU widths."""
-    validate(config, 1)
-    mesh = make_mesh(config.mesh, jax.devices()[:1])
-    sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
+    run = build_run(config, make_mesh(config.mesh, jax.devices()[:1]), compiler_options=FAST_COMPILE)
     dataset = make_dataset(config.data, seq_len=config.train.seq_len, global_batch_size=config.train.global_batch_size,
-                           seed=config.train.seed, sharding=sharding)
+                           seed=config.train.seed, sharding=run.batch_sharding)
     batch = next(iter(dataset.eval_batches()))
-    graphdef = model_graphdef(config.model)
-    params = jax.jit(lambda: nnx.state(GPT(config.model, rngs=nnx.Rngs(params=config.train.seed)), nnx.Param),
-                     compiler_options=FAST_COMPILE)()
-    tx = make_optimizer(config.train, config.model)  # the training recipe, per-group learning rates included
-
-    def loss(params: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-        outputs = layer_outputs(nnx.merge(graphdef, params), batch["inputs"])
-        return optax.softmax_cross_entropy_with_integer_labels(outputs["logits"], batch["targets"]).mean(), outputs
-
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def step(params: nnx.State, opt_state: optax.OptState) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
-        """The outputs of the forward pass that computes the update, and the updated state."""
-        (_, outputs), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, outputs
-
-    opt_state = tx.init(params)
+    outputs_of = jax.jit(lambda params: layer_outputs(nnx.merge(run.graphdef, params), batch["inputs"]),
+                         compiler_options=FAST_COMPILE)
+    state = run.init_state()  # the training recipe: optimizer, per-group learning rates and guard included
     trajectory: dict[str, list[float]] = {name: [] for name in LAYER_TYPES}
     initial = None
-    for _ in range(steps + 1):  # the last update is not measured
-        params, opt_state, outputs = step(params, opt_state)
-        outputs = jax.device_get(outputs)
+    for t in range(steps + 1):
+        # The outputs of the forward pass that computes update t: the same parameters and batch.
+        outputs = jax.device_get(outputs_of(state.params))
         initial = outputs if initial is None else initial
         for name, size in coordinate_sizes(outputs, initial).items():
             trajectory[name].append(size)
+        if t < steps:  # the last update is not measured
+            state, _ = run.train_step(state, batch)
     return trajectory
 
 

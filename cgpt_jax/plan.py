@@ -43,42 +43,33 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+def lowered_train_step(config, n_devices: int):
+    """The training run's own step (`build_run`) for `n_devices`, lowered on abstract shapes only (nothing is
+    allocated); returns (run, lowered)."""
+    import jax
+
+    from cgpt_jax.config import resolve
+    from cgpt_jax.parallel.mesh import make_mesh
+    from cgpt_jax.train.setup import build_run
+
+    config = resolve(config)
+    run = build_run(config, make_mesh(config.mesh, jax.devices()[:n_devices]))
+    return run, run.train_step.lower(run.abstract_state, run.abstract_batch())
+
+
 def plan(config, n_devices: int, device_kind: str, mfu: float) -> dict:
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
     from cgpt_jax import flops
-    from cgpt_jax.config import resolve, validate
     from cgpt_jax.devices import kind_by_name
-    from cgpt_jax.model import GPT, params_count
-    from cgpt_jax.parallel.mesh import make_mesh
-    from cgpt_jax.parallel.sharding import check_replication, logical_to_spec, state_shardings
-    from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
-    from cgpt_jax.train.state import TrainState, model_graphdef
-    from cgpt_jax.train.step import make_train_step
+    from cgpt_jax.model import params_count
 
     kind = kind_by_name(device_kind)
-    config = resolve(config)
-    validate(config, n_devices)
+    run, lowered = lowered_train_step(config, n_devices)
+    config, mesh, abstract, shardings = run.config, run.mesh, run.abstract_state, run.shardings
     t = config.train
-    mesh = make_mesh(config.mesh, jax.devices()[:n_devices])
-    tx = make_optimizer(t, config.model)
-
-    def init() -> TrainState:
-        params = nnx.state(GPT(config.model, rngs=nnx.Rngs(0)), nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(abstract, mesh, config.mesh.rules)
-    check_replication(abstract.params, shardings.params, mesh, config.mesh.max_replicated_fraction)
-    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), config.mesh.rules))
-    batch = {k: jax.ShapeDtypeStruct((t.global_batch_size, t.seq_len), jnp.int32)
-             for k in ("inputs", "targets")}
-    train_step = make_train_step(config, model_graphdef(config.model), tx, lr_schedule(t), mesh, shardings,
-                                 batch_sharding)
     start = time.perf_counter()
-    compiled = train_step.lower(abstract, batch).compile()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
 

@@ -15,7 +15,9 @@ _RUN_FILES = (SUMMARY, FAILURE, RUN_RECORD, run_dir.CONFIG, run_dir.METRICS)
 # A final eval loss this far above the run's best eval loss means training blew up late.
 _DIVERGED_RISE = 1.2
 NO_PROVENANCE = "(runs without sweep_run.json)"
-OPTIONAL_SUMMARY_KEYS = ("final_train_loss", "skipped_steps", "wall_time_s", "tokens_per_sec")  # not fitted
+# The keys of summary.json (cgpt_jax/run_dir.py) that a fit needs.
+FITTED_SUMMARY_KEYS = ("final_eval_loss", "n_params", "n_params_non_embedding", "tokens",
+                       *(f"flops_{c}" for c in FLOP_CONVENTIONS))
 
 
 @dataclasses.dataclass
@@ -83,7 +85,7 @@ def _read_run(path: Path) -> Run:
         return run
 
     run.status = "finished"
-    missing = [k for k in run_dir.SUMMARY_KEYS if summary.get(k) is None and k not in OPTIONAL_SUMMARY_KEYS]
+    missing = [k for k in FITTED_SUMMARY_KEYS if summary.get(k) is None]
     if missing:
         run.problems.append(f"summary.json lacks {missing}")
         return run
