@@ -23,6 +23,7 @@ from cgpt_jax.bench.runners import random_tokens
 from cgpt_jax.bench.torch_gpt import TorchTrainer
 from cgpt_jax.config import resolve
 from cgpt_jax.train.optimizer import make_optimizer
+from cgpt_jax.train.objective import LANGUAGE_MODELING
 from cgpt_jax.train.step import loss_and_grads
 from tests.helpers import tiny_config
 
@@ -71,7 +72,7 @@ def test_torch_reference_computes_the_same_training_step():
 
     batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
     tx = make_optimizer(config.train, config.model)
-    loss, grads = loss_and_grads(graphdef, params, batch, 1)
+    loss, grads = loss_and_grads(LANGUAGE_MODELING, graphdef, params, batch, 1)
     updates, _ = tx.update(grads, tx.init(params), params)
     new_params = nnx.to_pure_dict(optax.apply_updates(params, updates))
 

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from cgpt_jax.train.objective import Objective
 from cgpt_jax.train.state import TrainState
 from cgpt_jax.train.step import loss_and_grads
 from cgpt_jax.treepath import path_name
@@ -112,7 +113,7 @@ def _names(names: list[str], limit: int = 12) -> str:
 
 
 def diagnose_nonfinite(step: int, values: dict[str, float], state: TrainState, batch: dict[str, jax.Array],
-                       graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> str:
+                       objective: Objective, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> str:
     """A multi-line account of a non-finite step: where, on which data, and which tensors."""
     lines = [(f"non-finite training step {step}: loss={values['loss']}, grad_norm={values['grad_norm']}, "
               f"lr={values.get('lr')}"),
@@ -125,7 +126,7 @@ def diagnose_nonfinite(step: int, values: dict[str, float], state: TrainState, b
     lines.append(f"  non-finite in the state now (after step {int(state.step) - 1}; updates of non-finite steps "
                  f"are rejected): params: {_names(nonfinite_tensors(state.params))}; optimizer state: "
                  f"{_names(nonfinite_tensors(state.opt_state))}")
-    grads_fn = jax.jit(lambda p, b: loss_and_grads(graphdef, p, b, config.train.micro_batches))
+    grads_fn = jax.jit(lambda p, b: loss_and_grads(objective, graphdef, p, b, config.train.micro_batches))
     loss, grads = grads_fn(state.params, batch)
     lines.append(f"  recomputed on that batch with these parameters: loss={float(loss)}; non-finite gradients: "
                  f"{_names(nonfinite_tensors(grads))}")

@@ -204,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
             checkpoints.wait()  # let an in-flight (good) save commit, so the message names it
             last = checkpoints.latest_step()
             raise NonFiniteError(
-                diagnose_nonfinite(step, values, state, dataset.train_batch(step), run.graphdef, config) +
+                diagnose_nonfinite(step, values, state, dataset.train_batch(step), run.objective, run.graphdef,
+                                   config) +
                 f"\nStopped ({nonfinite.reason()}) without saving; the last checkpoint is "
                 f"{'none' if last is None else f'{checkpoints.directory}/{last}'}. "
                 "To drop such updates and go on, set --config.checkpoint.nan_policy=skip.")

@@ -1,7 +1,8 @@
 """The one place a run is set up: mesh → input sharding → optimizer (with its guard) → sharded state → steps.
 
 The training loop, the planner, the benchmark, the muP coordinate check and the tests all call
-`build_run`, so what is planned and measured is the step that trains.
+`build_run`, so what is planned and measured is the step that trains. What is trained (model, batch,
+loss) is the `objective`: language modelling for pretraining, another `Objective` for fine-tuning.
 
     run = build_run(config, make_mesh(config.mesh, devices))
     state = run.init_state()                      # params and optimizer state, created in their shards
@@ -21,12 +22,12 @@ import optax
 from flax import nnx
 
 from cgpt_jax.config import validate
-from cgpt_jax.model import GPT
 from cgpt_jax.parallel.sharding import check_replication, logical_to_spec, state_shardings
 from cgpt_jax.train.faults import reject_nonfinite
+from cgpt_jax.train.objective import LANGUAGE_MODELING, Batch, Objective
 from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
-from cgpt_jax.train.state import TrainState, model_graphdef
-from cgpt_jax.train.step import Batch, Metrics, make_eval_step, make_train_step
+from cgpt_jax.train.state import TrainState
+from cgpt_jax.train.step import BatchShardings, Metrics, make_eval_step, make_train_step
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding:
@@ -39,8 +40,10 @@ class Run:
     """Everything a run computes with; nothing in it is allocated until `init_state` is called."""
 
     config: ml_collections.ConfigDict  # resolved and validated against the mesh
+    objective: Objective
     mesh: jax.sharding.Mesh
-    batch_sharding: jax.sharding.NamedSharding  # of inputs and targets, [batch, length]
+    batch_sharding: jax.sharding.NamedSharding  # of token arrays, [batch, length]
+    batch_shardings: BatchShardings  # of each array of the objective's batch
     tx: optax.GradientTransformation  # the recipe, wrapped so that a non-finite gradient changes nothing
     schedule: optax.Schedule
     graphdef: nnx.GraphDef
@@ -56,9 +59,8 @@ class Run:
 
     def abstract_batch(self) -> Batch:
         """The shapes of one global batch (for lowering the steps without data)."""
-        t = self.config.train
-        spec = jax.ShapeDtypeStruct((t.global_batch_size, t.seq_len), jnp.int32, sharding=self.batch_sharding)
-        return {"inputs": spec, "targets": spec}
+        return {name: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=self.batch_shardings[name])
+                for name, array in self.objective.batch_layout(self.config).items()}
 
     def place_batch(self, tokens_BxL1: np.ndarray) -> Batch:
         """[global_batch, seq_len + 1] token ids → inputs [:, :-1] and targets [:, 1:], sharded."""
@@ -67,7 +69,7 @@ class Run:
 
 
 def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-              compiler_options: dict[str, Any] | None = None) -> Run:
+              objective: Objective = LANGUAGE_MODELING, compiler_options: dict[str, Any] | None = None) -> Run:
     """Set up a run of the resolved `config` on `mesh` (see the module docstring).
 
     `compiler_options` go to XLA for both steps (the coordinate check compiles many tiny models and
@@ -79,19 +81,21 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     tx = reject_nonfinite(make_optimizer(t, config.model))
 
     def init() -> TrainState:
-        params = nnx.state(GPT(config.model, rngs=nnx.Rngs(params=t.seed)), nnx.Param)
+        params = nnx.state(objective.make_model(config, nnx.Rngs(params=t.seed)), nnx.Param)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     abstract_state = jax.eval_shape(init)
     shardings = state_shardings(abstract_state, mesh, config.mesh.rules)
     check_replication(abstract_state.params, shardings.params, mesh, config.mesh.max_replicated_fraction)
-    inputs = batch_sharding(mesh, config.mesh.rules)
-    graphdef = model_graphdef(config.model)
+    batch_shardings = {name: jax.sharding.NamedSharding(mesh, logical_to_spec(array.logical_axes, config.mesh.rules))
+                       for name, array in objective.batch_layout(config).items()}
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: objective.make_model(config, nnx.Rngs(0))), nnx.Param)
     return Run(
-        config=config, mesh=mesh, batch_sharding=inputs, tx=tx, schedule=schedule, graphdef=graphdef,
+        config=config, objective=objective, mesh=mesh, batch_sharding=batch_sharding(mesh, config.mesh.rules),
+        batch_shardings=batch_shardings, tx=tx, schedule=schedule, graphdef=graphdef,
         abstract_state=abstract_state, shardings=shardings,
-        train_step=make_train_step(config, graphdef, tx, schedule, mesh, shardings, inputs,
+        train_step=make_train_step(config, objective, graphdef, tx, schedule, mesh, shardings, batch_shardings,
                                    compiler_options=compiler_options),
-        eval_step=make_eval_step(config, graphdef, mesh, shardings.params, inputs,
+        eval_step=make_eval_step(config, objective, graphdef, mesh, shardings.params, batch_shardings,
                                  compiler_options=compiler_options),
         _init=init)

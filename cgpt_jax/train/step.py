@@ -1,4 +1,4 @@
-"""The loss, the train step (with gradient accumulation) and the eval step, jitted with explicit shardings."""
+"""The train step (with gradient accumulation) and the eval step of an objective, jitted with explicit shardings."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -10,30 +10,24 @@ import optax
 from flax import nnx
 
 from cgpt_jax.parallel.sharding import activation_sharding
+from cgpt_jax.train.objective import Batch, Objective
 from cgpt_jax.train.state import TrainState
 
-Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-def cross_entropy(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> jax.Array:
-    """Mean next-token cross-entropy (nats) over all tokens of the batch, in float32."""
-    model = nnx.merge(graphdef, params)
-    logits_BxLxV = model(batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"]).mean()
+BatchShardings = dict[str, jax.sharding.NamedSharding]
 
 
 def _split_micro_batches(batch: Batch, n: int) -> Batch:
-    """[B, L] → [n, B/n, L] taking rows k, k+n, k+2n, ... for micro-batch k, so that every device's
+    """[B, ...] → [n, B/n, ...] taking rows k, k+n, k+2n, ... for micro-batch k, so that every device's
     contiguous block of rows holds an equal share of each micro-batch (no data movement)."""
     def split(x):
         return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+def loss_and_grads(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
                    micro_batches: int) -> tuple[jax.Array, nnx.State]:
-    grad_fn = jax.value_and_grad(lambda p, b: cross_entropy(graphdef, p, b))
+    grad_fn = jax.value_and_grad(lambda p, b: objective.loss(nnx.merge(graphdef, p), b))
     if micro_batches == 1:
         return grad_fn(params, batch)
 
@@ -49,9 +43,9 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
     return loss_sum / micro_batches, jax.tree.map(lambda g: g / micro_batches, grad_sum)
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+def make_train_step(config: ml_collections.ConfigDict, objective: Objective, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
-                    state_shardings: Any, batch_sharding: jax.sharding.NamedSharding, *,
+                    state_shardings: Any, batch_shardings: BatchShardings, *,
                     compiler_options: dict[str, Any] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     rules = config.mesh.rules
@@ -59,27 +53,23 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         with activation_sharding(mesh, rules):
-            loss, grads = loss_and_grads(graphdef, state.params, batch, micro_batches)
+            loss, grads = loss_and_grads(objective, graphdef, state.params, batch, micro_batches)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, in_shardings=(state_shardings, {"inputs": batch_sharding,
-                                                               "targets": batch_sharding}),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated), donate_argnums=(0,),
                    compiler_options=compiler_options)
 
 
-def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
-                   params_shardings: Any, batch_sharding: jax.sharding.NamedSharding, *,
+def make_eval_step(config: ml_collections.ConfigDict, objective: Objective, graphdef: nnx.GraphDef,
+                   mesh: jax.sharding.Mesh, params_shardings: Any, batch_shardings: BatchShardings, *,
                    compiler_options: dict[str, Any] | None = None) -> Callable[[nnx.State, Batch], jax.Array]:
     def eval_step(params: nnx.State, batch: Batch) -> jax.Array:
         with activation_sharding(mesh, config.mesh.rules):
-            return cross_entropy(graphdef, params, batch)
+            return objective.loss(nnx.merge(graphdef, params), batch)
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(eval_step, in_shardings=(params_shardings, {"inputs": batch_sharding,
-                                                              "targets": batch_sharding}),
-                   out_shardings=replicated, compiler_options=compiler_options)
+    return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings), out_shardings=replicated, compiler_options=compiler_options)
