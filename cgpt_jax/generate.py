@@ -31,6 +31,7 @@ from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT, abstract_model
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import Rules, state_shardings
+from cgpt_jax.run_dir import CONFIG as RUN_CONFIG
 from cgpt_jax.train import checkpoint
 
 EOS = "<|endoftext|>"
@@ -46,7 +47,7 @@ class Loaded:
 
 def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
     """The newest complete checkpoint of a training run, placed on `mesh` (or the first device)."""
-    raw = json.loads((run_dir / hf.CONFIG_FILE).read_text(encoding="utf-8"))
+    raw = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
     description = raw.pop("data_description", {})
     config = ml_collections.ConfigDict(raw)
     graphdef, abstract_params = nnx.split(abstract_model(config.model))

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from cgpt_jax import cli
+from cgpt_jax import cli, run_dir
+from cgpt_jax.train.checkpoint import COMMIT_MARKER
 
 DEFAULT_CONFIG = "experiments/cerebras_gpt.py:size=tiny"
 # Frequent saves and a line per step, so that kills land during saves and every step is compared.
@@ -44,7 +45,7 @@ class Result:
 
 def _curve(workdir: str) -> list[tuple]:
     """The compared values of metrics.jsonl, in file order (a torn last line, left by a kill, is ignored)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = run_dir.path(workdir, run_dir.METRICS)
     if not os.path.exists(path):
         return []
     out = []
@@ -64,13 +65,13 @@ def _last_step(workdir: str) -> int:
 
 
 def _checkpoint_entries(workdir: str) -> list[str]:
-    directory = os.path.join(workdir, "checkpoints")
+    directory = run_dir.path(workdir, run_dir.CHECKPOINTS)
     return os.listdir(directory) if os.path.isdir(directory) else []
 
 
 def _latest_checkpoint(workdir: str) -> int | None:
     steps = [int(n) for n in _checkpoint_entries(workdir)
-             if n.isdigit() and os.path.exists(os.path.join(workdir, "checkpoints", n, "commit_success.txt"))]
+             if n.isdigit() and os.path.exists(os.path.join(workdir, run_dir.CHECKPOINTS, n, COMMIT_MARKER))]
     return max(steps) if steps else None
 
 
@@ -131,8 +132,7 @@ def run_chaos(n: int, workdir: str, *, config: str = DEFAULT_CONFIG, overrides: 
     if start(reference_dir, 0).wait() != 0:
         raise RuntimeError(f"the reference run failed; see {workdir}/reference-0.log")
     expected = _curve(reference_dir)
-    with open(os.path.join(reference_dir, "summary.json")) as f:
-        expected_summary = json.load(f)
+    expected_summary = run_dir.read_json(run_dir.path(reference_dir, run_dir.SUMMARY))
 
     # Attempt 0 starts fresh and attempt k resumes after kill k; attempts 0..n-1 are killed, attempt n finishes.
     lines, exact = [], 0
@@ -146,8 +146,7 @@ def run_chaos(n: int, workdir: str, *, config: str = DEFAULT_CONFIG, overrides: 
         else:
             if proc.wait() != 0:
                 raise RuntimeError(f"the last resume failed; see {workdir}/chaos-{attempt}.log")
-            with open(os.path.join(chaos_dir, "summary.json")) as f:
-                summary = json.load(f)
+            summary = run_dir.read_json(run_dir.path(chaos_dir, run_dir.SUMMARY))
             ok = _curve(chaos_dir) == expected and all(
                 summary[k] == expected_summary[k] for k in ("step", "final_train_loss", "final_eval_loss"))
         if attempt > 0:
