@@ -15,7 +15,6 @@ from cgpt_jax.train.loop import train_and_evaluate
 from cgpt_jax.train.optimizer import decays, lr_schedule
 from flax import nnx
 
-from cgpt_jax.treepath import path_name
 from tests.helpers import tiny_config, train_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +43,9 @@ def test_gradient_accumulation_on_a_sharded_mesh():
 def test_weight_decay_mask_excludes_exactly_biases_and_layernorm():
     params = nnx.state(abstract_model(tiny_config().model), nnx.Param)
     decayed, kept = set(), set()
-    for path, _ in jax.tree_util.tree_leaves_with_path(params):
-        name = path_name(path)
-        (decayed if decays(path) else kept).add(name)
+    for path, param in nnx.to_flat_state(params):
+        name = "/".join(path)
+        (decayed if decays(name, param) else kept).add(name)
     assert decayed == {"wte", "wpe", "blocks/attn/qkv_kernel", "blocks/attn/out_kernel",
                        "blocks/mlp/up_kernel", "blocks/mlp/down_kernel"}
     assert kept == {"blocks/attn/qkv_bias", "blocks/attn/out_bias", "blocks/mlp/up_bias",
@@ -173,8 +172,8 @@ def test_weight_decay_update_touches_only_decayed_parameters():
     tx = make_optimizer(config.train)
     zero_grads = jax.tree.map(np.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
-    by_name = {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    for path, update in jax.tree_util.tree_leaves_with_path(updates):
-        expected_scale = -1e-2 * 0.1 if decays(path) else 0.0  # -lr · weight_decay · p, or nothing
-        np.testing.assert_allclose(np.asarray(update), expected_scale * np.asarray(by_name[path_name(path)]),
-                                   rtol=1e-6)
+    by_name = {"/".join(path): param[...] for path, param in nnx.to_flat_state(params)}
+    for path, update in nnx.to_flat_state(updates):
+        name = "/".join(path)
+        expected_scale = -1e-2 * 0.1 if decays(name, update) else 0.0  # -lr · weight_decay · p, or nothing
+        np.testing.assert_allclose(np.asarray(update[...]), expected_scale * np.asarray(by_name[name]), rtol=1e-6)
