@@ -6,12 +6,12 @@ compares them in one plot and one table.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from cgpt_jax import cli
+from cgpt_jax.errors import InputError
 from cgpt_jax.scaling.analysis import analyze
 from cgpt_jax.scaling.groups import analyze_groups
 from cgpt_jax.scaling.report import write_grouped_outputs, write_outputs
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
                            else None,
                            n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"cgpt_jax.analyze: {e}")
+        raise InputError(str(e)) from e
     paths = write_outputs(analysis, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
     for law in (analysis.compute_law, analysis.chinchilla_law):
         if law is not None:
@@ -61,12 +61,12 @@ def main(argv: list[str]) -> None:
 
 def _main_grouped(workdir: Path) -> None:
     if _REFERENCE.value is not None:
-        sys.exit("cgpt_jax.analyze: --reference overlays one curve; drop it with --group_by")
+        raise app.UsageError("--reference overlays one curve — drop it with --group_by")
     try:
         grouped = analyze_groups(workdir, _GROUP_BY.value, experiment=_EXPERIMENT.value, flops=_FLOPS.value,
                                  params=_PARAMS.value, n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"cgpt_jax.analyze: {e}")
+        raise InputError(str(e)) from e
     paths = write_grouped_outputs(grouped, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
     print(f"L(C) = (C/a)^b + c per {grouped.group_by}; loss at C* = {grouped.common_compute:.4g} FLOPs:")
     for row in grouped.comparison:

@@ -6,12 +6,15 @@ devices it will run on and raises errors that name the field and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+import math
+from typing import Any, Callable
 
 import ml_collections
 
 from cgpt_jax.data import default_data_config
+from cgpt_jax.errors import InputError
 from cgpt_jax.parallel.mesh import mesh_shape
 from cgpt_jax.parallel.sharding import DEFAULT_RULES
 
@@ -22,14 +25,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:
-            raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+            raise InputError(f"config argument {item!r} — expected key=value with key in {sorted(defaults)}")
         kind = type(defaults[key])
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {key}={value!r}: expected True or False")
+                raise InputError(f"config argument {key}={value!r} — expected True or False")
             out[key] = value.lower() in ("true", "1")
         else:
-            out[key] = kind(value)
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise InputError(f"config argument {key}={value!r} — expected a {kind.__name__}") from None
     return out
 
 
@@ -117,50 +123,228 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
-    """Raise ValueError for a config that cannot run on `n_devices`, naming the field and the fix."""
-    from cgpt_jax.model import attention, parameterization
+# --- range and type rules: one per field of base_config() (a test checks that none is missing) ---
 
-    m, t = config.model, config.train
-    errors = parameterization.validate(m)
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Which values a field accepts; `expected` says so in the error message (the fix)."""
+
+    accepts: Callable[[Any], bool]
+    expected: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _count(minimum: int = 1, sentinel: int | None = None, meaning: str = "") -> Rule:
+    """An integer >= minimum, or the sentinel (-1) that `meaning` explains."""
+    text = f"use an integer >= {minimum}" + (f", or {sentinel} for {meaning}" if sentinel is not None else "")
+    return Rule(lambda v: _is_int(v) and (v >= minimum or v == sentinel), text)
+
+
+def _positive(sentinel: float | None = None, meaning: str = "") -> Rule:
+    text = "use a finite number > 0" + (f", or {sentinel} for {meaning}" if sentinel is not None else "")
+    return Rule(lambda v: _is_number(v) and (v > 0 or v == sentinel), text)
+
+
+def _non_negative() -> Rule:
+    return Rule(lambda v: _is_number(v) and v >= 0, "use a finite number >= 0")
+
+
+def _fraction(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Rule:
+    def accepts(v: Any) -> bool:
+        return _is_number(v) and (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
+    return Rule(accepts, f"use a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}")
+
+
+def _one_of(*names: str) -> Rule:
+    return Rule(lambda v: v in names, f"use one of {', '.join(repr(n) for n in names)}")
+
+
+def _text(non_empty: bool = False) -> Rule:
+    return Rule(lambda v: isinstance(v, str) and (bool(v.strip()) or not non_empty),
+                "use a non-empty string" if non_empty else "use a string")
+
+
+_BOOL = Rule(lambda v: isinstance(v, bool), "use True or False")
+_GLOBS = Rule(lambda v: isinstance(v, (tuple, list)) and all(isinstance(g, str) and g for g in v),
+              "use a tuple of glob strings, e.g. ('*.txt', '*.md')")
+_MESH_RULES = Rule(lambda v: isinstance(v, (tuple, list)) and all(
+    isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in v),
+    "use a list of [logical_axis, mesh_axes] pairs (cgpt_jax/parallel/sharding.py: DEFAULT_RULES)")
+
+
+def _spec(parse: Callable[[str], Any], example: str) -> Rule:
+    """A spec string that `parse` accepts (its own error, naming the problem, is reported too)."""
+    def accepts(v: Any) -> bool:
+        if not isinstance(v, str):
+            return False
+        try:
+            parse(v)
+        except ValueError:
+            return False
+        return True
+    return Rule(accepts, f"use a valid spec, e.g. {example!r}")
+
+
+def _tokenizer_spec(spec: str) -> Any:
+    from cgpt_jax.data.tokenizer import parse_spec
+    return parse_spec(spec)
+
+
+def _attention_spec(spec: str) -> Any:
+    from cgpt_jax.model import attention
+    return attention.build(spec)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_STEPS_MEANING = "train.tokens_per_param · parameters / tokens per step"
+RULES: dict[str, Rule] = {
+    "model.vocab_size": _count(1, -1, "the tokenizer's vocabulary"),
+    "model.vocab_pad_multiple": _count(1),
+    "model.d_model": _count(1),
+    "model.n_layers": _count(1),
+    "model.n_heads": _count(1),
+    "model.d_ff": _count(1),
+    "model.max_seq_len": _count(1),
+    "model.attention": _spec(_attention_spec, "gqa(kv_heads=4)+rope"),
+    "model.layer_norm_eps": _positive(),
+    "model.init_std": _positive(),
+    "model.output_init_std": _positive(-1.0, "init_std / sqrt(2 · n_layers)"),
+    "model.param_dtype": _one_of(*_DTYPES),
+    "model.compute_dtype": _one_of(*_DTYPES),
+    "model.remat": _one_of("none", "full", "dots", "dots_no_batch"),
+    "model.scan_layers": _BOOL,
+    "model.parameterization": _one_of("sp", "mup"),
+    "model.mup_base_d_model": _count(1),
+    "model.mup_base_d_ff": _count(1),
+    "model.mup_embedding_multiplier": _positive(),
+    "train.seq_len": _count(1),
+    "train.global_batch_size": _count(1),
+    "train.micro_batches": _count(1),
+    "train.tokens_per_param": _positive(),
+    "train.steps": _count(1, -1, _STEPS_MEANING),
+    "train.peak_lr": _positive(),
+    "train.warmup_tokens": _non_negative(),
+    "train.warmup_steps": _count(0, -1, "train.warmup_tokens / tokens per step"),
+    "train.decay": _one_of("linear", "cosine"),
+    "train.final_lr_fraction": _fraction(0, 1),
+    "train.adam_b1": _fraction(0, 1, open_high=True),
+    "train.adam_b2": _fraction(0, 1, open_high=True),
+    "train.adam_eps": _positive(),
+    "train.weight_decay": _non_negative(),
+    "train.grad_clip_norm": _positive(),
+    "train.seed": _count(0),
+    "train.log_every": _count(1),
+    "train.eval_every": _count(1),
+    "train.device_peak_flops": _positive(-1.0, "the device kind's peak (measured on CPU)"),
+    "mesh.data": _count(1, -1, "the devices the other axes leave"),
+    "mesh.fsdp": _count(1, -1, "the devices the other axes leave"),
+    "mesh.tensor": _count(1, -1, "the devices the other axes leave"),
+    "mesh.rules": _MESH_RULES,
+    "mesh.max_replicated_fraction": _fraction(0, 1),
+    "data.source": _one_of("synthetic", "stdlib", "text_dir", "tfds"),
+    "data.synthetic_vocab_size": _count(2),
+    "data.eval_batches": _count(1),
+    "data.prefetch": _count(0),
+    "data.tokenizer": _spec(_tokenizer_spec, "bpe(vocab=1024)"),
+    "data.cache_dir": _text(non_empty=True),
+    "data.val_fraction": _fraction(0, 1, open_low=True, open_high=True),
+    "data.text_dir": _text(),
+    "data.include": _GLOBS,
+    "data.exclude": _GLOBS,
+    "data.jsonl_text_key": _text(non_empty=True),
+    "data.tfds_name": _text(),
+    "data.tfds_data_dir": _text(),
+    "data.tfds_text_key": _text(),
+    "data.tfds_train_split": _text(non_empty=True),
+    "data.tfds_eval_split": _text(non_empty=True),
+    "data.tfds_download": _BOOL,
+    "checkpoint.every_steps": _count(0),  # 0: only at the last step and on preemption
+    "checkpoint.keep_last": _count(1),
+    "checkpoint.keep_every": _count(0),  # 0: none kept forever
+    "checkpoint.async_save": _BOOL,
+    "checkpoint.nan_policy": _one_of("halt", "skip"),
+    "checkpoint.max_consecutive_skips": _count(0),
+}
+
+
+def _spec_error(field: str, value: Any) -> str | None:
+    """The spec parser's own message (it names the problem and the valid forms), for a spec field."""
+    parse = {"model.attention": _attention_spec, "data.tokenizer": _tokenizer_spec}.get(field)
+    if parse is None or not isinstance(value, str):
+        return None
+    try:
+        parse(value)
+    except ValueError as e:
+        return f"{field}={value!r} — {e}"
+    return None
+
+
+def field_errors(config: ml_collections.ConfigDict | dict, prefix: str = "") -> list[str]:
+    """A `<field>=<value> — <fix>` line for each field of `config` (or of its section `prefix`, e.g.
+    'checkpoint') that breaks its rule or is not in the schema."""
+    values = flatten(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config,
+                     f"{prefix}." if prefix else "")
+    errors = []
+    for field, value in values.items():
+        rule = RULES.get(field)
+        if rule is None:
+            errors.append(f"{field} is not a config field — remove it (the fields: cgpt_jax/config.py: RULES)")
+        elif not rule.accepts(value):
+            errors.append(_spec_error(field, value) or f"{field}={value!r} — {rule.expected}")
+    return errors
+
+
+def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
+    """Raise InputError listing every problem of a config that cannot run on `n_devices`: each field's
+    range and type rule (RULES), then the rules across fields. Reads no data and compiles nothing."""
+    from cgpt_jax.model import attention
+
+    errors = field_errors(config)
+    if errors:  # the rules across fields below assume each field is usable
+        raise InputError(f"invalid config ({len(errors)} problems):", *errors)
+    m, t, d = config.model, config.train, config.data
     if m.d_model % m.n_heads:
-        errors.append(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        errors.append(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model} — "
                       f"pick heads so that d_model / n_heads is an integer.")
     if t.seq_len > m.max_seq_len:
         errors.append(f"train.seq_len={t.seq_len} is longer than the position table "
-                      f"model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len.")
-    for field, value in (("model.compute_dtype", m.compute_dtype), ("model.param_dtype", m.param_dtype)):
-        if value not in ("float32", "bfloat16", "float16"):
-            errors.append(f"{field}={value!r}: use 'float32', 'bfloat16' or 'float16'.")
-    from cgpt_jax.model.gpt import REMAT_POLICIES
-
-    if m.remat != "none" and m.remat not in REMAT_POLICIES:
-        errors.append(f"model.remat={m.remat!r}: use 'none' or one of {sorted(REMAT_POLICIES)}.")
-    if t.decay not in ("linear", "cosine"):
-        errors.append(f"train.decay={t.decay!r}: use 'linear' or 'cosine'.")
-    if t.micro_batches < 1 or t.global_batch_size % t.micro_batches:
+                      f"model.max_seq_len={m.max_seq_len} — lower seq_len or raise max_seq_len.")
+    if t.global_batch_size % t.micro_batches:
         errors.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                      f"train.micro_batches={t.micro_batches}.")
+                      f"train.micro_batches={t.micro_batches} — pick a divisor of the batch.")
+    if d.source == "text_dir" and not d.text_dir.strip():
+        errors.append("data.text_dir is empty with data.source='text_dir' — set it to a directory of text files")
+    if d.source == "tfds" and not d.tfds_name.strip():
+        errors.append("data.tfds_name is empty with data.source='tfds' — set it to a TFDS name such as 'lm1b'")
     try:
         data, fsdp, tensor = mesh_shape(config.mesh, n_devices)
     except ValueError as e:
         errors.append(str(e))
     else:
-        micro = t.global_batch_size // max(t.micro_batches, 1)
+        micro = t.global_batch_size // t.micro_batches
         if micro % (data * fsdp):
             errors.append(f"the micro-batch of {micro} sequences (train.global_batch_size="
                           f"{t.global_batch_size} / train.micro_batches={t.micro_batches}) is not divisible "
-                          f"by mesh data×fsdp = {data}×{fsdp}; change the batch or the mesh.")
+                          f"by mesh data×fsdp = {data}×{fsdp} — change the batch or the mesh.")
         if m.n_heads % tensor:
-            errors.append(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tensor}.")
+            errors.append(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tensor} — "
+                          f"pick a tensor axis that divides the heads.")
         if m.d_ff % tensor:
-            errors.append(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={tensor}.")
+            errors.append(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={tensor} — "
+                          f"pick a tensor axis that divides d_ff.")
     try:
         attention.build(m.attention).validate(m)
     except ValueError as e:
         errors.append(str(e))
     if errors:
-        raise ValueError("invalid config:\n- " + "\n- ".join(errors))
+        raise InputError(f"invalid config ({len(errors)} problems):", *errors)
 
 
 # Config fields a restart (or a re-run sweep) may change: where and how the run computes, what it logs,

@@ -8,6 +8,8 @@ import time
 
 import jax
 
+from cgpt_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceKind:
@@ -34,7 +36,7 @@ _KIND_PATTERNS = (("tpuv4", "tpu_v4"), ("tpuv5lite", "tpu_v5e"), ("tpuv5e", "tpu
 
 def kind_by_name(name: str) -> DeviceKind:
     if name not in DEVICE_KINDS:
-        raise ValueError(f"unknown device kind {name!r}; known: {', '.join(DEVICE_KINDS)}")
+        raise InputError(f"unknown device kind {name!r}; known: {', '.join(DEVICE_KINDS)}")
     return DEVICE_KINDS[name]
 
 

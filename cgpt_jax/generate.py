@@ -26,6 +26,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from tokenizers import Tokenizer
 
 from cgpt_jax import cli
+from cgpt_jax.errors import InputError
 from cgpt_jax.infer import Generator, Sampling
 from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT, abstract_model
@@ -152,7 +153,7 @@ def main(argv: list[str]) -> None:
             seed=_SEED.value, stop_ids=None if _STOP_IDS.value is None else [int(t) for t in _STOP_IDS.value],
             truncate_prompt=_TRUNCATE.value, out=sys.stdout)
     except (ValueError, checkpoint.CheckpointError) as e:  # the message says what to change
-        sys.exit(f"error: {e}")
+        raise InputError(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
     DIR/tensorboard/       the same metrics as TensorBoard events
     DIR/checkpoints/<N>/   Orbax checkpoints after N steps (cgpt_jax/train/checkpoint.py)
     DIR/summary.json       written last, by a finished run only (SUMMARY_KEYS)
+    DIR/best/checkpoints/  fine-tuning: the evaluated state with the best validation metric (summary 'best')
+    DIR/confusion_<split>.json, .png   fine-tuning: per-class metrics and confusion matrix of a split
 
 Every reader (the sweep runner, the scaling analysis, generation, the chaos test) takes the names from here.
 """
@@ -20,6 +22,7 @@ import shutil
 from absl import logging
 
 from cgpt_jax.config import run_differences
+from cgpt_jax.errors import InputError
 from cgpt_jax.flops import CONVENTIONS as FLOP_CONVENTIONS  # one `flops_<convention>` summary key each
 
 CONFIG = "config.json"
@@ -27,7 +30,9 @@ PARAM_TABLE = "param_table.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # fine-tuning: DIR/best/checkpoints/<N>, the state with the best validation metric
 SUMMARY = "summary.json"
+CONFUSION = "confusion_{split}"  # + .json / .png
 
 FINISHED = "finished"  # summary.json's status; a preempted run returns status 'preempted' and writes none
 PREEMPTED = "preempted"
@@ -74,7 +79,7 @@ def prepare(workdir: str, config_dict: dict, overwrite: bool) -> None:
         diffs = run_differences(read_json(config_path), config_dict)
         if diffs:
             if not overwrite:
-                raise ValueError(
+                raise InputError(
                     f"workdir {workdir} holds another run's config; differences:\n" + "\n".join(diffs[:20]) +
                     "\nUse another --workdir, or pass --overwrite to move the old run aside (it is kept).")
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -14,6 +14,7 @@ from pathlib import Path
 from absl import app, flags
 
 from cgpt_jax import cli
+from cgpt_jax.errors import InputError
 from cgpt_jax.scaling import runner
 from cgpt_jax.scaling.experiment import load_experiment, train_command
 
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
         opts = runner.parse_launcher_opts(_LAUNCHER.value, _LAUNCHER_OPTS.value)
         scripts = runner.write_launch_scripts(experiment, runs, workdir, _LAUNCHER.value, opts)
     except (FileNotFoundError, TypeError, ValueError) as e:
-        sys.exit(f"cgpt_jax.sweep: {e}")
+        raise InputError(str(e)) from e
     print(f"wrote {len(scripts)} launch scripts ({len(runs) - len(scripts)} runs already finished):")
     for script in scripts:
         print(f"  {script}")

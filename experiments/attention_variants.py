@@ -24,6 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import parse_arg
+from cgpt_jax.errors import InputError
 from cgpt_jax.experiments import cpu_ladder
 
 # sweep key -> config.model.attention (keys are run-name and command-line friendly)
@@ -42,14 +43,14 @@ def _choose(listing: str, known: dict | list, what: str) -> list[str]:
     chosen = [item for item in listing.split("/") if item]
     unknown = [item for item in chosen if item not in known]
     if unknown or not chosen:
-        raise ValueError(f"{what}={listing!r}: choose '/'-separated names from {list(known)}")
+        raise InputError(f"{what}={listing!r}: choose '/'-separated names from {list(known)}")
     return chosen
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, size=next(iter(cpu_ladder.SIZES)), variant="dense")
     if args.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {args.variant!r}; choose one of {list(VARIANTS)}")
+        raise InputError(f"unknown variant {args.variant!r}; choose one of {list(VARIANTS)}")
     config = cpu_ladder.get_config(f"size={args.size}")
     config.model.attention = VARIANTS[args.variant]
     return config

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import base_config, parse_arg
+from cgpt_jax.errors import InputError
 
 GPT2_VOCAB_SIZE = 50257
 CONTEXT = 2048
@@ -54,7 +55,7 @@ def use_mup(config: ml_collections.ConfigDict) -> None:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="111m", mup=False)
     if args.mup and args.size not in (*MUP_SIZES, "tiny"):
-        raise ValueError(f"size={args.size} with mup=True: Cerebras released muP models only for "
+        raise InputError(f"size={args.size} with mup=True: Cerebras released muP models only for "
                          f"{list(MUP_SIZES)} (or use 'tiny'); drop mup=True for the SP {args.size}")
     config = base_config()
     m, t = config.model, config.train
@@ -69,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             use_mup(config)
         return config
     if args.size not in SIZES:
-        raise ValueError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)} or 'tiny'")
+        raise InputError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)} or 'tiny'")
     d_model, n_layers, n_heads, batch, peak_lr, decay, eps, output_std = SIZES[args.size]
     m.vocab_size = GPT2_VOCAB_SIZE
     m.d_model, m.n_layers, m.n_heads, m.d_ff = d_model, n_layers, n_heads, 4 * d_model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import parse_arg
+from cgpt_jax.errors import InputError
 from cgpt_jax.experiments.cpu_ladder import SIZES as LADDER_SIZES
 from cgpt_jax.experiments.cpu_ladder import cpu_base_config
 
@@ -36,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.max_seq_len = t.seq_len = seq_len
         t.global_batch_size = batch
     else:
-        raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
+        raise InputError(f"unknown size {size!r}; choose one of {SIZES}")
     config.train.steps, config.train.warmup_steps = 1000, 100  # only the schedule's shape; nothing trains
     return config
 

@@ -17,6 +17,7 @@ import ml_collections
 
 from cgpt_jax import flops
 from cgpt_jax.config import parse_arg
+from cgpt_jax.errors import InputError
 from cgpt_jax.experiments.cpu_ladder import BATCH, SEQ_LEN, SIZES, WARMUP_FRACTION, cpu_base_config
 
 SIZES = {**SIZES, "d64l3": (64, 3, 4), "d80l3": (80, 3, 5)}  # (d_model, n_layers, n_heads)
@@ -32,7 +33,7 @@ MIN_STEPS = 50  # fewer steps than this is not a training run worth fitting
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, size="d32l2", budget=1.2e12)
     if args.size not in SIZES:
-        raise ValueError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)}")
+        raise InputError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)}")
     d_model, n_layers, n_heads = SIZES[args.size]
     config = cpu_base_config("d32l2")
     m, t = config.model, config.train
@@ -40,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     flops_per_step = flops.flops_per_token(flops.Shape.from_model_config(m, SEQ_LEN), "cerebras") * BATCH * SEQ_LEN
     t.steps = round(args.budget / flops_per_step)
     if t.steps < MIN_STEPS:
-        raise ValueError(f"budget={args.budget:g} buys {t.steps} steps of {args.size}; use a budget of at least "
+        raise InputError(f"budget={args.budget:g} buys {t.steps} steps of {args.size}; use a budget of at least "
                          f"{MIN_STEPS * flops_per_step:.3g} FLOPs or a smaller size")
     t.warmup_steps = max(1, round(WARMUP_FRACTION * t.steps))
     return config

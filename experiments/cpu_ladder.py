@@ -15,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import base_config, parse_arg
+from cgpt_jax.errors import InputError
 from cgpt_jax.model import params_count
 
 VOCAB = 512
@@ -38,7 +39,7 @@ SIZES = {
 def cpu_base_config(size: str) -> ml_collections.ConfigDict:
     """One CPU-sized model on the offline corpus; training length left to the caller."""
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+        raise InputError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     d_model, n_layers, n_heads = SIZES[size]
     config = base_config()
     m, t, data = config.model, config.train, config.data

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ml_collections
 
 from cgpt_jax.config import parse_arg
+from cgpt_jax.errors import InputError
 from cgpt_jax.experiments import cerebras_gpt, cpu_ladder
 
 WIDTHS = (16, 32, 64, 128)
@@ -37,9 +38,9 @@ SEQ_LEN = 64
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, width=WIDTHS[0], lr=LRS["mup"][0], param="mup")
     if args.param not in PARAMETERIZATIONS:
-        raise ValueError(f"param={args.param!r}: choose one of {list(PARAMETERIZATIONS)}")
+        raise InputError(f"param={args.param!r}: choose one of {list(PARAMETERIZATIONS)}")
     if args.width % N_HEADS:
-        raise ValueError(f"width={args.width} must be a multiple of the {N_HEADS} heads")
+        raise InputError(f"width={args.width} must be a multiple of the {N_HEADS} heads")
     config = cpu_ladder.cpu_base_config(next(iter(cpu_ladder.SIZES)))
     m, t = config.model, config.train
     m.d_model, m.n_layers, m.n_heads, m.d_ff = args.width, N_LAYERS, N_HEADS, 4 * args.width
@@ -57,7 +58,7 @@ def _floats(listing: str, what: str) -> list[float]:
     try:
         return [float(x) for x in listing.split("/") if x]
     except ValueError:
-        raise ValueError(f"{what}={listing!r}: expected '/'-separated numbers") from None
+        raise InputError(f"{what}={listing!r}: expected '/'-separated numbers") from None
 
 
 def sweep(arg: str | None = None) -> list[dict]:
@@ -66,7 +67,7 @@ def sweep(arg: str | None = None) -> list[dict]:
     args = parse_arg(arg, params="/".join(PARAMETERIZATIONS), widths="/".join(map(str, WIDTHS)), lrs="")
     params = [p for p in args.params.split("/") if p]
     if not params or set(params) - set(PARAMETERIZATIONS):
-        raise ValueError(f"params={args.params!r}: choose '/'-separated names from {list(PARAMETERIZATIONS)}")
+        raise InputError(f"params={args.params!r}: choose '/'-separated names from {list(PARAMETERIZATIONS)}")
     widths = [int(w) for w in _floats(args.widths, "widths")]
     lrs = {param: _floats(args.lrs, "lrs") or LRS[param] for param in params}
     # Width-major, so that a sweep stopped early has whole widths of both parameterizations.

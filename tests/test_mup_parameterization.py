@@ -76,8 +76,8 @@ def test_mup_flag_and_fields_are_checked():
     with pytest.raises(ValueError, match="muP models only for"):
         cerebras_gpt.get_config("size=6.7b,mup=True")
     assert [run["config_arg"] for run in cerebras_gpt.sweep("mup=True")][0] == "size=111m,mup=True"
-    for change, message in ((dict(parameterization="mu_p"), "model.parameterization='mu_p': use 'sp'"),
-                            (dict(mup_base_d_model=0), "model.mup_base_d_model=0 must be positive")):
+    for change, message in ((dict(parameterization="mu_p"), "model.parameterization='mu_p' — use one of 'sp', 'mup'"),
+                            (dict(mup_base_d_model=0), "model.mup_base_d_model=0 — use an integer >= 1")):
         config = tiny_config()
         config.model.update(change)
         with pytest.raises(ValueError, match=message):

@@ -178,4 +178,4 @@ def test_analyze_cli(tmp_path):
     assert _strict_json(tmp_path / "fit.json")["reference"]["eq1"] == {"a": 5.984e22, "b": -0.0737, "c": 0.5066}
     empty = subprocess.run([sys.executable, "-m", "cgpt_jax.analyze", str(tmp_path / "none")],
                            capture_output=True, text=True, check=False, env=env, cwd=REPO)
-    assert empty.returncode == 1 and "does not exist" in empty.stderr
+    assert empty.returncode == 2 and "does not exist" in empty.stderr

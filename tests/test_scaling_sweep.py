@@ -196,4 +196,4 @@ def test_sweep_cli_dry_run_and_bad_config(tmp_path):
     assert out.stdout.count("-m cgpt_jax.train") == 2 and "--config.model.n_layers=2" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "cgpt_jax.sweep", f"--config={tmp_path}/nope.py",
                           f"--workdir={tmp_path}"], capture_output=True, text=True, check=False, env=env, cwd=REPO)
-    assert bad.returncode == 1 and "not found" in bad.stderr
+    assert bad.returncode == 2 and "not found" in bad.stderr

@@ -10,6 +10,7 @@ import json
 from absl import app
 
 from cgpt_jax import cli
+from cgpt_jax.errors import InputError
 
 
 def _cell(value, fmt: str) -> str:
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> None:
     with open(cli.resolve_path(argv[1])) as f:
         results = [json.loads(line) for line in f if line.strip()]
     if not results:
-        raise SystemExit(f"{argv[1]} holds no results")
+        raise InputError(f"{argv[1]} holds no results — give a RESULTS.jsonl that python -m cgpt_jax.bench wrote")
     print(table(results))
 
 

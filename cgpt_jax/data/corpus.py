@@ -27,6 +27,8 @@ from typing import Counter, Iterator
 
 import tensorflow_datasets as tfds
 
+from cgpt_jax.errors import InputError
+
 SPLITS = ("train", "validation")
 STDLIB_INCLUDE = ("*.py",)
 STDLIB_EXCLUDE = ("site-packages/*", "dist-packages/*", ".*", "*/.*")
@@ -36,7 +38,7 @@ _DOCS_PER_READ = 256
 log = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A corpus that cannot be read as configured; the message says how to fix it."""
 
 

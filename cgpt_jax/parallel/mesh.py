@@ -7,6 +7,8 @@ from typing import Sequence
 import jax
 import ml_collections
 
+from cgpt_jax.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -16,18 +18,18 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int
     wildcards = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
     bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
     if bad:
-        raise ValueError(f"{', '.join(bad)}: mesh axis sizes must be positive, or -1 for 'the rest'.")
+        raise InputError(f"{', '.join(bad)}: mesh axis sizes must be positive, or -1 for 'the rest'.")
     if len(wildcards) > 1:
-        raise ValueError(f"mesh axes {wildcards} are all -1; at most one axis may take 'the rest' of the "
+        raise InputError(f"mesh axes {wildcards} are all -1; at most one axis may take 'the rest' of the "
                          f"devices. Set the others explicitly, e.g. --config.mesh.{wildcards[1]}=1.")
     fixed = math.prod(s for s in sizes if s != -1)
     if wildcards:
         if n_devices % fixed:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {fixed}, which "
+            raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {fixed}, which "
                              f"does not divide the {n_devices} available devices.")
         sizes[MESH_AXES.index(wildcards[0])] = n_devices // fixed
     elif fixed != n_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {fixed} devices but {n_devices} are "
+        raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} has {fixed} devices but {n_devices} are "
                          f"available; make the product equal {n_devices} or set one axis to -1.")
     return tuple(sizes)  # type: ignore[return-value]
 

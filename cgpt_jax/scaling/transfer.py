@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from cgpt_jax import cli
+from cgpt_jax.errors import InputError
 from cgpt_jax.scaling.results import collect_runs, select_group
 
 MAX_SPREAD = 1  # grid points between the widths' optima that still count as "transfers"
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> None:
         result, paths = write_outputs(workdir, Path(cli.resolve_path(args.out)) if args.out else workdir,
                                       args.experiment)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"cgpt_jax.scaling.transfer: {e}")
+        raise InputError(str(e)) from e
     for param, r in result.items():
         best = ", ".join(f"d{width}: {'—' if w['best_lr'] is None else format(w['best_lr'], 'g')}"
                          for width, w in r["widths"].items())

@@ -30,6 +30,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cgpt_jax import run_dir
+from cgpt_jax.config import field_errors
+from cgpt_jax.errors import InputError
 from cgpt_jax.train.state import TrainState
 from cgpt_jax.treepath import path_name
 
@@ -37,7 +39,6 @@ CHECKPOINT_DIR = run_dir.CHECKPOINTS
 REJECTED_DIR = "checkpoints_rejected"
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, just before the step becomes visible
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes a step under this name, then renames it
-NAN_POLICIES = ("halt", "skip")
 
 
 class CheckpointError(RuntimeError):
@@ -49,21 +50,10 @@ class _Damaged(Exception):
 
 
 def validate_checkpoint_config(ck: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming each bad `config.checkpoint` field and its fix."""
-    errors = []
-    if ck.every_steps < 0:
-        errors.append(f"checkpoint.every_steps={ck.every_steps}: use a positive interval, or 0 to save only at "
-                      f"the last step and on preemption.")
-    if ck.keep_last < 1:
-        errors.append(f"checkpoint.keep_last={ck.keep_last}: keep at least 1 checkpoint.")
-    if ck.keep_every < 0:
-        errors.append(f"checkpoint.keep_every={ck.keep_every}: use a positive step multiple, or 0 for none.")
-    if ck.nan_policy not in NAN_POLICIES:
-        errors.append(f"checkpoint.nan_policy={ck.nan_policy!r}: use one of {NAN_POLICIES}.")
-    if ck.max_consecutive_skips < 0:
-        errors.append(f"checkpoint.max_consecutive_skips={ck.max_consecutive_skips}: use 0 or more.")
+    """Raise InputError naming each bad `config.checkpoint` field and its fix (the rules: config.RULES)."""
+    errors = field_errors(ck, "checkpoint")
     if errors:
-        raise ValueError("invalid config:\n- " + "\n- ".join(errors))
+        raise InputError("invalid config:", *errors)
 
 
 # --- what a checkpoint records about the state -----------------------------------------------------
