@@ -8,11 +8,13 @@ list can give fallbacks, as in MaxText). The model never names a mesh axis itsel
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -40,6 +42,21 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("layers", None),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalArray:
+    """An array that is not a parameter (a decode cache, a batch): its shape, dtype and logical axes."""
+
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+    logical_axes: LogicalAxes
+
+    def zeros(self) -> jax.Array:
+        return jnp.zeros(self.shape, self.dtype)
+
+    def sharding(self, mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+        return NamedSharding(mesh, logical_to_spec(self.logical_axes, rules))
 
 
 def _as_tuple(mesh_axes: str | Sequence[str] | None) -> tuple[str, ...]:

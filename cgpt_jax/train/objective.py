@@ -6,8 +6,6 @@ pretraining: the same mesh, optimizer with its guard, sharded state and jitted s
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,18 +13,9 @@ import optax
 from flax import nnx
 
 from cgpt_jax.model import GPT
-from cgpt_jax.parallel.sharding import LogicalAxes
+from cgpt_jax.parallel.sharding import LogicalArray
 
 Batch = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchArray:
-    """One array of a global batch: its shape, dtype and logical axes (which shard it on the mesh)."""
-
-    shape: tuple[int, ...]
-    dtype: jnp.dtype
-    logical_axes: LogicalAxes
 
 
 class Objective:
@@ -35,7 +24,7 @@ class Objective:
     def make_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
         raise NotImplementedError(f"{type(self).__name__} must define make_model")
 
-    def batch_layout(self, config: ml_collections.ConfigDict) -> dict[str, BatchArray]:
+    def batch_layout(self, config: ml_collections.ConfigDict) -> dict[str, LogicalArray]:
         raise NotImplementedError(f"{type(self).__name__} must define batch_layout")
 
     def loss(self, model: nnx.Module, batch: Batch) -> jax.Array:
@@ -49,8 +38,8 @@ class LanguageModeling(Objective):
     def make_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
         return GPT(config.model, rngs=rngs)
 
-    def batch_layout(self, config: ml_collections.ConfigDict) -> dict[str, BatchArray]:
-        tokens = BatchArray((config.train.global_batch_size, config.train.seq_len), jnp.int32, ("batch", "length"))
+    def batch_layout(self, config: ml_collections.ConfigDict) -> dict[str, LogicalArray]:
+        tokens = LogicalArray((config.train.global_batch_size, config.train.seq_len), jnp.int32, ("batch", "length"))
         return {"inputs": tokens, "targets": tokens}
 
     def loss(self, model: nnx.Module, batch: Batch) -> jax.Array:

@@ -87,7 +87,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     abstract_state = jax.eval_shape(init)
     shardings = state_shardings(abstract_state, mesh, config.mesh.rules)
     check_replication(abstract_state.params, shardings.params, mesh, config.mesh.max_replicated_fraction)
-    batch_shardings = {name: jax.sharding.NamedSharding(mesh, logical_to_spec(array.logical_axes, config.mesh.rules))
+    batch_shardings = {name: array.sharding(mesh, config.mesh.rules)
                        for name, array in objective.batch_layout(config).items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: objective.make_model(config, nnx.Rngs(0))), nnx.Param)
     return Run(

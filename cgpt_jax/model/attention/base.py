@@ -40,15 +40,13 @@ model: 4 heads of 8 dims, 16 positions) and `dense_equal_options` (where the var
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
 
-from cgpt_jax.parallel.sharding import LogicalAxes, Rules, logical_to_spec
+from cgpt_jax.parallel.sharding import LogicalArray
 
 
 class _Required:
@@ -61,19 +59,7 @@ REQUIRED: Any = _Required()  # an option without a default: the config string mu
 Cache = dict[str, jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
-class CacheSpec:
-    """One array of a decode cache: its shape, dtype and logical axis names."""
-
-    shape: tuple[int, ...]
-    dtype: jnp.dtype
-    logical_axes: LogicalAxes
-
-    def zeros(self) -> jax.Array:
-        return jnp.zeros(self.shape, self.dtype)
-
-    def sharding(self, mesh: Mesh, rules: Rules) -> NamedSharding:
-        return NamedSharding(mesh, logical_to_spec(self.logical_axes, rules))
+CacheSpec = LogicalArray  # one array of a decode cache: shape, dtype and logical axes
 
 
 class Attention(nnx.Module):
