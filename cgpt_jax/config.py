@@ -14,6 +14,7 @@ from typing import Any, Callable
 import ml_collections
 
 from cgpt_jax.data import default_data_config
+from cgpt_jax.finetune.settings import BEST_METRICS, LOSSES, default_finetune_config, validate_finetune
 from cgpt_jax.errors import InputError
 from cgpt_jax.parallel.mesh import mesh_shape
 from cgpt_jax.parallel.sharding import DEFAULT_RULES
@@ -103,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
     ck.async_save = True  # write in a background thread while training continues
     ck.nan_policy = "halt"  # non-finite loss or gradients: 'halt' (diagnose and stop) | 'skip' (drop that update)
     ck.max_consecutive_skips = 10  # 'skip' still halts when more steps than this in a row are non-finite
+
+    c.finetune = default_finetune_config()  # text classification (cgpt_jax/finetune/settings.py)
     return c
 
 
@@ -271,6 +274,18 @@ RULES: dict[str, Rule] = {
     "checkpoint.async_save": _BOOL,
     "checkpoint.nan_policy": _one_of("halt", "skip"),
     "checkpoint.max_consecutive_skips": _count(0),
+    # Fine-tuning (cgpt_jax/finetune/settings.py; its rules across fields: validate_finetune).
+    "finetune.task": _text(non_empty=True),
+    "finetune.init": _text(),
+    "finetune.from_scratch": _BOOL,
+    "finetune.text_field": _text(non_empty=True),
+    "finetune.label_field": _text(non_empty=True),
+    "finetune.label_names": _text(),
+    "finetune.val_fraction": _fraction(0, 1, open_low=True, open_high=True),
+    "finetune.test_fraction": _fraction(0, 1, open_low=True, open_high=True),
+    "finetune.loss": _one_of(*LOSSES),
+    "finetune.best_metric": _one_of(*BEST_METRICS),
+    "finetune.num_labels": _count(2, -1, "the number of labels in the data"),
 }
 
 
@@ -343,6 +358,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
         attention.build(m.attention).validate(m)
     except ValueError as e:
         errors.append(str(e))
+    errors += validate_finetune(config.finetune)
     if errors:
         raise InputError(f"invalid config ({len(errors)} problems):", *errors)
 

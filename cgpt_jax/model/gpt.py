@@ -98,6 +98,11 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         """Token ids [B, L] → float32 logits [B, L, V_padded] (padding columns are -inf)."""
+        return self._logits(self.features(tokens_BxL))
+
+    def features(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Token ids [B, L] → the final hidden states [B, L, D] after ln_f (what heads other than the LM
+        head read, e.g. a sequence classifier)."""
         x_BxLxD = self._embed(tokens_BxL, None)
 
         def apply_block(x_BxLxD: jax.Array, block: Block) -> jax.Array:
@@ -117,7 +122,7 @@ class GPT(nnx.Module):
             for layer in range(self.cfg.n_layers):
                 block = nnx.merge(graphdef, jax.tree.map(lambda p: p[layer], stacked))
                 x_BxLxD = apply_block(x_BxLxD, block)
-        return self._logits(x_BxLxD)
+        return self.ln_f(x_BxLxD)
 
     def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
         """The decode cache of all layers: each layer's arrays stacked on a leading 'layers' axis."""
@@ -144,7 +149,7 @@ class GPT(nnx.Module):
         x_BxTxD, cache = nnx.scan(extend_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                                   transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
                                   )(x_BxTxD, self.blocks, cache)
-        return self._logits(x_BxTxD), cache
+        return self._logits(self.ln_f(x_BxTxD)), cache
 
     def _embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:
         """(Token + position embeddings) · embedding multiplier; positions None: 0..T-1 for every sequence."""
@@ -158,7 +163,7 @@ class GPT(nnx.Module):
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
     def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
-        x_BxTxD = self.ln_f(x_BxTxD)
+        """Final hidden states (after ln_f) → the tied LM head's logits."""
         logits_BxTxV = logits_rows(x_BxTxD, self.wte[...].astype(self.compute_dtype))
         logits_BxTxV = logits_BxTxV * parameterization.output_logits_multiplier(self.cfg)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))

@@ -5,6 +5,10 @@
 dispatch step t, read step t-1's metrics, evaluate, save. The pieces around the loop are small and named:
 `NonFiniteSteps` (the NaN policy), `Throughput` (timing without compile, evaluations and saves),
 `PreemptionWatch` and `distributed.Watchdog`.
+
+Fine-tuning (cgpt_jax/finetune/) runs through the same loop with its own `objective`, `dataset`, initial
+parameters (`init_params`), `evaluate` (validation metrics at each evaluation, the best by `best_metric`
+kept in DIR/best/) and `summarize` (summary fields computed from the best state, e.g. test metrics).
 """
 from __future__ import annotations
 
@@ -12,13 +16,14 @@ import contextlib
 import math
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from flax import nnx
 
 from cgpt_jax import flops, run_dir
 from cgpt_jax.config import resolve, validate
@@ -28,6 +33,7 @@ from cgpt_jax.model import params_count
 from cgpt_jax.parallel import distributed
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.train import checkpoint
+from cgpt_jax.train.objective import LANGUAGE_MODELING, Objective
 from cgpt_jax.train.faults import NonFiniteError, PreemptionWatch, diagnose_nonfinite, nonfinite_tensors
 from cgpt_jax.train.param_table import format_param_table, param_table
 from cgpt_jax.train.setup import Run, batch_sharding, build_run
@@ -50,23 +56,25 @@ def resolve_with_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     return resolve(config), dataset
 
 
-def restore(run: Run, checkpoints: checkpoint.RunCheckpoints, init_source: checkpoint.InitSource | None
+InitParams = Callable[[nnx.State], nnx.State]  # params as initialised from the seed → the params to start from
+
+
+def restore(run: Run, checkpoints: checkpoint.RunCheckpoints, init_params: InitParams | None, init_name: str
             ) -> tuple[TrainState, dict]:
     """The state to start from, in this order: the workdir's own newest complete checkpoint (an exact
-    resume), else the parameters of `init_source` with a fresh optimizer, else scratch. Also returns the
-    loop's counters saved with the checkpoint (empty unless resuming)."""
+    resume), else `init_params` (another run's parameters, named `init_name`) with a fresh optimizer, else
+    scratch. Also returns the loop's counters saved with the checkpoint (empty unless resuming)."""
     state = run.init_state()
     restored = checkpoints.restore_latest(like=state)
     if restored is not None:
         state, counters = restored
         logging.info("resuming from checkpoint %s/%d", checkpoints.directory, counters["step"])
-        if init_source is not None:
-            logging.info("ignoring --init_from: the workdir's own checkpoint takes precedence")
+        if init_params is not None:
+            logging.info("ignoring %s: the workdir's own checkpoint takes precedence", init_name)
         return state, counters
-    if init_source is not None:
-        state = state.replace(params=checkpoint.load_init_params(init_source, like_params=state.params))
-        logging.info("initialised the parameters from %s/%d; fresh optimizer at step 0",
-                     init_source.directory, init_source.step)
+    if init_params is not None:
+        state = state.replace(params=init_params(state.params))
+        logging.info("initialised the parameters from %s; fresh optimizer at step 0", init_name)
     else:
         logging.info("starting from scratch (seed %d)", run.config.train.seed)
     return state, {}
@@ -144,8 +152,20 @@ def _float_or_nan(x: float | None) -> float:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
                        init_from: str | None = None, devices: list[jax.Device] | None = None,
-                       show_progress: bool = True, watchdog_s: float = 0.0) -> dict:
+                       show_progress: bool = True, watchdog_s: float = 0.0,
+                       objective: Objective = LANGUAGE_MODELING, dataset: Dataset | None = None,
+                       init_params: tuple[str, InitParams] | None = None,
+                       evaluate: Callable[[Run, TrainState], dict[str, float]] | None = None,
+                       best_metric: str | None = None,
+                       summarize: Callable[[Run, TrainState], dict] | None = None) -> dict:
     """Train `config` in `workdir` and return the run summary (also written to summary.json).
+
+    Pretraining needs only the config. Another objective comes with its `dataset` (the config already
+    resolved against it), optionally `init_params` = (name, function) instead of `init_from`,
+    `evaluate(run, state)` → {'eval_loss': ..., other scalars} instead of the mean loss of
+    `dataset.eval_batches()`, `best_metric` (a key of evaluate's result, higher is better: the best
+    evaluated state is kept in DIR/best/) and `summarize(run, state)` → extra summary fields, computed from
+    the best state when there is a `best_metric`, else the final one.
 
     Where the train state comes from: see `restore` (own checkpoint > init_from > scratch); re-run the same
     command after any stop. On SIGTERM/SIGINT the loop finishes the current step, saves synchronously and
@@ -156,27 +176,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     validate(config, len(devices))
     checkpoint.validate_checkpoint_config(config.checkpoint)
     mesh = make_mesh(config.mesh, devices)
-    config, dataset = resolve_with_data(config, mesh)
+    if dataset is None:
+        config, dataset = resolve_with_data(config, mesh)
     config_dict = {**config.to_dict(), "data_description": dataset.describe()}
     if jax.process_count() > 1:
         distributed.preflight(config_dict, expected_devices=len(devices))
     if not overwrite and run_dir.is_same_finished_run(workdir, config_dict):
         logging.info("run in %s already finished; nothing to do", workdir)
         return run_dir.read_json(run_dir.path(workdir, run_dir.SUMMARY))
-    run = build_run(config, mesh)
+    run = build_run(config, mesh, objective=objective)
     t, ck = config.train, config.checkpoint
     checkpoint.check_storage(workdir, checkpoint.state_nbytes(run.abstract_state))
-    init_source = (checkpoint.find_init_source(init_from, checkpoint.tensor_specs(run.abstract_state.params,
-                                                                                  "params/"))
-                   if init_from else None)
+    if init_from:
+        source = checkpoint.find_init_source(init_from, checkpoint.tensor_specs(run.abstract_state.params, "params/"))
+        init_params = (f"{source.directory}/{source.step}",
+                       lambda like: checkpoint.load_init_params(source, like_params=like))
     run_dir.prepare(workdir, config_dict, overwrite)
-    table = param_table(config)  # init, learning rate and forward multipliers of every parameter, to audit
+    table = param_table(config, objective)  # init, learning rate and forward multipliers of every parameter, to audit
     logging.info("parameters:\n%s", format_param_table(table))
     if jax.process_index() == 0:
         run_dir.write_json_atomically(run_dir.path(workdir, run_dir.PARAM_TABLE), table)
 
     checkpoints = checkpoint.RunCheckpoints(workdir, ck)
-    state, counters = restore(run, checkpoints, init_source)
+    best_ck = ml_collections.ConfigDict({**ck.to_dict(), "keep_last": 1, "keep_every": 0})  # the best one only
+    best_checkpoints = checkpoint.RunCheckpoints(run_dir.path(workdir, run_dir.BEST), best_ck) if best_metric else None
+    init_name, init_fn = init_params or ("", None)
+    state, counters = restore(run, checkpoints, init_fn, init_name)
     start_step = int(state.step)
     shape = flops.Shape.from_model_config(config.model, t.seq_len)
     peak = t.device_peak_flops if t.device_peak_flops > 0 else device_peak_flops(devices[0])
@@ -192,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     throughput = Throughput(tokens_per_step)
     train_loss = _float_or_nan(counters.get("train_loss"))
     eval_loss = _float_or_nan(counters.get("eval_loss"))
+    best_value = _float_or_nan(counters.get("best_value"))
     run_start = time.time()
 
     def read_metrics(step: int, metrics: dict) -> None:
@@ -223,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
             raise NonFiniteError(f"not saving checkpoint {steps_done}: non-finite tensors {bad[:12]}")
         checkpoints.save(steps_done, state, {"config": config_dict, "mesh": dict(mesh.shape),
                                              "skipped_steps": nonfinite.skipped, "train_loss": train_loss,
-                                             "eval_loss": eval_loss}, wait=wait)
+                                             "eval_loss": eval_loss, "best_value": best_value}, wait=wait)
 
     progress = tqdm.tqdm(total=t.steps, initial=start_step, disable=not show_progress or jax.process_index() != 0,
                          desc=os.path.basename(workdir.rstrip("/")), unit="step")
@@ -248,9 +274,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                 pending = None
                 watchdog.beat("evaluating")
                 with throughput.paused():
-                    eval_loss = float(np.mean([float(run.eval_step(state.params, batch))
-                                               for batch in dataset.eval_batches()]))
-                writer.write(step, {"eval_loss": eval_loss})
+                    evaluated = (evaluate(run, state) if evaluate is not None else
+                                 {"eval_loss": float(np.mean([float(run.eval_step(state.params, batch))
+                                                              for batch in dataset.eval_batches()]))})
+                    eval_loss = evaluated["eval_loss"]
+                    if best_checkpoints is not None and not evaluated[best_metric] <= best_value:  # NaN: first
+                        best_value = evaluated[best_metric]
+                        best_checkpoints.save(step + 1, state, {"config": config_dict, best_metric: best_value},
+                                              wait=True)
+                writer.write(step, evaluated)
                 progress.set_postfix(loss=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}")
             stop = preemption.should_stop(step) and not is_last
             if is_last or stop or (ck.every_steps and (step + 1) % ck.every_steps == 0):
@@ -274,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         progress.close()
         writer.close()
         checkpoints.close()
+        if best_checkpoints is not None:
+            best_checkpoints.close()
 
     if stopped_at is not None:
         message = (f"stopped by {preemption.signal_name} after step {stopped_at - 1}: saved checkpoint "
@@ -295,6 +329,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         "wall_time_s": time.time() - run_start,
         "tokens_per_sec": throughput.mean(),
     }
+    if summarize is not None:
+        if best_checkpoints is not None:
+            best_state, best_meta = best_checkpoints.restore_latest(like=state)
+            summary["best"] = {"step": best_meta["step"], best_metric: best_meta[best_metric]}
+            state = best_state
+        summary.update(summarize(run, state))
     if jax.process_index() == 0:
         run_dir.write_json_atomically(run_dir.path(workdir, run_dir.SUMMARY), summary)
     return summary

@@ -21,7 +21,8 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
-from cgpt_jax.model import abstract_model, parameterization
+from cgpt_jax.model import parameterization
+from cgpt_jax.train.objective import LANGUAGE_MODELING, Objective
 
 PARAM_TABLE = "param_table.json"
 
@@ -44,11 +45,12 @@ def _forward(leaf: str, group: str, model_cfg: ml_collections.ConfigDict) -> dic
     return forward
 
 
-def param_table(config: ml_collections.ConfigDict) -> dict:
-    """The table of a resolved config (see the module docstring)."""
+def param_table(config: ml_collections.ConfigDict, objective: Objective = LANGUAGE_MODELING) -> dict:
+    """The table of a resolved config and the model its objective builds (see the module docstring)."""
     m, t = config.model, config.train
     rows = []
-    for path, param in nnx.to_flat_state(nnx.state(abstract_model(m), nnx.Param)):
+    model = nnx.eval_shape(lambda: objective.make_model(config, nnx.Rngs(0)))
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = "/".join(map(str, path))
         group = parameterization.param_group(name, param)
         init, std = _init(group, param, m)

@@ -1,0 +1,291 @@
+"""Labelled text for classification: read, check, tokenize with the backbone's tokenizer, batch.
+
+Tasks (`finetune.task`):
+  'stdlib_topics'  offline, on every machine: the functions and methods of eight standard-library
+                   packages of the running interpreter, labelled by their package. Split by source file
+                   (each package's files, in hash order, fill test, then validation, to ~10% each), so
+                   no file's code is in two splits.
+  'csv:PATH'       PATH a directory with train.csv, validation.csv and test.csv (or .tsv), or one .csv/.tsv
+                   file split deterministically by a hash of each text (finetune.val_fraction,
+                   test_fraction). Columns named by finetune.text_field and finetune.label_field.
+  'jsonl:PATH'     the same with .jsonl files: one JSON object per line.
+Labels are names (or, with finetune.label_names listed, also their integer ids). Every problem in the
+input is an error naming the file, the line or the field, and the fix, raised before anything compiles.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import sysconfig
+import textwrap
+from collections import Counter
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from cgpt_jax.data.tokenizer import TextTokenizer
+from cgpt_jax.errors import InputError
+
+SPLITS = ("train", "validation", "test")
+STDLIB_TOPICS = ("asyncio", "email", "idlelib", "importlib", "multiprocessing", "tkinter", "unittest", "xml")
+_TEST_DIRS = ("test", "tests", "idle_test", "__pycache__")  # the packages' own test suites are left out
+_STDLIB_HELD_OUT = 0.1  # share of each package's examples in test, and again in validation
+
+
+class TaskError(InputError):
+    """Labelled data that cannot be used; the message names the file, line or field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    text: str
+    label: str  # as written in the data (a name, or an id when label_names are given)
+    where: str  # 'FILE:LINE', for messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    splits: dict[str, list[Example]]  # train, validation, test
+    label_names: list[str]  # class id → name
+
+    def label_ids(self, split: str) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return np.array([index[e.label] for e in self.splits[split]], np.int32)
+
+
+def _hash_fraction(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") / 2**64
+
+
+# --- the offline default task -------------------------------------------------------------------------
+
+def _definitions(path: pathlib.Path, rel: str) -> list[Example]:
+    """Module-level functions and the methods of module-level classes, dedented, labelled by package."""
+    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # a few stdlib files are deliberately invalid (lib2to3 test data); not examples
+        return []
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = []
+    for node in tree.body:
+        if isinstance(node, functions):
+            nodes.append(node)
+        elif isinstance(node, ast.ClassDef):
+            nodes.extend(n for n in node.body if isinstance(n, functions))
+    package = rel.split("/", 1)[0]
+    return [Example(textwrap.dedent(ast.get_source_segment(source, n, padded=True)), package, f"{rel}:{n.lineno}")
+            for n in nodes]
+
+
+def stdlib_topics() -> Task:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for package in STDLIB_TOPICS:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / package):
+            dirnames[:] = sorted(d for d in dirnames if d not in _TEST_DIRS)
+            for name in sorted(filenames):
+                if name.endswith(".py"):
+                    rel = pathlib.Path(dirpath, name).relative_to(root).as_posix()
+                    files.append((_hash_fraction(rel), rel, _definitions(root / rel, rel)))
+        if not files:
+            raise TaskError(f"task=stdlib_topics: the standard library at {root} has no package {package!r}; "
+                            f"this interpreter's stdlib is incomplete, use task=csv:... or task=jsonl:...")
+        total = sum(len(examples) for _, _, examples in files)
+        target = _STDLIB_HELD_OUT * total
+        held = {"test": 0, "validation": 0}
+        for _, _, examples in sorted(files):  # hash order: a fixed, unbiased order of the files
+            # A file goes to a held-out split that is short of its share and stays under 1.5x it (a huge
+            # file such as tkinter/__init__.py trains instead of filling a split alone).
+            split = next((s for s in held if held[s] < target and held[s] + len(examples) <= 1.5 * target),
+                         "train")
+            if split in held:
+                held[split] += len(examples)
+            splits[split].extend(examples)
+    return Task(splits, list(STDLIB_TOPICS))
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+def _read_csv(path: pathlib.Path, text_field: str, label_field: str) -> Iterator[tuple[str, object, str]]:
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        for field, key in (("finetune.text_field", text_field), ("finetune.label_field", label_field)):
+            if key not in columns:
+                raise TaskError(f"{path}: line 1: no column {key!r} (the header has {columns}); name the "
+                                f"column with --config.{field}=... or fix the header")
+        for row in reader:
+            yield row[text_field], row[label_field], f"{path}:{reader.line_num}"
+
+
+def _read_jsonl(path: pathlib.Path, text_field: str, label_field: str) -> Iterator[tuple[str, object, str]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{where}: not JSON ({e}); write one JSON object per line") from None
+            for field, key in (("finetune.text_field", text_field), ("finetune.label_field", label_field)):
+                if not isinstance(record, dict) or key not in record:
+                    raise TaskError(f"{where}: no field {key!r}; name it with --config.{field}=... or fix the line")
+            yield record[text_field], record[label_field], where
+
+
+def _examples(path: pathlib.Path, kind: str, text_field: str, label_field: str) -> list[Example]:
+    if not path.is_file():
+        raise TaskError(f"task={kind}:...: {path} is not there; check the path")
+    read = _read_csv if kind == "csv" else _read_jsonl
+    examples = []
+    for text, label, where in read(path, text_field, label_field):
+        if not isinstance(text, str) or not text.strip():
+            raise TaskError(f"{where}: the {text_field!r} field is empty; remove the row or give it text")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
+            raise TaskError(f"{where}: the {label_field!r} field is {label!r}; give a label name or id")
+        examples.append(Example(text, str(label).strip(), where))
+    if not examples:
+        raise TaskError(f"{path}: no examples; the file is empty")
+    return examples
+
+
+def _file_splits(kind: str, path: pathlib.Path, ft: ml_collections.ConfigDict) -> dict[str, list[Example]]:
+    fields = (ft.text_field, ft.label_field)
+    if path.is_dir():
+        extensions = (".csv", ".tsv") if kind == "csv" else (".jsonl",)
+        splits = {}
+        for split in SPLITS:
+            found = [path / f"{split}{ext}" for ext in extensions if (path / f"{split}{ext}").is_file()]
+            if not found:
+                raise TaskError(f"task={kind}:{path}: {path / (split + extensions[0])} is not there; a directory "
+                                f"needs {', '.join(s + extensions[0] for s in SPLITS)} (or give one file to split)")
+            splits[split] = _examples(found[0], kind, *fields)
+        return splits
+    examples = _examples(path, kind, *fields)
+    splits = {s: [] for s in SPLITS}
+    for e in examples:  # by the text's hash: the same text always lands in the same split
+        h = _hash_fraction(e.text)
+        splits["test" if h < ft.test_fraction else "validation" if h < ft.test_fraction + ft.val_fraction
+               else "train"].append(e)
+    for split, rows in splits.items():
+        if not rows:
+            raise TaskError(f"task={kind}:{path}: {len(examples)} examples leave the {split} split empty; add "
+                            f"examples or change finetune.val_fraction / finetune.test_fraction")
+    return splits
+
+
+def _label_names(splits: dict[str, list[Example]], given: tuple[str, ...]) -> list[str]:
+    if given:
+        return list(given)
+    labels = sorted({e.label for e in splits["train"]})
+    return sorted(labels, key=int) if all(x.lstrip("-").isdigit() for x in labels) else labels
+
+
+def _normalise_labels(splits: dict[str, list[Example]], names: list[str], given: bool) -> dict[str, list[Example]]:
+    """Every label as its name; ids are accepted when label_names were given."""
+    out = {}
+    for split, examples in splits.items():
+        rows = []
+        for e in examples:
+            label = e.label
+            if label not in names and given and label.isdigit() and int(label) < len(names):
+                label = names[int(label)]
+            if label not in names:
+                fix = ("fix the row, or list every label in --config.finetune.label_names" if not given
+                       else "fix the row, or add it to finetune.label_names")
+                raise TaskError(f"{e.where}: label {e.label!r} is not one of the labels {names} "
+                                f"({'finetune.label_names' if given else 'those of the training split'}); {fix}")
+            rows.append(dataclasses.replace(e, label=label))
+        out[split] = rows
+    return out
+
+
+def read_task(ft: ml_collections.ConfigDict) -> Task:
+    """The labelled splits of `finetune.task` (see the module docstring)."""
+    kind, _, arg = ft.task.partition(":")
+    if ft.task == "stdlib_topics":
+        task = stdlib_topics()
+        splits, names = task.splits, task.label_names
+    elif kind in ("csv", "jsonl") and arg:
+        splits = _file_splits(kind, pathlib.Path(os.path.expanduser(arg)), ft)
+        given = tuple(name.strip() for name in ft.label_names.split(",") if name.strip())
+        names = _label_names(splits, given)
+        splits = _normalise_labels(splits, names, bool(given))
+    else:
+        raise TaskError(f"finetune.task={ft.task!r}: use 'stdlib_topics', 'csv:PATH' or 'jsonl:PATH'")
+    if len(names) < 2:
+        raise TaskError(f"finetune.task={ft.task!r}: only the label(s) {names}; a classifier needs at least two")
+    return Task(splits, names)
+
+
+# --- tokens -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One split as arrays: token ids right-padded with `pad_id`, real lengths, class ids."""
+
+    tokens_NxL: np.ndarray  # int32
+    lengths_N: np.ndarray  # int32, 1..L
+    labels_N: np.ndarray  # int32
+    truncated: int  # texts longer than L tokens, cut to their first L
+
+
+def encode(texts: list[str], labels_N: np.ndarray, tokenizer: TextTokenizer, max_len: int) -> Encoded:
+    ids = tokenizer.encode_batch(texts)
+    tokens_NxL = np.full((len(ids), max_len), tokenizer.eos_id, np.int32)
+    lengths_N = np.zeros(len(ids), np.int32)
+    for i, row in enumerate(ids):
+        row = row[:max_len]
+        tokens_NxL[i, :len(row)] = row
+        lengths_N[i] = len(row)
+    return Encoded(tokens_NxL, lengths_N, labels_N, int(sum(len(row) > max_len for row in ids)))
+
+
+class ClassificationData:
+    """The training split's batch of step s as a pure function of (seed, s): epochs of a seeded
+    permutation, so a resumed run reads the same batches. Each batch is placed with `shardings`."""
+
+    def __init__(self, train: Encoded, *, global_batch_size: int, seed: int,
+                 shardings: dict[str, jax.sharding.NamedSharding], vocab_size: int, description: dict):
+        if len(train.labels_N) < global_batch_size:
+            raise TaskError(f"the training split has {len(train.labels_N)} examples, fewer than one batch "
+                            f"(train.global_batch_size={global_batch_size}); lower the batch or add examples")
+        self.train = train
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.shardings = shardings
+        self.vocab_size = vocab_size
+        self.description = description
+
+    def rows(self, step: int) -> np.ndarray:
+        n, b = len(self.train.labels_N), self.global_batch_size
+        per_epoch = n // b  # the last partial batch of an epoch is dropped
+        epoch, k = divmod(step, per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return order[k * b:(k + 1) * b]
+
+    def train_batch(self, step: int) -> dict[str, jax.Array]:
+        rows = self.rows(step)
+        arrays = {"inputs": self.train.tokens_NxL[rows], "lengths": self.train.lengths_N[rows],
+                  "labels": self.train.labels_N[rows]}
+        return {k: jax.device_put(v, self.shardings[k]) for k, v in arrays.items()}
+
+    def describe(self) -> dict:
+        return self.description
+
+
+def class_balance(task: Task) -> dict[str, dict[str, int]]:
+    """Examples per label in each split."""
+    return {split: {name: Counter(e.label for e in examples)[name] for name in task.label_names}
+            for split, examples in task.splits.items()}
