@@ -44,7 +44,7 @@ from cgpt_jax.data import make_dataset
 from cgpt_jax.model import GPT
 from cgpt_jax.model.attention.base import scores
 from cgpt_jax.parallel.mesh import make_mesh
-from cgpt_jax.train.setup import build_run
+from cgpt_jax.train.setup import FAST_COMPILE, build_run
 
 LAYER_TYPES = ("embedding", "attn_logits", "attn_output", "mlp_output", "residual", "logits")
 # Measured as the change since initialisation: under muP the readout is scaled by 1/width, so the logits'
@@ -54,8 +54,6 @@ INIT_STD = {"sp": 0.02, "mup": 0.08}  # Cerebras-GPT's SP init and muP base init
 LEARNING_RATE = 6e-3  # the muP base LR, used for both so that only the parameterization differs
 MUP_MAX_SLOPE = 0.1  # muP passes when every |slope| at the last step is below this
 SP_MIN_SLOPE = 0.3  # SP shows the blow-up when some slope at the last step is above this
-# The check's models are small and run a few steps, so compiling dominates: skip XLA's slow optimizations.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def check_config(width: int, parameterization: str, *, base_width: int, d_head: int = 16, n_layers: int = 2,

@@ -22,11 +22,11 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
     return resolve(c)
 
 
-def train_steps(config: ml_collections.ConfigDict, n_steps: int, devices=None):
+def train_steps(config: ml_collections.ConfigDict, n_steps: int, devices=None, compiler_options=None):
     """Run `n_steps` of the training run's own step (`build_run`); returns (losses, final state as host
     numpy arrays)."""
     devices = devices if devices is not None else jax.devices()[:1]
-    run = build_run(config, make_mesh(config.mesh, devices))
+    run = build_run(config, make_mesh(config.mesh, devices), compiler_options=compiler_options)
     state = run.init_state()
     dataset = make_dataset(config.data, seq_len=config.train.seq_len,
                            global_batch_size=config.train.global_batch_size, seed=0, sharding=run.batch_sharding)

@@ -39,6 +39,7 @@ from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.config import resolve
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, state_shardings
 from cgpt_jax.train.param_table import PARAM_TABLE, param_table
+from cgpt_jax.train.setup import FAST_COMPILE
 from tests.helpers import tiny_config, train_steps
 
 BATCH, SEQ = 2, 16
@@ -377,7 +378,8 @@ def check_trains(spec: str) -> None:
         config = train_config(spec, parameterization)
         rows = {row["param"] for row in param_table(config)["params"]}
         _, initial = train_steps(config, 0)
-        losses, final = train_steps(config, 2)
+        # The program that trains, compiled without XLA's slow backend passes: the suite compiles it per variant.
+        losses, final = train_steps(config, 2, compiler_options=FAST_COMPILE)
         assert losses.shape == (2,) and np.all(np.isfinite(losses)), f"{parameterization}: losses {losses}"
         before = {"/".join(map(str, path)): p[...] for path, p in nnx.to_flat_state(initial.params)}
         after = {"/".join(map(str, path)): p[...] for path, p in nnx.to_flat_state(final.params)}

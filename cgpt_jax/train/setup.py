@@ -30,6 +30,11 @@ from cgpt_jax.train.state import TrainState
 from cgpt_jax.train.step import BatchShardings, Metrics, make_eval_step, make_train_step
 
 
+# For programs compiled many times and run for a few steps (the muP coordinate check, the conformance
+# suite's training check): XLA's backend optimisations cost more compile time than they save there.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding:
     """How a [batch, length] array of token ids is laid out on `mesh`."""
     return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
@@ -72,8 +77,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
               objective: Objective = LANGUAGE_MODELING, compiler_options: dict[str, Any] | None = None) -> Run:
     """Set up a run of the resolved `config` on `mesh` (see the module docstring).
 
-    `compiler_options` go to XLA for both steps (the coordinate check compiles many tiny models and
-    skips slow optimisations); the default is what training uses.
+    `compiler_options` go to XLA for both steps (e.g. `FAST_COMPILE`); the default is what training uses.
     """
     validate(config, mesh.size)
     t = config.train
