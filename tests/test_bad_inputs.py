@@ -103,6 +103,11 @@ def test_config_refused_before_anything_is_read_or_written(tmp_path, field, valu
     assert os.listdir(tmp_path) == []  # no workdir, no data cache
 
 
+def test_every_schema_field_has_a_rule_and_the_defaults_pass():
+    assert sorted(flatten(base_config().to_dict())) == sorted(RULES)
+    validate(base_config(), 1)
+
+
 def test_all_problems_of_a_config_are_reported_together():
     config = _tiny()
     config.train.steps, config.train.peak_lr, config.data.tokenizer = -5, -1.0, "bpe(vocab=-1)"
