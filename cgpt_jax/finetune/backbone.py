@@ -69,7 +69,7 @@ def _hf_backbone(directory: pathlib.Path, init: str) -> Backbone:
         text_tokenizer = TextTokenizer(tokenizer, f"hf(dir={directory})")
     except TokenizerError as e:
         raise BackboneError(f"finetune.init={init}: {e}") from None
-    return Backbone(init, model, text_tokenizer, hf_cfg.get("num_labels", -1) if hf.is_classifier(hf_cfg) else -1)
+    return Backbone(init, model, text_tokenizer, -1)
 
 
 def load_backbone(init: str) -> Backbone:
@@ -112,10 +112,7 @@ def init_params(backbone: Backbone, abstract_params: nnx.State, mesh: jax.shardi
         directory = backbone.init[len(HF_PREFIX):]
 
         def load_hf(like: nnx.State) -> nnx.State:
-            if keep_head:
-                model = hf.classifier_from_pretrained(directory, mesh=mesh, rules=rules)
-            else:
-                model = hf.from_pretrained(directory, mesh=mesh, rules=rules).model
+            model = hf.from_pretrained(directory, mesh=mesh, rules=rules).model
             params = _with_backbone(like, nnx.state(model, nnx.Param))
             return jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
         return directory, load_hf

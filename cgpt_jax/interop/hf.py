@@ -464,7 +464,7 @@ def _param_reader(path: str, tensors: _Tensors, shape: tuple[int, ...],
     raise HFCheckpointError(f"our parameter {path!r} has no counterpart in GPT-2 checkpoints")
 
 
-def _load_tokenizer(directory: pathlib.Path, vocab_size: int) -> Tokenizer | None:
+def load_tokenizer(directory: pathlib.Path, vocab_size: int) -> Tokenizer | None:
     """tokenizer.json, else GPT-2's vocab.json + merges.txt as a byte-level BPE; None if neither is there."""
     tokenizer_json, vocab, merges = (directory / n for n in ("tokenizer.json", "vocab.json", "merges.txt"))
     try:
@@ -501,7 +501,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
         for axis, size in mesh.shape.items():
             config.mesh[axis] = size
         config.mesh.rules = [list(rule) for rule in rules]
-    tokenizer = _load_tokenizer(directory, hf_cfg["vocab_size"])
+    tokenizer = load_tokenizer(directory, hf_cfg["vocab_size"])
 
     graphdef, abstract_state = nnx.split(abstract_model(config.model))
     if mesh is not None:

@@ -271,6 +271,15 @@ class RunCheckpoints:
         if self._in_flight is not None and not self.manager.is_saving_in_progress():
             self.wait()  # returns at once
 
+    def set_aside_after(self, step: int) -> None:
+        """Move committed steps newer than `step` to checkpoints_rejected/ (kept): on a resume from `step`,
+        DIR/best/ may hold a state of the lost steps after it, which the resumed run will evaluate again."""
+        for newer in [s for s in scan(self.directory)[0] if s > step]:
+            if jax.process_index() == 0:
+                self._reject(os.path.join(self.directory, str(newer)), f"newer than the resumed step {step}")
+            _sync(f"cgpt_jax:set_aside_{newer}")
+        self.manager.reload()
+
     def latest_step(self) -> int | None:
         """The newest committed step on disk (the manager's own list drops steps it is about to prune)."""
         steps = scan(self.directory)[0]

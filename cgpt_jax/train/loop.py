@@ -203,6 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     init_name, init_fn = init_params or ("", None)
     state, counters = restore(run, checkpoints, init_fn, init_name)
     start_step = int(state.step)
+    if best_checkpoints is not None:
+        best_checkpoints.set_aside_after(start_step)
     shape = flops.Shape.from_model_config(config.model, t.seq_len)
     peak = t.device_peak_flops if t.device_peak_flops > 0 else device_peak_flops(devices[0])
     tokens_per_step = t.global_batch_size * t.seq_len
