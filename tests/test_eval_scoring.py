@@ -1,0 +1,134 @@
+"""Scoring API: log-likelihoods equal a direct full forward pass, batched = one at a time, sharded =
+one device, one compile per length bucket, rolling windows at the context's boundaries, bad input."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+import scipy.special
+from flax import nnx
+
+from cgpt_jax.errors import InputError
+from cgpt_jax.eval.scorer import Scorer, rolling_windows
+from cgpt_jax.model import GPT
+from cgpt_jax.parallel.mesh import make_mesh
+from tests.helpers import tiny_config
+
+MAX_LEN = 32
+rng = np.random.default_rng(0)
+# Lengths spread over the 8-, 16- and 32-position buckets, and one longer than the context (truncated).
+REQUESTS = [(rng.integers(0, 64, c).tolist(), rng.integers(0, 64, k).tolist())
+            for c, k in [(1, 1), (5, 3), (9, 1), (3, 12), (20, 4), (30, 2), (1, 31), (40, 6), (12, 12), (2, 2)]]
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    cfg = tiny_config().model
+    cfg.max_seq_len = MAX_LEN
+    return GPT(cfg, rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def scorer(model) -> Scorer:
+    return Scorer(model, batch_size=4, min_bucket=8)
+
+
+_forward = nnx.jit(lambda model, tokens_1xL: model(tokens_1xL))
+
+
+def direct(model: GPT, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """One forward pass over the whole context window holding the (left-truncated) request, log-softmax in
+    float64 on the host."""
+    whole = (context + continuation)[-(MAX_LEN + 1):]
+    tokens_1xL = np.zeros((1, MAX_LEN), np.int32)
+    tokens_1xL[0, :len(whole) - 1] = whole[:-1]
+    logits = np.asarray(_forward(model, tokens_1xL)[0], np.float64)[:len(whole) - 1, :model.cfg.vocab_size]
+    logp = scipy.special.log_softmax(logits, axis=-1)
+    k = len(continuation)
+    rows, targets = np.arange(len(whole) - 1 - k, len(whole) - 1), np.asarray(whole[-k:])
+    return float(logp[rows, targets].sum()), bool(np.all(logits[rows].argmax(-1) == targets))
+
+
+def test_loglikelihood_equals_direct_forward_and_batching(model, scorer):
+    batched = scorer.loglikelihood(REQUESTS)
+    single = [scorer.loglikelihood([request])[0] for request in REQUESTS]  # alone in its batch
+    for request, got, alone in zip(REQUESTS, batched, single):
+        want_logp, want_greedy = direct(model, *request)
+        assert got[0] == pytest.approx(want_logp, abs=1e-4)
+        assert got[1] == want_greedy
+        assert got[0] == pytest.approx(alone[0], abs=1e-5) and got[1] == alone[1]
+    # The argmax token is greedy, another is not.
+    best = int(np.argmax(np.asarray(_forward(model, np.full((1, MAX_LEN), 5, np.int32)))[0, 0, :64]))
+    greedy, other = scorer.loglikelihood([([5], [best]), ([5], [(best + 1) % 64])])
+    assert greedy[1] and not other[1]
+
+
+def test_one_compile_per_length_bucket(scorer):
+    scorer.loglikelihood(REQUESTS)
+    # Inputs of lengths 1..32 fall into buckets 8, 16 and 32; every batch of a bucket, in any call, reuses
+    # its program.
+    assert scorer.score_batch._cache_size() == 3
+    scorer.loglikelihood(REQUESTS[3:] + REQUESTS[:3])
+    assert scorer.score_batch._cache_size() == 3
+
+
+def test_sharded_equals_one_device(model, scorer):
+    mesh = make_mesh(tiny_config(data=2, tensor=4).mesh, jax.devices())
+    sharded = Scorer(model, mesh=mesh, batch_size=3, min_bucket=32)
+    assert sharded.batch_size == 4  # rounded up to what the data axis divides
+    for got, want in zip(sharded.loglikelihood(REQUESTS), scorer.loglikelihood(REQUESTS)):
+        assert got[0] == pytest.approx(want[0], abs=1e-5) and got[1] == want[1]
+
+
+def test_rolling_windows_match_lm_eval_example():
+    # lm-eval's documented example: tokens 0..9, prefix BOS, context 4.
+    bos = 99
+    assert rolling_windows(list(range(10)), bos, 4) == [
+        ([bos], [0, 1, 2, 3]), ([3], [4, 5, 6, 7]), ([5, 6, 7], [8, 9])]
+
+
+@pytest.mark.parametrize("n", [1, MAX_LEN - 1, MAX_LEN, MAX_LEN + 1, 2 * MAX_LEN, 2 * MAX_LEN + 1, 3 * MAX_LEN - 5])
+def test_rolling_windows_at_boundaries(n):
+    tokens = list(range(100, 100 + n))
+    windows = rolling_windows(tokens, 0, MAX_LEN)
+    assert [t for _, continuation in windows for t in continuation] == tokens  # each predicted exactly once
+    sequence = [0, *tokens]
+    for context, continuation in windows:
+        inputs = (context + continuation)[:-1]
+        assert len(inputs) == min(MAX_LEN, n)  # as much context as the positions allow
+        end = sequence.index(continuation[-1])
+        assert context + continuation == sequence[end - len(inputs):end + 1]  # contiguous, ends at the target
+    try:
+        from lm_eval import utils
+    except ImportError:
+        return
+    theirs = [utils.make_disjoint_window(w) for w in
+              utils.get_rolling_token_windows(token_list=tokens, prefix_token=0, max_seq_len=MAX_LEN, context_len=1)]
+    assert [(list(c), list(k)) for c, k in theirs] == windows
+
+
+def test_rolling_loglikelihood_sums_windows(model, scorer):
+    short, long = list(range(1, 20)), rng.integers(0, 64, 2 * MAX_LEN + 7).tolist()
+    got_short, got_long = scorer.loglikelihood_rolling([short, long], prefix_token=0)
+    assert got_short == pytest.approx(direct(model, [0], short)[0], abs=1e-4)  # one window: the whole text
+    assert got_long == pytest.approx(sum(direct(model, c, k)[0] for c, k in rolling_windows(long, 0, MAX_LEN)),
+                                     abs=1e-4)
+
+
+def test_truncation_is_reported_and_bad_requests_refused(scorer, caplog):
+    long_context, continuation = list(range(1, 41)), [3, 4]
+    with caplog.at_level(logging.WARNING):
+        got = scorer.loglikelihood([(long_context, continuation)])
+    assert "truncated from the left" in caplog.text
+    assert got[0][0] == pytest.approx(scorer.loglikelihood([(long_context[-(MAX_LEN - 1):], continuation)])[0][0],
+                                      abs=1e-6)
+    with pytest.raises(InputError, match="request 1: the continuation is empty"):
+        scorer.loglikelihood([([1], [2]), ([1], [])])
+    with pytest.raises(InputError, match="empty context"):
+        scorer.loglikelihood([([], [2])])
+    with pytest.raises(InputError, match="loglikelihood_rolling"):
+        scorer.loglikelihood([([1], list(range(MAX_LEN + 1)))])
+    with pytest.raises(InputError, match="outside"):
+        scorer.loglikelihood([([1], [64])])
