@@ -36,6 +36,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist"],
         "torch": ["torch==2.13.0", "transformers==5.24.0"],
+        # lm-eval's hf backend (the parity reference) also needs torch, transformers and accelerate.
+        "eval": ["lm-eval==0.4.13", "accelerate"],
         "dev": ["pytest", "pytest-xdist", "ruff"],
     },
 )

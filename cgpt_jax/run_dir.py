@@ -9,6 +9,7 @@
     DIR/summary.json       written last, by a finished run only (SUMMARY_KEYS)
     DIR/best/checkpoints/  fine-tuning: the evaluated state with the best validation metric (summary 'best')
     DIR/confusion_<split>.json, .png   fine-tuning: per-class metrics and confusion matrix of a split
+    DIR/downstream.json    zero-shot results of the final checkpoint (python -m cgpt_jax.evaluate sweep)
 
 Every reader (the sweep runner, the scaling analysis, generation, the chaos test) takes the names from here.
 """
@@ -33,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"  # fine-tuning: DIR/best/checkpoints/<N>, the state with the best validation metric
 SUMMARY = "summary.json"
 CONFUSION = "confusion_{split}"  # + .json / .png
+DOWNSTREAM = "downstream.json"  # {"tasks", "limit", "results": lm-eval's results by task}
 
 FINISHED = "finished"  # summary.json's status; a preempted run returns status 'preempted' and writes none
 PREEMPTED = "preempted"

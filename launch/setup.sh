@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install cgpt_jax into it: `bash launch/setup.sh` (main job) or
-# `bash launch/setup.sh test` (adds the test tools and the PyTorch/transformers reference) or
+# `bash launch/setup.sh test` (adds the test tools, the PyTorch/transformers reference and lm-eval) or
 # `bash launch/setup.sh torch` (adds PyTorch only, for `python -m cgpt_jax.bench --compare=torch`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,6 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 extras=""
-if [ "${1:-}" = "test" ]; then extras="[test,torch]"; fi
+if [ "${1:-}" = "test" ]; then extras="[test,torch,eval]"; fi
 if [ "${1:-}" = "torch" ]; then extras="[torch]"; fi
 .venv/bin/python -m pip install -q -e ".${extras}"
