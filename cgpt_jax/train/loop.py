@@ -189,8 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     checkpoint.check_storage(workdir, checkpoint.state_nbytes(run.abstract_state))
     if init_from:
         source = checkpoint.find_init_source(init_from, checkpoint.tensor_specs(run.abstract_state.params, "params/"))
-        init_params = (f"{source.directory}/{source.step}",
-                       lambda like: checkpoint.load_init_params(source, like_params=like))
+        logging.info("--init_from: checkpoint %s/%d", source.directory, source.step)
+        init_params = ("--init_from", lambda like: checkpoint.load_init_params(source, like_params=like))
     run_dir.prepare(workdir, config_dict, overwrite)
     table = param_table(config, objective)  # init, learning rate and forward multipliers of every parameter, to audit
     logging.info("parameters:\n%s", format_param_table(table))
