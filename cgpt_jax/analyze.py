@@ -1,6 +1,8 @@
 """Fit the finished runs of a sweep: `python -m cgpt_jax.analyze DIR [--reference=cerebras]`.
 
-Writes DIR/report.md, DIR/fit.json and DIR/scaling.png (or into --out).
+Writes DIR/report.md, DIR/fit.json and DIR/scaling.png (or into --out); when runs were scored with
+`python -m cgpt_jax.evaluate sweep DIR`, also DIR/downstream.md and DIR/downstream.png (zero-shot results
+against compute; with --reference=cerebras beside the published zero-shot table).
 `--group_by=model.attention` (any dotted config field) fits one L(C) per value of the field instead, and
 compares them in one plot and one table.
 """
@@ -12,6 +14,7 @@ from absl import app, flags
 
 from cgpt_jax import cli
 from cgpt_jax.errors import InputError
+from cgpt_jax.scaling import downstream
 from cgpt_jax.scaling.analysis import analyze
 from cgpt_jax.scaling.groups import analyze_groups
 from cgpt_jax.scaling.report import write_grouped_outputs, write_outputs
@@ -46,7 +49,9 @@ def main(argv: list[str]) -> None:
                            n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
-    paths = write_outputs(analysis, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
+    out_dir = Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir
+    paths = write_outputs(analysis, out_dir)
+    downstream_paths = downstream.write_outputs(analysis.runs, analysis.flops, out_dir, analysis.reference is not None)
     for law in (analysis.compute_law, analysis.chinchilla_law):
         if law is not None:
             ci = law.fit.ci or {}
@@ -57,6 +62,8 @@ def main(argv: list[str]) -> None:
     if excluded:
         print("excluded: " + "; ".join(f"{r.name} ({', '.join(r.problems)})" for r in excluded))
     print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
+    if downstream_paths is not None:
+        print(f"downstream: {downstream_paths['downstream_report']}, {downstream_paths['downstream_plot']}")
 
 
 def _main_grouped(workdir: Path) -> None:
