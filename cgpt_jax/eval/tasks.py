@@ -96,11 +96,16 @@ def _yaml(task: str, data_file: pathlib.Path, body: str) -> str:
 
 TASK_BODIES = {
     "cgpt_stdlib_bpb": ('output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                        "metric_list:\n  - metric: bits_per_byte\n  - metric: byte_perplexity\n"
-                        "  - metric: word_perplexity\n"),
+                        "metric_list:\n"
+                        "  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n"
+                        "  - metric: byte_perplexity\n    aggregation: weighted_perplexity\n"
+                        "    higher_is_better: false\n"
+                        "  - metric: word_perplexity\n    aggregation: weighted_perplexity\n"
+                        "    higher_is_better: false\n"),
     "cgpt_stdlib_nextline": ('output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
                              'doc_to_choice: choices\ndoc_to_target: gold\ntarget_delimiter: ""\n'
-                             "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
+                             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                             "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"),
     "cgpt_stdlib_lastident": ('output_type: loglikelihood\ndoc_to_text: "{{context}}"\n'
                               'doc_to_target: "{{target}}"\ntarget_delimiter: ""\n'
                               "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n"
