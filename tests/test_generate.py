@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -67,13 +70,13 @@ def test_incremental_logits_equal_full_forward(model, generator):
     prompts = np.where(np.arange(8) < lengths[:, None], sequences[:, :8], 0).astype(np.int32)
     full = np.asarray(model(jnp.asarray(sequences)))
     seeds = jnp.zeros((4,), jnp.int32)
-    _, logits, cache = generator.prefill(generator.state, jnp.asarray(prompts), jnp.asarray(lengths), seeds,
-                                         cache_len=16, sampling=Sampling())
+    _, logits, caches = generator.prefill(generator.state, generator.layers, jnp.asarray(prompts),
+                                          jnp.asarray(lengths), seeds, cache_len=16, sampling=Sampling())
     np.testing.assert_allclose(logits, full[np.arange(4), lengths - 1], atol=1e-5)
     for i in range(NEW):
         fed = jnp.asarray(sequences[np.arange(4), lengths + i])
-        _, logits, cache = generator.decode(generator.state, cache, fed, jnp.asarray(lengths), seeds, i,
-                                            sampling=Sampling())
+        _, logits, caches = generator.decode(generator.state, generator.layers, caches, fed, jnp.asarray(lengths),
+                                             seeds, i, sampling=Sampling())
         np.testing.assert_allclose(logits, full[np.arange(4), lengths + i], atol=1e-5)
 
 
@@ -121,6 +124,73 @@ def test_decode_compiles_once_per_bucket(generator):
     assert (generator.decode._cache_size(), generator.prefill._cache_size()) == after
 
 
+def test_no_recompilation_within_a_bucket(model, caplog):
+    """After one request, every prompt length of the same buckets runs without compiling anything."""
+    generator = Generator(model, min_bucket=8)
+    generator.generate([[3] * 9], max_new_tokens=4)  # prompt bucket 16, cache bucket 16
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        for length in range(9, 13):
+            generator.generate([list(range(1, length + 1))], max_new_tokens=4)
+            generator.generate([list(range(1, length + 1))], max_new_tokens=16 - length,
+                               sampling=Sampling(), seed=length)
+    compiles = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert compiles == []
+
+
+# An HLO instruction with an array output: its size (as dims), opcode, and rest of line (operands, calls=).
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+ = \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)$", re.MULTILINE)
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(.*?\{$(.*?)^\}$", re.MULTILINE | re.DOTALL)
+# Instructions that write their output from another array (a bitcast only reinterprets one).
+_COPYING_OPCODES = {"copy", "transpose", "slice", "dynamic-slice", "concatenate", "reshape", "gather"}
+# A fusion computes (dot) or updates its operand in place (scatter, dynamic-update-slice), or else copies.
+_NOT_COPYING_IN_FUSION = ("dot(", "scatter(", "dynamic-update-slice(")
+
+
+def copies_of_size(hlo: str, sizes: set[int]) -> list[str]:
+    """The instructions of `hlo` that write an array of one of `sizes` elements copied from another."""
+    bodies = dict(_HLO_COMPUTATION.findall(hlo))
+    found = []
+    for dims, opcode, rest in _HLO_INSTRUCTION.findall(hlo):
+        if math.prod(int(d) for d in dims.split(",") if d) not in sizes:
+            continue
+        if opcode == "fusion":
+            called = bodies[re.search(r"calls=%([\w.-]+)", rest).group(1)]
+            if not any(op in called for op in _NOT_COPYING_IN_FUSION):
+                found.append(f"fusion[{dims}]")
+        elif opcode in _COPYING_OPCODES:
+            found.append(f"{opcode}[{dims}]")
+    return found
+
+
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_decode_step_copies_no_weight_or_cache(model, generator, prompts):
+    """The compiled decode step reads weights and caches where they lie (no instruction writes an array
+    the size of a weight matrix, the embedding or a layer's cache), and updates the caches in place."""
+    batch, cache_len = generator.batch_sizes(prompts)[1], 16
+    caches = model.init_layer_caches(batch, cache_len)
+    weight_sizes = {x.size for path, x in jax.tree_util.tree_leaves_with_path(generator.layers)
+                    if "kernel" in jax.tree_util.keystr(path)}
+    weight_sizes |= {model.wte[...].size, model.wpe[...].size}
+    cache_sizes = {x.size for cache in caches for x in cache.values()}
+    token_B = jnp.zeros((batch,), jnp.int32)
+    hlo = generator.decode.lower(generator.state, generator.layers, caches, token_B, token_B + 1, token_B, 0,
+                                 sampling=SAMPLING).compile().as_text()
+    assert copies_of_size(hlo, weight_sizes | cache_sizes) == []
+    aliases = re.search(r"input_output_alias=\{(.*?)\}, entry", hlo).group(1)
+    assert aliases.count("may-alias") == 2 * model.cfg.n_layers  # every K and V cache, donated
+
+
+def test_copies_of_size_finds_a_copied_weight():
+    """The check above sees what the layer-stacked step did: a weight sliced out of a stacked array for
+    its matmul, and a sequence-major cache transposed for the score product."""
+    x_BxI, stacked_LxIxO = jnp.ones((3, 8)), jnp.ones((2, 8, 24))
+    sliced = jax.jit(lambda x, w, i: x @ jax.lax.dynamic_index_in_dim(w, i, keepdims=False))
+    assert copies_of_size(sliced.lower(x_BxI, stacked_LxIxO, 1).compile().as_text(), {8 * 24}) != []
+    q_BxHxK, cache_BxSxHxK = jnp.ones((3, 4, 8)), jnp.ones((3, 16, 4, 8))
+    scores = jax.jit(lambda q, c: jnp.einsum("bhk,bshk->bhs", q, c))
+    assert copies_of_size(scores.lower(q_BxHxK, cache_BxSxHxK).compile().as_text(), {3 * 16 * 4 * 8}) != []
+
+
 def test_prompt_longer_than_context(model, generator):
     long_prompt = list(np.random.RandomState(1).randint(0, VOCAB, 70))
     with pytest.raises(ValueError, match="prompt 0 has 70 tokens.*context is 64.*truncate_prompt=True keeps its "
@@ -153,13 +223,14 @@ def test_mesh_shards_the_cache_by_heads_and_matches_one_device(model, generator)
     assert sharded.generate(PROMPTS, max_new_tokens=NEW) == generator.generate(PROMPTS, max_new_tokens=NEW)
 
     prompts = np.zeros((4, 8), np.int32)
-    _, _, cache = sharded.prefill(sharded.state, sharded._place(prompts, ("batch", "length")),
-                                  sharded._place(np.ones(4, np.int32), ("batch",)),
-                                  sharded._place(np.zeros(4, np.int32), ("batch",)), cache_len=16,
-                                  sampling=Sampling())
-    for array in cache.values():  # [layers, batch, length, kv_heads, head_dim]
-        assert array.sharding.spec[3] == "tensor"
-        assert array.addressable_shards[0].data.shape == (2, 2, 16, 1, 8)
+    _, _, caches = sharded.prefill(sharded.state, sharded.layers, sharded._place(prompts, ("batch", "length")),
+                                   sharded._place(np.ones(4, np.int32), ("batch",)),
+                                   sharded._place(np.zeros(4, np.int32), ("batch",)), cache_len=16,
+                                   sampling=Sampling())
+    assert len(caches) == model.cfg.n_layers
+    for array in (a for cache in caches for a in cache.values()):  # [batch, kv_heads, length, head_dim]
+        assert array.sharding.spec[1] == "tensor"
+        assert array.addressable_shards[0].data.shape == (2, 1, 16, 8)
 
 
 # --- the command line ---------------------------------------------------------------------------------

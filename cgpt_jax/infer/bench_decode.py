@@ -1,20 +1,31 @@
-"""Decode speed of our KV-cache generation against transformers' `generate`, same weights and settings.
+"""Decode and prefill speed of our KV-cache generation against transformers' `generate`, same weights.
 
-    python -m cgpt_jax.infer.bench_decode [--batch=1] [--prompt_len=128] [--new_tokens=128] [--repeats=3]
+    python -m cgpt_jax.infer.bench_decode [--shape=111m|d256l4] [--batch=1,4,16] [--prompt_len=128]
+        [--new_tokens=64] [--repeats=3] [--torch_compile]
 
-A Cerebras-GPT-111M-shaped model (d 768, 10 layers, 12 heads, d_ff 3072, vocab 50257, context 2048)
-with random weights is exported with `save_pretrained` and loaded by transformers' GPT2LMHeadModel, so
-both run the same float32 weights. Both decode greedily from the same random prompts for exactly
-`new_tokens` tokens (no stop token). Decode rate = batch · (new_tokens − 1) / (t(new_tokens) − t(1)):
-t(1) is prefill plus the first token, so the difference is the cached single-token steps only. Each
-time is the median of `repeats` runs after a warm-up (compilation excluded), the two implementations
-alternating so that load from other processes hits both alike. Prints one JSON object.
+`--shape=111m` is Cerebras-GPT-111M (d 768, 10 layers, 12 heads, d_ff 3072), `d256l4` a 4-layer d 256
+model (4 heads, d_ff 1024); both with vocabulary 50257 and context 2048, random weights. The model is
+exported with `save_pretrained` and loaded by transformers' GPT2LMHeadModel, so both run the same
+float32 weights. Every implementation decodes greedily from the same random prompts for exactly
+`new_tokens` tokens (no stop token): cgpt_jax's Generator, transformers eager, and with
+`--torch_compile` transformers with a static cache and `torch.compile`d forward (inductor). Decode rate
+= batch · (new_tokens − 1) / (t(new_tokens) − t(1)): t(1) is the time to the first token (prefill plus
+one token), so the difference is the cached single-token steps only; prefill rate = batch ·
+prompt_len / t(1). Each time is the median of `repeats` runs after a warm-up (compilation excluded),
+the implementations alternating so that load from other processes hits all alike.
+
+The same process measures the machine's memory read bandwidth (the best of several streaming sums
+over a float32 array far larger than the caches: numpy on one thread, torch on all) and the bytes a
+cgpt_jax decode step must read (every weight once, the position table's row aside, and the K/V cache
+of the cache bucket), hence the step's share of that bandwidth. Prints one JSON object per batch size.
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from typing import Callable
@@ -30,10 +41,14 @@ from cgpt_jax.infer import Generator
 from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT
 
+# d_model, n_layers, n_heads, d_ff of each --shape.
+SHAPES = {"111m": (768, 10, 12, 3072), "d256l4": (256, 4, 4, 1024)}
 
-def model_config_111m():
+
+def model_config(shape: str):
     m = base_config().model
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.max_seq_len = 50257, 768, 10, 12, 3072, 2048
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = SHAPES[shape]
+    m.vocab_size, m.max_seq_len = 50257, 2048
     m.output_init_std = m.init_std / (2 * m.n_layers) ** 0.5
     return m
 
@@ -57,6 +72,42 @@ def interleaved_medians(runs: dict[str, Callable[[int], object]], lengths: tuple
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def read_bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """GB/s of the best of `repeats` streaming sums over `mib` MiB of float32, numpy and torch."""
+    import torch
+
+    array = np.ones(mib * 2**18, np.float32)
+    tensor = torch.from_numpy(array)
+    result = {}
+    for name, read in (("numpy_1_thread", array.sum), ("torch_all_threads", tensor.sum)):
+        read()
+        best = min(_seconds(read) for _ in range(repeats))
+        result[f"read_gb_per_s_{name}"] = round(array.nbytes / best / 1e9, 2)
+    return result
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def decode_step_bytes(model: GPT, batch: int, cache_len: int) -> int:
+    """Bytes one decode step reads: every parameter but the position table, one row of it, and the cache."""
+    params = nnx.state(model, nnx.Param)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - model.wpe[...].nbytes
+    cfg = model.cfg
+    cache_bytes = 2 * cfg.n_layers * batch * cache_len * cfg.d_model * 4
+    return weight_bytes + cfg.d_model * 4 + cache_bytes
+
+
+def cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -68,44 +119,69 @@ def main(argv: list[str]) -> None:
     import transformers
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = nnx.jit(lambda: GPT(model_config_111m(), rngs=nnx.Rngs(0)))()
-    prompts = np.random.RandomState(0).randint(0, 50257, (args.batch, args.prompt_len))
-
+    model = nnx.jit(lambda: GPT(model_config(args.shape), rngs=nnx.Rngs(0)))()
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(model, directory)
-        reference = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
-
+        eager = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+        compiled = transformers.GPT2LMHeadModel.from_pretrained(directory).eval() if args.torch_compile else None
+    if compiled is not None:
+        compiled.forward = torch.compile(compiled.forward)
     generator = Generator(model)
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_start": os.getloadavg(),
+               **read_bandwidth()}
+    bandwidth = max(v for k, v in machine.items() if k.startswith("read_gb_per_s")) * 1e9
 
-    def ours(n: int) -> list[list[int]]:
-        return generator.generate(prompts.tolist(), max_new_tokens=n)
+    for batch in (int(b) for b in args.batch):
+        prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len))
 
-    def theirs(n: int) -> list[list[int]]:
-        with torch.no_grad():
-            out = reference.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                     pad_token_id=0, attention_mask=torch.ones(prompts.shape, dtype=torch.long))
-        return out[:, args.prompt_len:].tolist()
+        def ours(n: int) -> list[list[int]]:
+            return generator.generate(prompts.tolist(), max_new_tokens=n)
 
-    n = args.new_tokens
-    result = {"model": "111M-shaped (random weights)", "batch": args.batch, "prompt_len": args.prompt_len,
-              "new_tokens": n, "device": str(jax.devices()[0].device_kind), "torch_threads": torch.get_num_threads(),
-              "transformers": transformers.__version__, "torch": torch.__version__, "jax": jax.__version__}
-    medians = interleaved_medians({"ours": ours, "transformers": theirs}, (1, n), args.repeats)
-    for name in ("ours", "transformers"):
-        first, full = medians[name, 1], medians[name, n]
-        result[f"{name}_first_token_s"] = round(first, 4)
-        result[f"{name}_total_s"] = round(full, 4)
-        result[f"{name}_decode_tokens_per_s"] = round(args.batch * (n - 1) / (full - first), 2)
-    result["same_greedy_tokens"] = ours(n) == theirs(n)
-    result["decode_speed_ratio_ours_over_transformers"] = round(
-        result["ours_decode_tokens_per_s"] / result["transformers_decode_tokens_per_s"], 3)
-    print(json.dumps(result))
+        def transformers_run(reference, **options) -> Callable[[int], list[list[int]]]:
+            def run(n: int) -> list[list[int]]:
+                with torch.no_grad():
+                    out = reference.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n,
+                                             do_sample=False, pad_token_id=0,
+                                             attention_mask=torch.ones(prompts.shape, dtype=torch.long), **options)
+                return out[:, args.prompt_len:].tolist()
+            return run
+
+        runs = {"cgpt_jax": ours, "transformers": transformers_run(eager)}
+        if compiled is not None:
+            runs["transformers_compile"] = transformers_run(compiled, cache_implementation="static")
+        n = args.new_tokens
+        result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
+                  "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+                  "transformers": transformers.__version__, "torch": torch.__version__, "jax": jax.__version__,
+                  **machine}
+        medians = interleaved_medians(runs, (1, n), args.repeats)
+        for name in runs:
+            first, full = medians[name, 1], medians[name, n]
+            result[f"{name}_first_token_s"] = round(first, 4)
+            result[f"{name}_prefill_tokens_per_s"] = round(batch * args.prompt_len / first, 1)
+            result[f"{name}_decode_tokens_per_s"] = round(batch * (n - 1) / (full - first), 2)
+        expected = ours(n)
+        result["same_greedy_tokens"] = {name: run(n) == expected for name, run in runs.items() if name != "cgpt_jax"}
+        for name in runs:
+            if name != "cgpt_jax":
+                result[f"decode_ratio_over_{name}"] = round(
+                    result["cgpt_jax_decode_tokens_per_s"] / result[f"{name}_decode_tokens_per_s"], 3)
+        cache_len = generator.cache_len(args.prompt_len, n)
+        step_bytes = decode_step_bytes(model, batch, cache_len)
+        steps_per_s = result["cgpt_jax_decode_tokens_per_s"] / batch
+        result["decode_step_mb"] = round(step_bytes / 1e6, 1)
+        result["bandwidth_limit_tokens_per_s"] = round(batch * bandwidth / step_bytes, 2)
+        result["fraction_of_bandwidth"] = round(step_bytes * steps_per_s / bandwidth, 3)
+        result["load_average_end"] = os.getloadavg()
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
     # Flags are defined only when run as a program, so importing this module defines none.
-    flags.DEFINE_integer("batch", 1, "Prompts decoded together.")
+    flags.DEFINE_enum("shape", "111m", list(SHAPES), "Model shape.")
+    flags.DEFINE_list("batch", ["1"], "Batch sizes: prompts decoded together (comma-separated).")
     flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
     flags.DEFINE_integer("new_tokens", 128, "Tokens generated per prompt (at least 2).")
     flags.DEFINE_integer("repeats", 3, "Timed runs per implementation and length; the median is kept.")
+    flags.DEFINE_bool("torch_compile", False, "Also time transformers with a static cache and torch.compile.")
     cli.run(main)

@@ -1,13 +1,19 @@
 """Generation over a preallocated KV cache: one jitted prefill, one jitted single-token decode step.
 
-Built on the model's decode interface (cgpt_jax/model/gpt.py): `init_cache`, and `extend(tokens_BxT,
-cache, start_B)`, which feeds T tokens per sequence at positions start_B + 0..T-1.
+Built on the model's per-layer decode interface (cgpt_jax/model/gpt.py): `layer_blocks`,
+`init_layer_caches` and `extend_layers`, which feeds T tokens per sequence at positions start_B + 0..T-1.
+A decode step reads each weight once, from arrays of its own (the generator holds these per-layer
+copies of the layer weights beside the model's stacked ones), updates the donated per-layer caches in
+place, and returns the sampled token ids: the LM head, the sampling and the cache writes are one
+program, and the host reads one int32 per sequence per step. The prefill program computes the LM head
+only at each prompt's last position.
 
 Shapes are bucketed so that a session compiles a handful of programs, not one per request or token:
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
 power-of-two number of positions C ≥ longest prompt + max_new_tokens (both capped at the context),
-and the batch is padded to a power of two that the mesh's batch axes divide. The decode step has one
-shape for the whole continuation; its position is a traced argument.
+and the batch is padded to a power of two that the mesh's batch axes divide (at least 2 for decode:
+`batch_sizes`). The decode step has one shape for the whole continuation; its position is a traced
+argument.
 
 Prompts of different lengths share a batch: sequence b's prompt sits at positions 0..n_b-1, its first
 new token is read from the prefill logits at n_b - 1 and then fed at position n_b. Cache slots past a
@@ -30,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from cgpt_jax.infer.sampling import Sampling, choose
 from cgpt_jax.model import GPT
+from cgpt_jax.model.gpt import Block
 from cgpt_jax.model.attention.base import Cache
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, Rules, activation_sharding, logical_to_spec, state_shardings
 
@@ -58,34 +65,51 @@ class Generator:
         else:
             self.batch_shards = 1
         self.state = state
+        self.block_graphdef = nnx.graphdef(model.blocks)
+        self.layers = jax.jit(self._unstack)(state)
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "sampling"))
-        self.decode = jax.jit(self._decode, static_argnames=("sampling",), donate_argnames=("cache",))
+        self.decode = jax.jit(self._decode, static_argnames=("sampling",), donate_argnames=("caches",))
 
     # --- the two compiled programs -----------------------------------------------------------------
 
     def _sharding_context(self) -> contextlib.AbstractContextManager:
         return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
-    def _prefill(self, state: nnx.State, prompts_BxP: jax.Array, lengths_B: jax.Array, seeds_B: jax.Array, *,
-                 cache_len: int, sampling: Sampling) -> tuple[jax.Array, jax.Array, Cache]:
-        """Right-padded prompts → (first new token [B], the logits it was chosen from [B, V], cache)."""
-        model = nnx.merge(self.graphdef, state)
-        batch = prompts_BxP.shape[0]
-        with self._sharding_context():
-            cache = model.init_cache(batch, cache_len)
-            logits_BxPxV, cache = model.extend(prompts_BxP, cache, jnp.zeros((batch,), jnp.int32))
-        last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-        return choose(last_BxV, seeds_B, jnp.int32(0), sampling), last_BxV, cache
+    def _unstack(self, state: nnx.State) -> list[nnx.State]:
+        return [nnx.state(block) for block in nnx.merge(self.graphdef, state).layer_blocks()]
 
-    def _decode(self, state: nnx.State, cache: Cache, tokens_B: jax.Array, lengths_B: jax.Array,
-                seeds_B: jax.Array, index: jax.Array, *, sampling: Sampling
-                ) -> tuple[jax.Array, jax.Array, Cache]:
-        """Feed each sequence's new token number `index` (at position lengths_B + index) → (token number
-        index + 1 [B], its logits [B, V], cache)."""
-        model = nnx.merge(self.graphdef, state)
+    def _merge(self, state: nnx.State, layers: list[nnx.State]) -> tuple[GPT, list[Block]]:
+        return nnx.merge(self.graphdef, state), [nnx.merge(self.block_graphdef, layer) for layer in layers]
+
+    def _prefill(self, state: nnx.State, layers: list[nnx.State], prompts_BxP: jax.Array, lengths_D: jax.Array,
+                 seeds_D: jax.Array, *, cache_len: int, sampling: Sampling
+                 ) -> tuple[jax.Array, jax.Array, list[Cache]]:
+        """Right-padded prompts, B rows → (first new token [D], the logits it was chosen from [B, V], caches
+        of D ≥ B rows). D is the decode batch (`batch_sizes`); rows B.. are padding, zeros in the cache."""
+        model, blocks = self._merge(state, layers)
+        batch, decode_batch = prompts_BxP.shape[0], lengths_D.shape[0]
         with self._sharding_context():
-            logits_Bx1xV, cache = model.extend(tokens_B[:, None], cache, lengths_B + index)
-        return choose(logits_Bx1xV[:, 0], seeds_B, index + 1, sampling), logits_Bx1xV[:, 0], cache
+            caches = model.init_layer_caches(batch, cache_len)
+            x_BxPxD, caches = model.extend_layers(blocks, prompts_BxP, caches, jnp.zeros((batch,), jnp.int32),
+                                                  prefill=True)
+            last_Bx1xD = jnp.take_along_axis(x_BxPxD, (lengths_D[:batch] - 1)[:, None, None], axis=1)
+            last_BxV = model.head(last_Bx1xD)[:, 0]
+        next_B = choose(last_BxV, seeds_D[:batch], jnp.int32(0), sampling)
+        if decode_batch > batch:
+            pad = lambda a: jnp.pad(a, [(0, decode_batch - batch)] + [(0, 0)] * (a.ndim - 1))
+            next_B, caches = pad(next_B), jax.tree.map(pad, caches)
+        return next_B, last_BxV, caches
+
+    def _decode(self, state: nnx.State, layers: list[nnx.State], caches: list[Cache], tokens_B: jax.Array,
+                lengths_B: jax.Array, seeds_B: jax.Array, index: jax.Array, *, sampling: Sampling
+                ) -> tuple[jax.Array, jax.Array, list[Cache]]:
+        """Feed each sequence's new token number `index` (at position lengths_B + index) → (token number
+        index + 1 [B], its logits [B, V], caches)."""
+        model, blocks = self._merge(state, layers)
+        with self._sharding_context():
+            x_Bx1xD, caches = model.extend_layers(blocks, tokens_B[:, None], caches, lengths_B + index)
+            logits_BxV = model.head(x_Bx1xD)[:, 0]
+        return choose(logits_BxV, seeds_B, index + 1, sampling), logits_BxV, caches
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -122,6 +146,17 @@ class Generator:
     def _bucket(self, n: int) -> int:
         return min(self.max_len, max(self.min_bucket, _next_power_of_two(n)))
 
+    def batch_sizes(self, batch: int) -> tuple[int, int]:
+        """(prefill, decode) batch of a request of `batch` prompts: a power of two that the mesh's batch
+        axes divide, and for decode at least 2: with one row XLA:CPU fuses the cache update into both the
+        cache output and the attention's read, and copies each layer's cache three times per step."""
+        padded = -(-_next_power_of_two(batch) // self.batch_shards) * self.batch_shards
+        return padded, max(2, padded)
+
+    def cache_len(self, longest_prompt: int, max_new_tokens: int) -> int:
+        """Cache positions of a request whose longest prompt has `longest_prompt` tokens."""
+        return max(self._bucket(longest_prompt), self._bucket(longest_prompt + max_new_tokens))
+
     def _place(self, array: np.ndarray, axes: tuple[str, ...]) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(array)
@@ -140,31 +175,31 @@ class Generator:
         sampling.check(self.vocab_size)
         stop = {int(t) for t in stop_tokens}
         batch = len(prompts)
-        padded_batch = -(-_next_power_of_two(batch) // self.batch_shards) * self.batch_shards
-        if not 0 <= seed < 2**31 - padded_batch:
-            raise ValueError(f"seed={seed} must be in [0, {2**31 - padded_batch}) (row b uses seed + b, an int32)")
+        padded_batch, decode_batch = self.batch_sizes(batch)
+        if not 0 <= seed < 2**31 - decode_batch:
+            raise ValueError(f"seed={seed} must be in [0, {2**31 - decode_batch}) (row b uses seed + b, an int32)")
         longest = max(len(p) for p in prompts)
         prompt_len = self._bucket(longest)
-        cache_len = max(prompt_len, self._bucket(longest + max_new_tokens))
+        cache_len = self.cache_len(longest, max_new_tokens)
 
         prompts_BxP = np.zeros((padded_batch, prompt_len), np.int32)
-        lengths_B = np.ones((padded_batch,), np.int32)  # padding rows: a one-token prompt, never read
+        lengths_B = np.ones((decode_batch,), np.int32)  # padding rows: a one-token prompt, never read
         for b, prompt in enumerate(prompts):
             prompts_BxP[b, :len(prompt)] = prompt
             lengths_B[b] = len(prompt)
-        seeds_B = (seed + np.arange(padded_batch)).astype(np.int32)
+        seeds_B = (seed + np.arange(decode_batch)).astype(np.int32)
         lengths = self._place(lengths_B, ("batch",))
         seeds = self._place(seeds_B, ("batch",))
 
-        next_B, _, cache = self.prefill(self.state, self._place(prompts_BxP, ("batch", "length")), lengths, seeds,
-                                        cache_len=cache_len, sampling=sampling)
+        next_B, _, caches = self.prefill(self.state, self.layers, self._place(prompts_BxP, ("batch", "length")),
+                                         lengths, seeds, cache_len=cache_len, sampling=sampling)
         active = [True] * batch
         for index in range(max_new_tokens):
             tokens_B = next_B
             if index + 1 < max_new_tokens:
                 # Queue the next step before reading this one, so the device never waits for the host.
-                next_B, _, cache = self.decode(self.state, cache, tokens_B, lengths, seeds, index,
-                                               sampling=sampling)
+                next_B, _, caches = self.decode(self.state, self.layers, caches, tokens_B, lengths, seeds, index,
+                                                sampling=sampling)
             host_B = np.asarray(tokens_B)[:batch]
             yield [int(t) if a else None for t, a in zip(host_B, active)]
             active = [a and int(t) not in stop for t, a in zip(host_B, active)]

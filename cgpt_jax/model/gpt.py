@@ -27,6 +27,19 @@ Decoding with a KV cache (any attention variant that supports it; `Variant.check
         sequence's padding slots are never attended to and get overwritten as it advances.
         extend's logits equal the full forward pass `model(tokens)` at the same positions.
 
+The bandwidth-bound form of the same interface (what `cgpt_jax.infer.Generator` runs):
+
+    model.layer_blocks() -> [Block] * n_layers
+        Each layer's block with parameters of its own, copied once out of the stacked arrays: a step
+        that slices the stacked arrays copies every layer's weights out of them again on each call.
+    model.init_layer_caches(batch_size, max_len) -> [cache] * n_layers
+        One cache per layer (`attn.cache_layout`), updated in place when donated.
+    model.extend_layers(blocks, tokens_BxT, caches, start_B, prefill=False) -> (hidden_BxTxD, caches)
+        `extend` with the layers unrolled over those, returning the final hidden states (after ln_f);
+        `model.head(hidden)` gives the logits of the rows asked for. prefill=True: the caches are
+        empty and start_B is 0, so the new tokens attend only to each other, through the variant's
+        training-pass core (the fused CPU kernel where it applies).
+
 `max_len` must not exceed `config.model.max_seq_len` with learned positions.
 """
 from __future__ import annotations
@@ -73,6 +86,13 @@ class Block(nnx.Module):
     def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
         """The same block over T new tokens, reading and updating this layer's KV cache."""
         y_BxTxD, cache = self.attn.extend(self.ln_attn(x_BxTxD), cache, start_B)
+        x_BxTxD = constrain(x_BxTxD + y_BxTxD, ("batch", "length", "act_embed"))
+        x_BxTxD = x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD))
+        return constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
+
+    def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """`extend` from an empty cache at positions 0..T-1."""
+        y_BxTxD, cache = self.attn.prefill(self.ln_attn(x_BxTxD), cache)
         x_BxTxD = constrain(x_BxTxD + y_BxTxD, ("batch", "length", "act_embed"))
         x_BxTxD = x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD))
         return constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
@@ -150,6 +170,31 @@ class GPT(nnx.Module):
                                   transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
                                   )(x_BxTxD, self.blocks, cache)
         return self._logits(self.ln_f(x_BxTxD)), cache
+
+    def layer_blocks(self) -> list[Block]:
+        """Each layer's Block with its own parameter arrays (a copy); see the module docstring."""
+        graphdef, stacked = nnx.split(self.blocks)
+        return [nnx.merge(graphdef, jax.tree.map(lambda p: p[layer], stacked)) for layer in range(self.cfg.n_layers)]
+
+    def init_layer_caches(self, batch_size: int, max_len: int) -> list[Cache]:
+        self.cache_layout(batch_size, max_len)  # the same checks as the stacked cache
+        layout = self.blocks.attn.cache_layout(batch_size, max_len)
+        return [{name: spec.zeros() for name, spec in layout.items()} for _ in range(self.cfg.n_layers)]
+
+    def extend_layers(self, blocks: list[Block], tokens_BxT: jax.Array, caches: list[Cache], start_B: jax.Array,
+                      prefill: bool = False) -> tuple[jax.Array, list[Cache]]:
+        """`extend` over per-layer blocks and caches → (hidden states after ln_f [B, T, D], caches)."""
+        start_B = start_B.astype(jnp.int32)
+        x_BxTxD = self._embed(tokens_BxT, None if prefill else start_B[:, None] + jnp.arange(tokens_BxT.shape[1]))
+        new_caches = []
+        for block, cache in zip(blocks, caches, strict=True):
+            x_BxTxD, cache = block.prefill(x_BxTxD, cache) if prefill else block.extend(x_BxTxD, cache, start_B)
+            new_caches.append(cache)
+        return self.ln_f(x_BxTxD), new_caches
+
+    def head(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Final hidden states (after ln_f) → float32 logits [B, T, V_padded] of the tied LM head."""
+        return self._logits(x_BxTxD)
 
     def _embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:
         """(Token + position embeddings) · embedding multiplier; positions None: 0..T-1 for every sequence."""

@@ -99,6 +99,10 @@ class Attention(nnx.Module):
     def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
         raise NotImplementedError(f"{type(self).__name__} must define extend")
 
+    def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """`extend` from an empty cache at positions 0..T-1; a variant may compute it faster."""
+        return self.extend(x_BxTxD, cache, jnp.zeros((x_BxTxD.shape[0],), jnp.int32))
+
 
 # --- shared numerical cores ---------------------------------------------------------------------------
 # Query head h uses key/value head h // (H / G): consecutive query heads share a KV head, as in
@@ -137,8 +141,9 @@ def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, vis
     return weighted_values(probs_BxHxTxS, v_BxSxGxK)
 
 
-def write_cache(cache_BxSxN: jax.Array, new_BxTxN: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Write each sequence's T new entries at slots start_B[b] .. start_B[b] + T - 1."""
-    def one(cache_SxN: jax.Array, new_TxN: jax.Array, start: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice_in_dim(cache_SxN, new_TxN, start, axis=0)
-    return jax.vmap(one)(cache_BxSxN, new_BxTxN.astype(cache_BxSxN.dtype), start_B)
+def write_cache(cache_BxGxSxK: jax.Array, new_BxTxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Write each sequence's T new entries at slots start_B[b] .. start_B[b] + T - 1 of a head-major cache."""
+    def one(cache_GxSxK: jax.Array, new_GxTxK: jax.Array, start: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(cache_GxSxK, new_GxTxK, start, axis=1)
+    new_BxGxTxK = jnp.swapaxes(new_BxTxGxK, 1, 2).astype(cache_BxGxSxK.dtype)
+    return jax.vmap(one)(cache_BxGxSxK, new_BxGxTxK, start_B)

@@ -33,7 +33,7 @@ from cgpt_jax.parallel.sharding import constrain
 @register("dense")
 class DenseAttention(Attention):
     hooks: ClassVar[tuple[str, ...]] = ("init_projections", "project", "params_from_dense", "rotate", "visible",
-                                        "score_bias", "mix", "__call__", "extend", "cache_layout")
+                                        "score_bias", "mix", "__call__", "extend", "prefill", "cache_layout")
 
     CAUSAL_QUERY_CHUNKS: ClassVar[int] = 4  # see causal_mix
 
@@ -131,14 +131,16 @@ class DenseAttention(Attention):
         return self.output(self.mix(q, k, v, None, None))
 
     def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
-        # A single KV head cannot be split over a tensor axis; it stays replicated.
-        axes = ("batch", "length", "kv_heads" if self.kv_heads > 1 else None, "head_dim")
-        spec = CacheSpec((batch_size, max_len, self.kv_heads, self.head_dim), self.compute_dtype, axes)
+        # Head-major, [B, G, S, K]: each (sequence, head)'s keys are contiguous, the layout of the batched
+        # score and value products, so a decode step reads the cache where it lies instead of a transposed
+        # copy. A single KV head cannot be split over a tensor axis; it stays replicated.
+        axes = ("batch", "kv_heads" if self.kv_heads > 1 else None, "length", "head_dim")
+        spec = CacheSpec((batch_size, self.kv_heads, max_len, self.head_dim), self.compute_dtype, axes)
         return {"k": spec, "v": spec}
 
     def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
         batch, length, _ = x_BxTxD.shape
-        max_len = cache["k"].shape[1]
+        max_len = cache["k"].shape[2]
         if length > max_len:
             raise ValueError(f"extend: {length} new tokens do not fit a cache of {max_len} positions")
         q_pos_BxT = start_B[:, None] + jnp.arange(length)
@@ -147,5 +149,18 @@ class DenseAttention(Attention):
         layout = self.cache_layout(batch, max_len)
         cache = {"k": constrain(write_cache(cache["k"], k, start_B), layout["k"].logical_axes),
                  "v": constrain(write_cache(cache["v"], v, start_B), layout["v"].logical_axes)}
-        y = self.mix(q, cache["k"], cache["v"], q_pos_BxT, jnp.arange(max_len))
+        k_BxSxGxK, v_BxSxGxK = (jnp.swapaxes(cache[name], 1, 2) for name in ("k", "v"))
+        y = self.mix(q, k_BxSxGxK, v_BxSxGxK, q_pos_BxT, jnp.arange(max_len))
         return self.output(y), cache
+
+    def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        # The cache is empty, so the new tokens see only each other: the training pass's causal core over
+        # T keys (the fused kernel where it applies) instead of a masked pass over the whole cache.
+        batch, length, _ = x_BxTxD.shape
+        q, k, v = self.project(x_BxTxD)
+        q, k = self.rotate(q, k, jnp.arange(length)[None])
+        layout = self.cache_layout(batch, cache["k"].shape[2])
+        start_B = jnp.zeros((batch,), jnp.int32)
+        cache = {"k": constrain(write_cache(cache["k"], k, start_B), layout["k"].logical_axes),
+                 "v": constrain(write_cache(cache["v"], v, start_B), layout["v"].logical_axes)}
+        return self.output(self.mix(q, k, v, None, None)), cache
