@@ -70,6 +70,14 @@ COMMANDS = {
     "bash launch/cpu_bench.sh": skip("every benchmark size, about 10 minutes; one size is run above"),
     f"{PY} -m cgpt_jax.bench.report runs/cpu_bench/bench.jsonl": skip("reads launch/cpu_bench.sh's results"),
     "bash launch/gpu_bench.sh": skip("needs a GPU"),
+    f"{PY} -m cgpt_jax.evaluate tasks runs/eval_tasks": run("reads the standard library, a few seconds"),
+    f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.evaluate --model cgpt_jax --model_args checkpoint=runs/cpu_ladder/d80l2 "
+    "--tasks cgpt_stdlib_bpb,cgpt_stdlib_nextline,cgpt_stdlib_lastident --include_path runs/eval_tasks --batch_size 32":
+        skip("needs the ladder's runs; the same CLI runs in tests/test_eval_harness.py"),
+    f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.evaluate sweep runs/cpu_ladder "
+    "--tasks cgpt_stdlib_bpb,cgpt_stdlib_nextline,cgpt_stdlib_lastident --include_path runs/eval_tasks":
+        skip("needs the ladder's runs; about 4 minutes"),
+    f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.eval.bench": skip("a speed measurement, about 4 minutes"),
 }
 
 
