@@ -1,4 +1,5 @@
-"""HF interop: logit parity with transformers' GPT2LMHeadModel, exact round trip, sharded loading, bad input."""
+"""HF interop: logit parity with transformers' GPT2LMHeadModel and GPT2ForSequenceClassification, exact round
+trips, sharded loading, bad input, fine-tuning from an HF directory."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
+from cgpt_jax.config import base_config
+from cgpt_jax.finetune import backbone as backbones
+from cgpt_jax.finetune.model import SequenceClassifier
+from cgpt_jax.finetune.objective import ClassificationObjective
+from cgpt_jax.finetune.train import prepare
 from cgpt_jax.infer import Generator
 from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT, attention
@@ -299,3 +306,138 @@ def test_not_a_directory_and_bad_export_arguments(tmp_path):
         with pytest.raises(hf.HFCheckpointError, match=r"model.attention='gqa\(kv_heads=2\)' has no GPT-2 "):
             hf.save_pretrained(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- GPT2ForSequenceClassification --------------------------------------------------------------------
+
+LABELS = {"d32h4l2v97s32": ["neg", "pos"], "d48h6l3v256s64": ["a", "b", "c"], "d64h2l1v50s16": list("vwxyz")}
+
+
+@pytest.fixture(scope="module")
+def hf_classifier_dirs(tmp_path_factory) -> dict[str, tuple[pathlib.Path, object]]:
+    """A random GPT2ForSequenceClassification per shape, padding with the last token id (pad_token_id)."""
+    out = {}
+    for i, (name, shape) in enumerate(SHAPES.items()):
+        lm = random_hf_model(shape, seed=10 + i)
+        labels = LABELS[name]
+        cfg = transformers.GPT2Config(**{**lm.config.to_dict(), "id2label": dict(enumerate(labels)),
+                                         "label2id": {n: j for j, n in enumerate(labels)},
+                                         "pad_token_id": shape[3] - 1})
+        model = transformers.GPT2ForSequenceClassification(cfg).eval()
+        model.transformer.load_state_dict(lm.transformer.state_dict())
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, 0.5)
+        path = tmp_path_factory.mktemp(f"cls_{name}")
+        model.save_pretrained(path)
+        out[name] = (path, model)
+    return out
+
+
+def padded_batch(vocab: int, positions: int, lengths: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of real tokens in [0, vocab - 1) right-padded with vocab - 1, the pad_token_id."""
+    rng = np.random.RandomState(seed)
+    tokens_BxL = np.full((len(lengths), positions), vocab - 1, np.int64)
+    for i, n in enumerate(lengths):
+        tokens_BxL[i, :n] = rng.randint(0, vocab - 1, n)
+    return tokens_BxL, np.asarray(lengths)
+
+
+@nnx.jit
+def class_logits(model: SequenceClassifier, tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
+    return model(tokens_BxL, lengths_B)
+
+
+def our_class_logits(model: SequenceClassifier, tokens_BxL: np.ndarray, lengths_B: np.ndarray) -> np.ndarray:
+    return np.asarray(class_logits(model, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(lengths_B)))
+
+
+def hf_class_logits(model, tokens_BxL: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens_BxL)).logits.numpy()
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_classifier_logits_match_transformers(name, hf_classifier_dirs):
+    path, ref = hf_classifier_dirs[name]
+    imported = hf.classifier_from_pretrained(path)
+    assert imported.label_names == LABELS[name]
+    assert imported.pad_token_id == SHAPES[name][3] - 1
+    assert imported.config.finetune.num_labels == len(LABELS[name]) and imported.config.finetune.loss == "softmax"
+    positions = SHAPES[name][4]
+    tokens, lengths = padded_batch(SHAPES[name][3], positions, [positions, 1, positions // 2, 3], seed=5)
+    ours = our_class_logits(imported.model, tokens, lengths)
+    delta = np.abs(ours - hf_class_logits(ref, tokens)).max()
+    print(f"{name}: max |Δ class logit| = {delta:.2e}")
+    assert delta <= TOLERANCE
+
+
+def test_classifier_export_loads_in_transformers_with_the_same_predictions(hf_classifier_dirs, tmp_path):
+    path, ref = hf_classifier_dirs["d48h6l3v256s64"]
+    first = hf.classifier_from_pretrained(path)
+    hf.save_classifier(first.model, tmp_path / "out", label_names=first.label_names, pad_token_id=255,
+                       tokenizer=make_tokenizer(vocab_size=200), eos_token_id=255)
+    reloaded = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    assert reloaded.config.id2label == {0: "a", 1: "b", 2: "c"} and reloaded.config.pad_token_id == 255
+    tokens, lengths = padded_batch(256, 64, [64, 2, 17, 40, 9], seed=6)
+    ours = our_class_logits(first.model, tokens, lengths)
+    theirs = hf_class_logits(reloaded, tokens)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    assert np.abs(ours - theirs).max() <= TOLERANCE
+
+    second = hf.classifier_from_pretrained(tmp_path / "out")
+    for key, value in params_of(first.model).items():
+        np.testing.assert_array_equal(params_of(second.model)[key], value, err_msg=key)
+    assert second.label_names == first.label_names and second.tokenizer is not None
+
+
+def test_native_sigmoid_classifier_exports_as_multi_label(tmp_path):
+    cfg = tiny_config().model
+    cfg.vocab_size, cfg.vocab_pad_multiple = 61, 8  # padding rows are dropped on export
+    model = nnx.jit(lambda: SequenceClassifier(cfg, 3, rngs=nnx.Rngs(4)))()
+    hf.save_classifier(model, tmp_path, label_names=["x", "y", "z"], loss="sigmoid", pad_token_id=60)
+    ref = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert ref.config.problem_type == "multi_label_classification"
+    tokens, lengths = padded_batch(61, 16, [16, 5, 1], seed=7)
+    ours = our_class_logits(model, tokens, lengths)
+    assert np.abs(ours - hf_class_logits(ref, tokens)).max() <= TOLERANCE
+    assert hf.classifier_from_pretrained(tmp_path).config.finetune.loss == "sigmoid"
+    with pytest.raises(hf.HFCheckpointError, match="architectures \\['GPT2ForSequenceClassification'\\] are not "
+                                                   "supported here"):
+        hf.from_pretrained(tmp_path)
+    with pytest.raises(hf.HFCheckpointError, match="must be 3 distinct names"):
+        hf.save_classifier(model, tmp_path / "bad", label_names=["x", "x", "z"])
+
+
+@pytest.mark.parametrize("kind", ["language_model", "classifier"])
+def test_finetune_init_from_an_hf_directory(kind, hf_dirs, hf_classifier_dirs, tmp_path):
+    """finetune.init=hf:DIR: the backbone's shape and tokenizer, its weights in place of the seed's; the
+    head is fresh from a language model and kept from a classifier with the task's labels."""
+    source, _ = (hf_dirs if kind == "language_model" else hf_classifier_dirs)["d48h6l3v256s64"]
+    directory = tmp_path / "backbone"
+    shutil.copytree(source, directory)
+    make_tokenizer(vocab_size=200).save(str(directory / "tokenizer.json"))
+    rows = [{"text": f"{word} {i}", "label": "abc"[i % 3]} for i, word in enumerate(["hello", "world", "fox"] * 20)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = base_config()
+    config.finetune.task, config.finetune.init = f"jsonl:{tmp_path / 'data.jsonl'}", f"hf:{directory}"
+    config.train.seq_len, config.train.global_batch_size = 32, 4
+    config, backbone, task, _ = prepare(config, n_devices=1)
+    assert config.model.d_model == 48 and task.label_names == ["a", "b", "c"]
+    assert backbone.tokenizer.encode("hello fox") == make_tokenizer(vocab_size=200).encode("hello fox").ids
+
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    objective = ClassificationObjective(3, "softmax")
+    seeded = nnx.state(nnx.jit(lambda: objective.make_model(config, nnx.Rngs(params=0)))(), nnx.Param)
+    seeded = jax.device_put(seeded, SingleDeviceSharding(jax.devices()[0]))
+    abstract = nnx.state(nnx.eval_shape(lambda: objective.make_model(config, nnx.Rngs(0))), nnx.Param)
+    name, init = backbones.init_params(backbone, abstract, mesh, list(config.mesh.rules))
+    loaded = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(init(seeded))}
+    imported = (params_of(hf.from_pretrained(directory).model) if kind == "language_model"
+                else params_of(hf.classifier_from_pretrained(directory).model))
+    for key, value in imported.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    if kind == "language_model":
+        np.testing.assert_array_equal(loaded["score"], np.asarray(seeded["score"].get_value()))
+    assert name == str(directory)

@@ -3,7 +3,8 @@ its parameters.
 
     finetune.init=RUN_DIR   a cgpt_jax training run: config.json's model, the tokenizer of its token store
                             (config.json's data_description), the newest complete checkpoint's parameters
-    finetune.init=hf:DIR    a local Hugging Face GPT-2-family directory (cgpt_jax/interop/hf.py)
+    finetune.init=hf:DIR    a local Hugging Face GPT-2-family directory (cgpt_jax/interop/hf.py): a language
+                            model, or a GPT2ForSequenceClassification whose head is kept
 
 Only reads: nothing in the backbone's directory is ever written.
 """
@@ -58,8 +59,14 @@ def _run_backbone(run_dir: pathlib.Path, init: str) -> Backbone:
                     raw.get("finetune", {}).get("num_labels", -1))
 
 
+# a language model, or a classifier whose head is kept (the task must have as many labels)
+_HF_BACKBONES = {kind: hf.ARCHITECTURES[kind] + hf.CLASSIFIER_ARCHITECTURES.get(kind, ()) for kind in hf.ARCHITECTURES}
+
+
 def _hf_backbone(directory: pathlib.Path, init: str) -> Backbone:
-    hf_cfg = hf.read_hf_config(directory)
+    hf_cfg = hf.read_hf_config(directory, _HF_BACKBONES)
+    is_classifier = hf.CLASSIFIER in (hf_cfg.get("architectures") or [])
+    num_labels = len(hf.classifier_labels(hf_cfg, str(directory / hf.CONFIG_FILE))) if is_classifier else -1
     model = hf.config_from_hf(hf_cfg).model
     tokenizer = hf.load_tokenizer(directory, hf_cfg["vocab_size"])
     if tokenizer is None:
@@ -69,7 +76,7 @@ def _hf_backbone(directory: pathlib.Path, init: str) -> Backbone:
         text_tokenizer = TextTokenizer(tokenizer, f"hf(dir={directory})")
     except TokenizerError as e:
         raise BackboneError(f"finetune.init={init}: {e}") from None
-    return Backbone(init, model, text_tokenizer, -1)
+    return Backbone(init, model, text_tokenizer, num_labels)
 
 
 def load_backbone(init: str) -> Backbone:
@@ -112,7 +119,8 @@ def init_params(backbone: Backbone, abstract_params: nnx.State, mesh: jax.shardi
         directory = backbone.init[len(HF_PREFIX):]
 
         def load_hf(like: nnx.State) -> nnx.State:
-            model = hf.from_pretrained(directory, mesh=mesh, rules=rules).model
+            load = hf.classifier_from_pretrained if keep_head else hf.from_pretrained
+            model = load(directory, mesh=mesh, rules=rules).model
             params = _with_backbone(like, nnx.state(model, nnx.Param))
             return jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
         return directory, load_hf

@@ -115,20 +115,25 @@ def stdlib_topics() -> Task:
 
 # --- files ------------------------------------------------------------------------------------------
 
-def _read_csv(path: pathlib.Path, text_field: str, label_field: str) -> Iterator[tuple[str, object, str]]:
+# (config field that names the column, column name): the columns a reader must find
+Fields = tuple[tuple[str, str], ...]
+
+
+def _read_csv(path: pathlib.Path, fields: Fields) -> Iterator[tuple[list, str]]:
+    """Each row's values of `fields`, with 'FILE:LINE'."""
     delimiter = "\t" if path.suffix == ".tsv" else ","
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
-        for field, key in (("finetune.text_field", text_field), ("finetune.label_field", label_field)):
+        for field, key in fields:
             if key not in columns:
                 raise TaskError(f"{path}: line 1: no column {key!r} (the header has {columns}); name the "
-                                f"column with --config.{field}=... or fix the header")
+                                f"column with --{field}=... or fix the header")
         for row in reader:
-            yield row[text_field], row[label_field], f"{path}:{reader.line_num}"
+            yield [row[key] for _, key in fields], f"{path}:{reader.line_num}"
 
 
-def _read_jsonl(path: pathlib.Path, text_field: str, label_field: str) -> Iterator[tuple[str, object, str]]:
+def _read_jsonl(path: pathlib.Path, fields: Fields) -> Iterator[tuple[list, str]]:
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -138,10 +143,25 @@ def _read_jsonl(path: pathlib.Path, text_field: str, label_field: str) -> Iterat
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskError(f"{where}: not JSON ({e}); write one JSON object per line") from None
-            for field, key in (("finetune.text_field", text_field), ("finetune.label_field", label_field)):
+            for field, key in fields:
                 if not isinstance(record, dict) or key not in record:
-                    raise TaskError(f"{where}: no field {key!r}; name it with --config.{field}=... or fix the line")
-            yield record[text_field], record[label_field], where
+                    raise TaskError(f"{where}: no field {key!r}; name it with --{field}=... or fix the line")
+            yield [record[key] for _, key in fields], where
+
+
+def _check_text(text: object, text_field: str, where: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise TaskError(f"{where}: the {text_field!r} field is empty; remove the row or give it text")
+    return text
+
+
+def read_texts(path: pathlib.Path, text_field: str, flag: str) -> list[tuple[str, str]]:
+    """(text, 'FILE:LINE') of each row of a .csv/.tsv/.jsonl file, the text in column `text_field` (named
+    by the command-line `flag`)."""
+    if not path.is_file():
+        raise TaskError(f"{path} is not there; check the path")
+    read = _read_jsonl if path.suffix == ".jsonl" else _read_csv
+    return [(_check_text(values[0], text_field, where), where) for values, where in read(path, ((flag, text_field),))]
 
 
 def _examples(path: pathlib.Path, kind: str, text_field: str, label_field: str) -> list[Example]:
@@ -149,9 +169,9 @@ def _examples(path: pathlib.Path, kind: str, text_field: str, label_field: str) 
         raise TaskError(f"task={kind}:...: {path} is not there; check the path")
     read = _read_csv if kind == "csv" else _read_jsonl
     examples = []
-    for text, label, where in read(path, text_field, label_field):
-        if not isinstance(text, str) or not text.strip():
-            raise TaskError(f"{where}: the {text_field!r} field is empty; remove the row or give it text")
+    fields = (("config.finetune.text_field", text_field), ("config.finetune.label_field", label_field))
+    for (text, label), where in read(path, fields):
+        _check_text(text, text_field, where)
         if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
             raise TaskError(f"{where}: the {label_field!r} field is {label!r}; give a label name or id")
         examples.append(Example(text, str(label).strip(), where))
@@ -241,7 +261,8 @@ class Encoded:
     truncated: int  # texts longer than L tokens, cut to their first L
 
 
-def encode(texts: list[str], labels_N: np.ndarray, tokenizer: TextTokenizer, max_len: int) -> Encoded:
+def tokenize(texts: list[str], tokenizer: TextTokenizer, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(token ids [N, max_len] right-padded with EOS, real lengths [N], how many texts were cut to max_len)."""
     ids = tokenizer.encode_batch(texts)
     tokens_NxL = np.full((len(ids), max_len), tokenizer.eos_id, np.int32)
     lengths_N = np.zeros(len(ids), np.int32)
@@ -249,7 +270,31 @@ def encode(texts: list[str], labels_N: np.ndarray, tokenizer: TextTokenizer, max
         row = row[:max_len]
         tokens_NxL[i, :len(row)] = row
         lengths_N[i] = len(row)
-    return Encoded(tokens_NxL, lengths_N, labels_N, int(sum(len(row) > max_len for row in ids)))
+    return tokens_NxL, lengths_N, int(sum(len(row) > max_len for row in ids))
+
+
+def encode(texts: list[str], labels_N: np.ndarray, tokenizer: TextTokenizer, max_len: int) -> Encoded:
+    tokens_NxL, lengths_N, truncated = tokenize(texts, tokenizer, max_len)
+    return Encoded(tokens_NxL, lengths_N, labels_N, truncated)
+
+
+MIN_BUCKET = 8
+
+
+def bucket_length(n_tokens: int, max_len: int) -> int:
+    """The padded length of a row of `n_tokens`: the next power of two (at least MIN_BUCKET), at most
+    max_len. Few distinct shapes (one compile each) and at most 2x padding."""
+    return min(max_len, max(MIN_BUCKET, 1 << (max(n_tokens, 1) - 1).bit_length()))
+
+
+def length_batches(lengths_N: np.ndarray, batch_size: int, max_len: int) -> list[tuple[np.ndarray, int]]:
+    """(row indices, padded length) of batches of up to `batch_size` rows of one length bucket each."""
+    buckets_N = np.array([bucket_length(int(n), max_len) for n in lengths_N], np.int64)
+    batches = []
+    for length in np.unique(buckets_N):
+        rows = np.flatnonzero(buckets_N == length)
+        batches += [(rows[i:i + batch_size], int(length)) for i in range(0, len(rows), batch_size)]
+    return batches
 
 
 class ClassificationData:

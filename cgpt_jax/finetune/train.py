@@ -6,6 +6,8 @@ directory is written or anything compiles.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -19,6 +21,7 @@ from cgpt_jax.finetune import backbone as backbones
 from cgpt_jax.finetune.data import SPLITS, ClassificationData, Encoded, Task, class_balance, encode, read_task
 from cgpt_jax.finetune.metrics import classification_metrics, majority_baseline, plot_confusion
 from cgpt_jax.finetune.objective import ClassificationObjective, classification_loss
+from cgpt_jax.finetune.predict import batched_logits
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import activation_sharding, logical_to_spec
 from cgpt_jax.train.loop import train_and_evaluate
@@ -37,14 +40,8 @@ def make_predict(run: Run):
 
 
 def logits_of(predict, params: nnx.State, split: Encoded, batch_size: int) -> np.ndarray:
-    """Class logits [N, C] of every row; the last batch is filled up with copies of its first row."""
-    out = []
-    for start in range(0, len(split.labels_N), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(split.labels_N)))
-        padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-        logits = predict(params, split.tokens_NxL[padded], split.lengths_N[padded])
-        out.append(np.asarray(jax.device_get(logits))[:len(rows)])
-    return np.concatenate(out)
+    """Class logits [N, C] of every row, in batches of one length bucket each (one compile per bucket)."""
+    return batched_logits(functools.partial(predict, params), split.tokens_NxL, split.lengths_N, batch_size)
 
 
 def split_metrics(logits_NxC: np.ndarray, split: Encoded, label_names: list[str], loss: str) -> dict:

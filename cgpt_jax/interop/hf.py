@@ -13,6 +13,12 @@ on a mesh each device receives only its own shard and no host holds the whole mo
 GPT2LMHeadModel (a muP model is written as BTLM, which transformers loads only with Cerebras's remote
 code); import → export → import is bit-exact.
 
+Sequence classification: `classifier_from_pretrained(dir)` / `save_classifier(model, dir, label_names=...)`
+read and write `GPT2ForSequenceClassification` (the decoder plus `score.weight` [num_labels, d_model], no
+bias; id2label/label2id, pad_token_id, problem_type) as our `finetune.model.SequenceClassifier`.
+transformers pools each row at its last token that is not pad_token_id; ours at lengths - 1, so the two
+agree on unpadded rows and on rows padded with a pad_token_id that the texts never contain.
+
 Layouts: GPT-2's Conv1D weights are stored (in, out) like our kernels, so the mapping is reshapes only:
 c_attn (d, 3d) = qkv_kernel (d, 3, h, k) per layer, attn.c_proj (d, d) = out_kernel (h, k, d), and so on.
 """
@@ -40,6 +46,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from cgpt_jax.config import base_config, resolve
 from cgpt_jax.errors import InputError
+from cgpt_jax.finetune.model import HEAD, SequenceClassifier
 from cgpt_jax.model import GPT, abstract_model, attention, parameterization
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, Rules, state_shardings
 
@@ -51,6 +58,8 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 # model_type -> accepted architectures. GPT2Model: the 13B repo's config.json (errata). BTLM (Cerebras's
 # GPT-2 with muP multipliers, ALiBi and SwiGLU options) stores GPT-2's tensors under GPT-2's names.
 ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "btlm": ("BTLMLMHeadModel", "BTLMModel")}
+CLASSIFIER = "GPT2ForSequenceClassification"  # the decoder + `score` [num_labels, d_model], no bias
+CLASSIFIER_ARCHITECTURES = {"gpt2": (CLASSIFIER,)}
 
 # GPT2Config's defaults, which transformers applies to keys missing from config.json.
 _HF_DEFAULTS: dict[str, Any] = {
@@ -97,6 +106,7 @@ _LAYER_NAMES = {
 # Causal-mask buffers that old GPT-2 checkpoints carry; not parameters.
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 _LM_HEAD = "lm_head.weight"
+_SCORE = "score.weight"
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
@@ -116,8 +126,10 @@ class Pretrained(NamedTuple):
 
 # --- config --------------------------------------------------------------------------------------
 
-def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """config.json of an HF model directory, checked to describe a GPT-2 (or BTLM) our decoder computes."""
+def read_hf_config(directory: str | os.PathLike,
+                   architectures: dict[str, tuple[str, ...]] = ARCHITECTURES) -> dict[str, Any]:
+    """config.json of an HF model directory, checked to describe a GPT-2 (or BTLM) our decoder computes,
+    as one of `architectures` (by model_type)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise HFCheckpointError(f"{directory} is not a directory; expected a Hugging Face model directory "
@@ -132,14 +144,14 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise HFCheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object")
     model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if model_type not in architectures:
         raise HFCheckpointError(f"{path}: model_type={model_type!r}; only GPT-2-family models (model_type "
-                                f"'gpt2', as Cerebras-GPT, or 'btlm', as Cerebras-GPT-muP) can be imported")
-    architectures = raw.get("architectures") or []
-    unknown = [a for a in architectures if a not in ARCHITECTURES[model_type]]
+                                f"{' or '.join(map(repr, architectures))}) can be imported here")
+    unknown = [a for a in raw.get("architectures") or [] if a not in architectures[model_type]]
     if unknown:
-        raise HFCheckpointError(f"{path}: architectures {unknown} are not supported; expected one of "
-                                f"{list(ARCHITECTURES[model_type])}")
+        raise HFCheckpointError(f"{path}: architectures {unknown} are not supported here; expected one of "
+                                f"{list(architectures[model_type])} (a {CLASSIFIER} directory is read by "
+                                f"classifier_from_pretrained, a language model's by from_pretrained)")
     is_btlm = model_type == "btlm"
     full = {**_HF_DEFAULTS, **(_BTLM_DEFAULTS if is_btlm else {}), **raw}
     required = {**_REQUIRED, **(_BTLM_REQUIRED if is_btlm else {})}
@@ -455,6 +467,8 @@ def _param_reader(path: str, tensors: _Tensors, shape: tuple[int, ...],
         return read_wte
     if path in _GLOBAL_NAMES:
         return lambda index: _read_as(tensors, _GLOBAL_NAMES[path], shape, index)
+    if path == HEAD:  # transformers' score.weight is [num_labels, d_model]; ours [d_model, num_labels]
+        return lambda index: tensors.read(_SCORE, tuple(slice(0, n) for n in tensors.shapes[_SCORE])).T[index]
     if path in _LAYER_NAMES:
         def read_layers(index: tuple[slice, ...]) -> np.ndarray:
             layers, rest = index[0], index[1:]
@@ -484,31 +498,20 @@ def load_tokenizer(directory: pathlib.Path, vocab_size: int) -> Tokenizer | None
     return tokenizer
 
 
-def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                    param_dtype: str = "float32", compute_dtype: str = "float32",
-                    vocab_pad_multiple: int = 1) -> Pretrained:
-    """Import a local Hugging Face GPT-2 / Cerebras-GPT directory as our GPT.
-
-    With `mesh`, every parameter is placed by the logical-axis `rules` and each device reads only its
-    shard from the files. `vocab_pad_multiple` pads the embedding rows (zeros) so that a 'vocab' axis
-    can be split over the mesh (e.g. 50257 → 50304 with 128).
-    """
-    directory = pathlib.Path(path)
-    hf_cfg = read_hf_config(directory)
-    config = config_from_hf(hf_cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                            vocab_pad_multiple=vocab_pad_multiple)
+def _import(directory: pathlib.Path, config: ml_collections.ConfigDict, abstract: nnx.Module,
+            extra_shapes: dict[str, tuple[int, ...]], mesh: Mesh | None, rules: Rules) -> nnx.Module:
+    """`abstract` (our model's shapes) with every parameter read from the directory's weights, which must
+    hold the GPT-2 tensors of `config.model` and `extra_shapes` (a head's) and nothing else."""
     if mesh is not None:
         for axis, size in mesh.shape.items():
             config.mesh[axis] = size
         config.mesh.rules = [list(rule) for rule in rules]
-    tokenizer = load_tokenizer(directory, hf_cfg["vocab_size"])
-
-    graphdef, abstract_state = nnx.split(abstract_model(config.model))
+    graphdef, abstract_state = nnx.split(abstract)
     if mesh is not None:
         shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
     tensors = _Tensors(directory)
     try:
-        tensors.check(hf_tensor_shapes(config.model), str(directory))
+        tensors.check({**hf_tensor_shapes(config.model), **extra_shapes}, str(directory))
         tensors.check_tied_head(str(directory))
         flat = []
         for key, var in nnx.to_flat_state(abstract_state):
@@ -522,10 +525,79 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
             flat.append((key, var.replace(array)))
     finally:
         tensors.close()
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _eos_ids(hf_cfg: dict[str, Any]) -> tuple[int, ...]:
     eos = hf_cfg["eos_token_id"]
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    return Pretrained(model, config, tokenizer, tuple(i for i in eos_ids if 0 <= i < hf_cfg["vocab_size"]))
+    return tuple(i for i in eos_ids if 0 <= i < hf_cfg["vocab_size"])
+
+
+def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                    param_dtype: str = "float32", compute_dtype: str = "float32",
+                    vocab_pad_multiple: int = 1) -> Pretrained:
+    """Import a local Hugging Face GPT-2 / Cerebras-GPT directory as our GPT.
+
+    With `mesh`, every parameter is placed by the logical-axis `rules` and each device reads only its
+    shard from the files. `vocab_pad_multiple` pads the embedding rows (zeros) so that a 'vocab' axis
+    can be split over the mesh (e.g. 50257 → 50304 with 128).
+    """
+    directory = pathlib.Path(path)
+    hf_cfg = read_hf_config(directory)
+    config = config_from_hf(hf_cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                            vocab_pad_multiple=vocab_pad_multiple)
+    tokenizer = load_tokenizer(directory, hf_cfg["vocab_size"])
+    model = _import(directory, config, abstract_model(config.model), {}, mesh, rules)
+    return Pretrained(model, config, tokenizer, _eos_ids(hf_cfg))
+
+
+# --- sequence classification --------------------------------------------------------------------------
+
+class PretrainedClassifier(NamedTuple):
+    model: SequenceClassifier  # tokens [B, L], lengths [B] → float32 class logits [B, C]
+    config: ml_collections.ConfigDict  # as Pretrained's, with finetune.num_labels and finetune.loss set
+    tokenizer: Tokenizer | None
+    label_names: list[str]  # config.json's id2label in id order
+    pad_token_id: int | None  # what transformers pools by; our pooling takes explicit lengths instead
+
+
+# problem_type → our finetune.loss ('regression' has no counterpart: a classifier has at least 2 labels)
+_PROBLEM_TYPES = {None: "softmax", "single_label_classification": "softmax", "multi_label_classification": "sigmoid"}
+
+
+def classifier_labels(hf_cfg: dict[str, Any], source: str) -> list[str]:
+    """The label names of a GPT2ForSequenceClassification config.json, by id (transformers' default
+    when it has no id2label: LABEL_0, LABEL_1)."""
+    id2label = hf_cfg.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    if not isinstance(id2label, dict) or sorted(map(str, id2label)) != sorted(map(str, range(len(id2label)))):
+        raise HFCheckpointError(f"{source}: id2label={id2label!r} must map the ids 0..N-1 to label names")
+    if len(id2label) < 2:
+        raise HFCheckpointError(f"{source}: id2label has {len(id2label)} label; a classifier needs at least two")
+    return [str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in range(len(id2label))]
+
+
+def classifier_from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None,
+                               rules: Rules = DEFAULT_RULES, param_dtype: str = "float32",
+                               compute_dtype: str = "float32", vocab_pad_multiple: int = 1) -> PretrainedClassifier:
+    """Import a local GPT2ForSequenceClassification directory as our SequenceClassifier (arguments as
+    `from_pretrained`). Its logits equal transformers' wherever transformers pools the row's last real
+    token: rows without padding, or padding with its pad_token_id that the text never contains."""
+    directory = pathlib.Path(path)
+    hf_cfg = read_hf_config(directory, CLASSIFIER_ARCHITECTURES)
+    source = str(directory / CONFIG_FILE)
+    label_names = classifier_labels(hf_cfg, source)
+    problem_type = hf_cfg.get("problem_type")
+    if problem_type not in _PROBLEM_TYPES:
+        raise HFCheckpointError(f"{source}: problem_type={problem_type!r}; only {list(_PROBLEM_TYPES)[1:]} "
+                                f"can be imported")
+    config = config_from_hf(hf_cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                            vocab_pad_multiple=vocab_pad_multiple)
+    config.finetune.num_labels, config.finetune.loss = len(label_names), _PROBLEM_TYPES[problem_type]
+    abstract = nnx.eval_shape(lambda: SequenceClassifier(config.model, len(label_names), rngs=nnx.Rngs(0)))
+    model = _import(directory, config, abstract, {_SCORE: (len(label_names), config.model.d_model)}, mesh, rules)
+    return PretrainedClassifier(model, config, load_tokenizer(directory, hf_cfg["vocab_size"]), label_names,
+                                hf_cfg.get("pad_token_id"))
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -557,24 +629,17 @@ def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, tuple[int, .
     os.replace(partial, path)
 
 
-def save_pretrained(model: GPT, path: str | os.PathLike, *, tokenizer: Tokenizer | None = None,
-                    bos_token_id: int | None = None, eos_token_id: int | None = None) -> None:
-    """Write `model` as an HF GPT2LMHeadModel directory: config.json, model.safetensors (+ tokenizer.json).
-
-    Tensors are fetched and written one layer at a time, so the host never holds the whole model.
-    Vocabulary padding rows are dropped; the tied LM head is not stored (transformers re-ties it).
-    """
+def _save(model: GPT, path: str | os.PathLike, config: dict[str, Any], head: dict[str, str],
+          tokenizer: Tokenizer | None) -> None:
+    """Write `model`'s decoder tensors, plus its `head` parameters (our name → HF name, transposed: a head
+    [d_model, n] is stored [n, d_model] as torch's Linear), with `config` as config.json."""
     cfg = model.cfg
-    config = hf_config_dict(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
-    for name, token_id in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
-        if token_id is not None and not 0 <= token_id < cfg.vocab_size:
-            raise HFCheckpointError(f"{name}={token_id} is outside the vocabulary [0, {cfg.vocab_size})")
     params = {"/".join(map(str, key)): var.get_value() for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     for name, array in params.items():
         if not array.is_fully_addressable:
             raise HFCheckpointError(f"parameter {name} spans several processes; export from a single process "
                                     "(e.g. restore the checkpoint on one host)")
-    names = {**_GLOBAL_NAMES, **_LAYER_NAMES}
+    names = {**_GLOBAL_NAMES, **_LAYER_NAMES, **head}
     missing = sorted(set(names) - set(params))
     extra = sorted(set(params) - set(names))
     if missing or extra:
@@ -591,9 +656,56 @@ def save_pretrained(model: GPT, path: str | os.PathLike, *, tokenizer: Tokenizer
             shape = shapes[f"h.{i}.{suffix}"]
             entries.append((f"transformer.h.{i}.{suffix}", shape, np.dtype(params[ours].dtype),
                             lambda ours=ours, i=i, shape=shape: np.asarray(params[ours][i]).reshape(shape)))
+    for ours, hf_name in head.items():
+        entries.append((hf_name, params[ours].shape[::-1], np.dtype(params[ours].dtype),
+                        lambda ours=ours: np.asarray(params[ours]).T))
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     _write_safetensors(directory / SAFETENSORS_FILE, entries)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(str(directory / "tokenizer.json"))
+
+
+def _check_token_ids(cfg: ml_collections.ConfigDict, **token_ids: int | None) -> None:
+    for name, token_id in token_ids.items():
+        if token_id is not None and not 0 <= token_id < cfg.vocab_size:
+            raise HFCheckpointError(f"{name}={token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def save_pretrained(model: GPT, path: str | os.PathLike, *, tokenizer: Tokenizer | None = None,
+                    bos_token_id: int | None = None, eos_token_id: int | None = None) -> None:
+    """Write `model` as an HF GPT2LMHeadModel directory: config.json, model.safetensors (+ tokenizer.json).
+
+    Tensors are fetched and written one layer at a time, so the host never holds the whole model.
+    Vocabulary padding rows are dropped; the tied LM head is not stored (transformers re-ties it).
+    """
+    config = hf_config_dict(model.cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    _check_token_ids(model.cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    _save(model, path, config, {}, tokenizer)
+
+
+def save_classifier(model: SequenceClassifier, path: str | os.PathLike, *, label_names: list[str],
+                    loss: str = "softmax", pad_token_id: int | None = None, tokenizer: Tokenizer | None = None,
+                    bos_token_id: int | None = None, eos_token_id: int | None = None) -> None:
+    """Write `model` as an HF GPT2ForSequenceClassification directory (`score` stored as score.weight
+    [num_labels, d_model]; id2label/label2id from `label_names`; problem_type from `loss`).
+
+    transformers pools each row at its last token that is not `pad_token_id`; give the id the rows are
+    padded with (ours: the tokenizer's EOS, which a text never contains) so that padded batches pool where
+    ours do. Without one, transformers classifies only batches of one row.
+    """
+    cfg = model.cfg
+    if parameterization.is_mup(cfg):
+        raise HFCheckpointError("a muP model exports as BTLM, which has no sequence-classification class in "
+                                "transformers; export the classifier of a standard-parameterization model")
+    if len(label_names) != model.num_labels or len(set(label_names)) != len(label_names):
+        raise HFCheckpointError(f"label_names={label_names} must be {model.num_labels} distinct names, one per "
+                                f"class of the model's head")
+    _check_token_ids(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    config = hf_config_dict(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    problem_type = {"softmax": "single_label_classification", "sigmoid": "multi_label_classification"}[loss]
+    config.update(architectures=[CLASSIFIER], id2label={str(i): name for i, name in enumerate(label_names)},
+                  label2id={name: i for i, name in enumerate(label_names)}, pad_token_id=pad_token_id,
+                  problem_type=problem_type)
+    _save(model, path, config, {HEAD: _SCORE}, tokenizer)

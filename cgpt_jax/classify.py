@@ -1,0 +1,116 @@
+"""Classify texts with a fine-tuned run (python -m cgpt_jax.finetune's workdir).
+
+    python -m cgpt_jax.classify --checkpoint=RUN_DIR --text="def read_config(path): ..." [--text=...]
+    python -m cgpt_jax.classify --checkpoint=RUN_DIR --input=texts.jsonl --output=predictions.csv
+    some_command | python -m cgpt_jax.classify --checkpoint=RUN_DIR          (one text per line of stdin)
+
+Each text gets one record: the text, its predicted `label` and the `probabilities` of every label (a softmax,
+or each label's sigmoid for a run trained with finetune.loss=sigmoid). Records go to stdout as JSON lines, or
+to --output: FILE.jsonl (the same lines) or FILE.csv (text, label, then one prob_<label> column per label).
+--input is a .jsonl or .csv/.tsv file (the text in the field named by --text_field) or any other file with
+one text per line (blank lines skipped). The run's best checkpoint (DIR/best/) is used when it has one,
+else its newest; texts longer than the run's max_len are cut to their first max_len tokens, as in training.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import sys
+from typing import TextIO
+
+import numpy as np
+from absl import app, flags, logging
+
+from cgpt_jax import cli
+from cgpt_jax.errors import InputError
+from cgpt_jax.finetune.data import read_texts
+from cgpt_jax.finetune.predict import Classifier, load_classifier
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A fine-tuning run's directory.")
+_TEXT = flags.DEFINE_multi_string("text", None, "A text to classify (repeat for several).")
+_INPUT = flags.DEFINE_string("input", None, "File of texts: .jsonl, .csv/.tsv, or one text per line ('-': stdin).")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "The text's field (JSONL) or column (CSV) in --input.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the records to FILE.jsonl or FILE.csv instead of stdout.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Texts per forward pass.")
+flags.mark_flags_as_required(["checkpoint"])
+
+OUTPUT_KINDS = (".jsonl", ".csv")
+
+
+def _lines(lines: TextIO | list[str], source: str) -> list[tuple[str, str]]:
+    """(text, 'SOURCE:LINE') of every non-blank line."""
+    return [(line.rstrip("\n"), f"{source}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_inputs(texts: list[str] | None, input_path: str | None, text_field: str) -> list[str]:
+    """The texts of --text, else of --input, else of stdin's lines; empty input is refused."""
+    if texts and input_path:
+        raise InputError("--text and --input both given — classify either the --text values or the file")
+    if texts:
+        for i, text in enumerate(texts, 1):
+            if not text.strip():
+                raise InputError(f"--text number {i} is empty — give it some text")
+        return texts
+    if input_path is None or input_path == "-":
+        rows = _lines(sys.stdin, "stdin")
+    else:
+        path = pathlib.Path(cli.resolve_path(input_path))
+        if path.suffix in (".jsonl", ".csv", ".tsv"):
+            rows = read_texts(path, text_field, "text_field")
+        elif not path.is_file():
+            raise InputError(f"--input={input_path}: {path} is not there — check the path")
+        else:
+            with open(path, encoding="utf-8") as f:
+                rows = _lines(f, str(path))
+    if not rows:
+        raise InputError(f"--input={input_path or '-'}: no texts — give a file with at least one text")
+    return [text for text, _ in rows]
+
+
+def records(texts: list[str], probabilities_NxC: np.ndarray, label_names: list[str]) -> list[dict]:
+    return [{"text": text, "label": label_names[int(p_C.argmax())],
+             "probabilities": {name: float(p) for name, p in zip(label_names, p_C)}}
+            for text, p_C in zip(texts, probabilities_NxC)]
+
+
+def write_records(rows: list[dict], label_names: list[str], out: TextIO, kind: str) -> None:
+    if kind == ".csv":
+        writer = csv.writer(out)
+        writer.writerow(["text", "label", *(f"prob_{name}" for name in label_names)])
+        for r in rows:
+            writer.writerow([r["text"], r["label"], *(r["probabilities"][name] for name in label_names)])
+    else:
+        for r in rows:
+            out.write(json.dumps(r) + "\n")
+
+
+def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[dict]:
+    probabilities_NxC, truncated = classifier.predict(texts, batch_size)
+    if truncated:
+        logging.info("%d of %d texts were cut to their first %d tokens", truncated, len(texts), classifier.max_len)
+    return records(texts, probabilities_NxC, classifier.label_names)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _BATCH_SIZE.value < 1:
+        raise InputError(f"--batch_size={_BATCH_SIZE.value} — give a positive number of texts per batch")
+    output = cli.resolve_optional_path(_OUTPUT.value)
+    kind = pathlib.Path(output).suffix if output else ".jsonl"
+    if kind not in OUTPUT_KINDS:
+        raise InputError(f"--output={_OUTPUT.value}: write FILE.jsonl or FILE.csv")
+    texts = read_inputs(_TEXT.value, _INPUT.value, _TEXT_FIELD.value)
+    classifier = load_classifier(cli.resolve_path(_CHECKPOINT.value))
+    logging.info("classifier from %s; %d texts", classifier.source, len(texts))
+    rows = classify(classifier, texts, _BATCH_SIZE.value)
+    if output is None:
+        write_records(rows, classifier.label_names, sys.stdout, kind)
+        return
+    with open(output, "w", newline="", encoding="utf-8") as f:
+        write_records(rows, classifier.label_names, f, kind)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,121 @@
+"""A fine-tuned classifier's predictions (`python -m cgpt_jax.classify`).
+
+`load_classifier(DIR)` reads a fine-tuning run: its model config and labels from config.json, the
+parameters of its best checkpoint (DIR/best/) or else its newest one, and the run's tokenizer (that of its
+backbone, checked against the hash the run recorded). `Classifier.predict` tokenizes like training
+(truncated to the run's max_len, padded on the right) and scores the texts in batches of one length
+bucket each, so the jitted forward compiles once per bucket.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+
+from cgpt_jax import run_dir
+from cgpt_jax.data.tokenizer import TextTokenizer
+from cgpt_jax.errors import InputError
+from cgpt_jax.finetune import backbone as backbones
+from cgpt_jax.finetune.data import length_batches, tokenize
+from cgpt_jax.finetune.model import SequenceClassifier
+from cgpt_jax.train import checkpoint
+
+Forward = Callable[[np.ndarray, np.ndarray], jax.Array]  # (tokens [B, L], lengths [B]) → class logits [B, C]
+
+
+def batched_logits(forward: Forward, tokens_NxL: np.ndarray, lengths_N: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class logits [N, C] of every row, computed `batch_size` rows of one length bucket at a time (cut to
+    the bucket's length; a short batch is filled with copies of its first row), so that a jitted `forward`
+    compiles once per bucket."""
+    logits_NxC = None
+    for rows, length in length_batches(lengths_N, batch_size, tokens_NxL.shape[1]):
+        filled = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+        logits_BxC = np.asarray(jax.device_get(forward(tokens_NxL[filled, :length], lengths_N[filled])))
+        if logits_NxC is None:
+            logits_NxC = np.empty((len(lengths_N), logits_BxC.shape[1]), logits_BxC.dtype)
+        logits_NxC[rows] = logits_BxC[:len(rows)]
+    return logits_NxC
+
+
+def probabilities(logits_NxC: np.ndarray, loss: str) -> np.ndarray:
+    """What the training loss makes of the logits: a softmax over the classes, or each class's sigmoid."""
+    if loss == "sigmoid":
+        return np.asarray(jax.nn.sigmoid(logits_NxC))
+    return np.asarray(jax.nn.softmax(logits_NxC, axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    forward: Forward  # jitted; compiles once per (batch, bucket length)
+    tokenizer: TextTokenizer
+    label_names: list[str]
+    loss: str  # 'softmax' | 'sigmoid', as trained
+    max_len: int  # the run's train.seq_len: longer texts are cut to their first max_len tokens
+    source: str  # 'DIR/checkpoints/STEP' the parameters came from
+
+    def predict(self, texts: list[str], batch_size: int) -> tuple[np.ndarray, int]:
+        """(probabilities [N, C], how many texts were truncated)."""
+        tokens_NxL, lengths_N, truncated = tokenize(texts, self.tokenizer, self.max_len)
+        if not lengths_N.all():
+            empty = int(np.flatnonzero(lengths_N == 0)[0])
+            raise InputError(f"text {empty + 1} ({texts[empty]!r}) has no tokens — give it some text")
+        return probabilities(batched_logits(self.forward, tokens_NxL, lengths_N, batch_size), self.loss), truncated
+
+
+def _read_run_config(directory: pathlib.Path) -> dict:
+    config_file = directory / run_dir.CONFIG
+    if not config_file.is_file():
+        raise InputError(f"--checkpoint={directory}: {config_file} is not there — give the directory of a "
+                         f"fine-tuning run (what python -m cgpt_jax.finetune --workdir=... writes)")
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    if raw.get("finetune", {}).get("num_labels", -1) == -1 or "label_names" not in raw.get("data_description", {}):
+        raise InputError(f"--checkpoint={directory}: {config_file} is not a fine-tuning run's (no "
+                         f"finetune.num_labels or label names) — a language model generates text: "
+                         f"python -m cgpt_jax.generate --checkpoint={directory}")
+    return raw
+
+
+def _checkpoint_directory(directory: pathlib.Path) -> pathlib.Path:
+    """DIR/best when it holds a complete checkpoint (the state with the best validation metric), else DIR."""
+    best = directory / run_dir.BEST
+    return best if checkpoint.scan(str(best / run_dir.CHECKPOINTS))[0] else directory
+
+
+def load_classifier(path: str) -> Classifier:
+    """A fine-tuning run's classifier on the first device (see the module docstring)."""
+    directory = pathlib.Path(path)
+    raw = _read_run_config(directory)
+    description = raw["data_description"]
+    tokenizer = backbones.load_backbone(description["backbone"]).tokenizer
+    if tokenizer.sha256 != description["tokenizer"]["sha256"]:
+        raise InputError(f"--checkpoint={directory}: the tokenizer of its backbone {description['backbone']} is "
+                         f"not the one the run was trained with (sha256 differs) — restore the backbone's "
+                         f"tokenizer as it was when the run was fine-tuned")
+    model_cfg = ml_collections.ConfigDict(raw["model"])
+    num_labels = raw["finetune"]["num_labels"]
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: SequenceClassifier(model_cfg, num_labels,
+                                                                             rngs=nnx.Rngs(0))), nnx.Param)
+    device = SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    try:
+        source = checkpoint.find_init_source(str(_checkpoint_directory(directory)),
+                                             checkpoint.tensor_specs(abstract, "params/"), flag="--checkpoint")
+    except ValueError as e:  # the message names the directory and the fix
+        raise InputError(str(e)) from None
+    params = checkpoint.load_init_params(source, like)
+
+    @jax.jit
+    def forward(params: nnx.State, tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params)(tokens_BxL, lengths_B)
+
+    return Classifier(functools.partial(forward, params), tokenizer, list(description["label_names"]), raw["finetune"]["loss"],
+                      raw["train"]["seq_len"], os.path.join(source.directory, str(source.step)))
