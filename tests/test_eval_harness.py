@@ -118,3 +118,28 @@ def test_bad_input(hf_dir, task_dir, tmp_path, monkeypatch, capsys):
     model = TextModel(load(str(hf_dir))[0])
     with pytest.raises(InputError, match="tokenizes to nothing"):
         model.loglikelihood([("def f", "x"), ("def f", "")])
+
+
+def test_generate_until_matches_transformers_greedy(hf_dir):
+    import torch
+    import transformers
+
+    from cgpt_jax.eval.text import TextModel
+    from cgpt_jax.generate import load
+
+    reference_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    contexts, budgets = ["def f(x):\n    return", "class A:\n", "import os\n"], [12, 12, 5]
+    expected = []
+    for context, budget in zip(contexts, budgets):
+        ids = torch.tensor([tokenizer.encode(context)])
+        with torch.no_grad():
+            out = reference_model.generate(ids, max_new_tokens=budget, do_sample=False,
+                                           pad_token_id=tokenizer.eos_token_id)
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    stop = expected[0][4:6]  # a stop string that the first continuation meets: it is cut before it
+    requests = [(contexts[0], [stop], budgets[0]), (contexts[1], ["never appears"], budgets[1]),
+                (contexts[2], [], budgets[2])]
+    got = TextModel(load(str(hf_dir))[0], batch_size=2).generate_until(requests)
+    assert got == [expected[0].split(stop)[0], expected[1], expected[2]]
+    assert len(got[0]) < len(expected[0])
