@@ -54,9 +54,10 @@ def _sweep(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     args = parser.parse_args(argv)
     workdir = pathlib.Path(cli.resolve_path(args.sweep_dir))
-    if not workdir.is_dir():
-        raise InputError(f"sweep directory {workdir} does not exist — give the --workdir of a sweep")
-    runs = collect_runs(workdir)
+    try:
+        runs = collect_runs(workdir)
+    except (FileNotFoundError, ValueError) as e:  # no such directory, or no runs in it
+        raise InputError(str(e)) from e
     finished = [run for run in runs if run.status == FINISHED]
     skipped = [run for run in runs if run.status != FINISHED]
     if skipped:

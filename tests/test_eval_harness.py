@@ -143,3 +143,21 @@ def test_generate_until_matches_transformers_greedy(hf_dir):
     got = TextModel(load(str(hf_dir))[0], batch_size=2).generate_until(requests)
     assert got == [expected[0].split(stop)[0], expected[1], expected[2]]
     assert len(got[0]) < len(expected[0])
+
+
+def test_sweep_lists_unfinished_runs(tmp_path, monkeypatch, capsys):
+    from cgpt_jax import evaluate
+
+    (tmp_path / "sweep/d16l2").mkdir(parents=True)
+    (tmp_path / "sweep/d16l2/summary.json").write_text(json.dumps({"status": "preempted"}))
+    (tmp_path / "sweep/d24l2").mkdir()
+    (tmp_path / "sweep/d24l2/config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["evaluate", "sweep", str(tmp_path / "sweep"), "--tasks", "cgpt_stdlib_nextline"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "skipping 2 runs that are not finished: d16l2 (unfinished), d24l2 (unfinished)" in err
+    assert "has no finished runs" in err
+    with pytest.raises(SystemExit):
+        evaluate.main(["evaluate", "sweep", str(tmp_path / "missing"), "--tasks", "cgpt_stdlib_nextline"])
+    assert "error: workdir" in capsys.readouterr().err
