@@ -10,36 +10,30 @@ from cgpt_jax.host_memory import retain_freed_memory
 
 retain_freed_memory()  # before JAX starts its CPU client (cgpt_jax/host_memory.py)
 
-import json
-
 from absl import app, flags
 
-from cgpt_jax import cli, experiment_files
+from cgpt_jax import cli
+from cgpt_jax.finetune.backbone import HF_PREFIX
 from cgpt_jax.finetune.train import finetune
+from cgpt_jax.train import command
+from cgpt_jax.train.command import define_run_flags, print_result
 
-_CONFIG = experiment_files.define_config_file("config", "Experiment config file, e.g. "
-                                             "experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, TensorBoard, "
-                               "checkpoints/, best/, confusion_*.json/png, summary.json).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "If the workdir holds another run's config, move that "
-                               "run aside to <workdir>.replaced-<time> and start fresh.")
-_WATCHDOG = flags.DEFINE_float("watchdog_s", 0.0, "Exit with status 3 when no step, save or evaluation "
-                               "finishes for this many seconds (after the first step compiled); 0 = off.")
-flags.mark_flags_as_required(["config", "workdir"])
+_RUN = define_run_flags("experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2",
+                        "config.json, metrics.jsonl, TensorBoard, checkpoints/, best/, confusion_*.json/png, "
+                        "summary.json")
 
+flags.adopt_module_key_flags(command)  # --helpshort lists the shared flags too
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    config.finetune.init = cli.resolve_optional_path(config.finetune.init) if not config.finetune.init.startswith(
-        "hf:") else "hf:" + cli.resolve_path(config.finetune.init[3:])
-    summary = finetune(config, cli.resolve_path(_WORKDIR.value), overwrite=_OVERWRITE.value,
-                       watchdog_s=_WATCHDOG.value)
-    if summary["status"] == "preempted":
-        print(summary["message"], flush=True)  # exit status 0: re-running the command resumes
-        return
-    print(json.dumps(summary, indent=2))
+    config = _RUN.config.value
+    init = config.finetune.init
+    # paths as given on this command line, made absolute (config.json records them)
+    config.finetune.init = (HF_PREFIX + cli.resolve_path(init[len(HF_PREFIX):]) if init.startswith(HF_PREFIX)
+                            else cli.resolve_optional_path(init))
+    print_result(finetune(config, cli.resolve_path(_RUN.workdir.value), overwrite=_RUN.overwrite.value,
+                          watchdog_s=_RUN.watchdog_s.value))
 
 
 if __name__ == "__main__":

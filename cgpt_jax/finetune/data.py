@@ -9,6 +9,11 @@ Tasks (`finetune.task`):
                    file split deterministically by a hash of each text (finetune.val_fraction,
                    test_fraction). Columns named by finetune.text_field and finetune.label_field.
   'jsonl:PATH'     the same with .jsonl files: one JSON object per line.
+  'tfds:NAME'      a TFDS text-classification dataset prepared locally as array_record (in
+                   config.data.tfds_data_dir, or TFDS's default directory): the label is the ClassLabel feature
+                   finetune.label_field, the text the feature finetune.text_field or else the only Text
+                   feature. A split that is missing or unlabelled (label -1, as GLUE's test splits) is taken
+                   from train by a hash of each text (finetune.test_fraction, val_fraction).
 Labels are names (or, with finetune.label_names listed, also their integer ids). Every problem in the
 input is an error naming the file, the line or the field, and the fix, raised before anything compiles.
 """
@@ -29,6 +34,7 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from cgpt_jax.data.tokenizer import TextTokenizer
 from cgpt_jax.errors import InputError
@@ -205,6 +211,58 @@ def _file_splits(kind: str, path: pathlib.Path, ft: ml_collections.ConfigDict) -
     return splits
 
 
+def _tfds_splits(name: str, ft: ml_collections.ConfigDict, data_dir: str) -> tuple[dict[str, list[Example]], list[str]]:
+    import tensorflow_datasets as tfds  # slow to import; only this task needs it
+
+    where = f"task=tfds:{name}"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise TaskError(f"{where}: no TFDS dataset of that name; see tfds.list_builders()") from None
+    if not builder.is_prepared():
+        raise TaskError(f"{where}: not prepared in {builder.data_dir}; prepare it there with `tfds build {name} "
+                        f"--file_format=array_record` or point config.data.tfds_data_dir at where it was")
+    if builder.info.file_format not in tfds.core.file_adapters.FileFormat.with_random_access():
+        raise TaskError(f"{where}: stored as {builder.info.file_format.value}, which needs TensorFlow to read; "
+                        f"prepare it again with --file_format=array_record")
+    features = builder.info.features
+    label = features[ft.label_field] if ft.label_field in features else None
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise TaskError(f"{where}: no ClassLabel feature {ft.label_field!r} (features: {sorted(features)}); name "
+                        f"it with --config.finetune.label_field=...")
+    text_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+    text_key = ft.text_field if ft.text_field in features else text_keys[0] if len(text_keys) == 1 else None
+    if text_key is None:
+        raise TaskError(f"{where}: no text feature {ft.text_field!r} and not exactly one Text feature "
+                        f"({text_keys}); name it with --config.finetune.text_field=...")
+    splits: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        if split not in builder.info.splits:
+            continue
+        source = builder.as_data_source(split)
+        records = source.__getitems__(range(len(source)))
+        examples = [Example(r[text_key].decode("utf-8", errors="replace") if isinstance(r[text_key], bytes)
+                            else r[text_key], label.names[r[ft.label_field]], f"{where}[{split}]:{i}")
+                    for i, r in enumerate(records) if r[ft.label_field] >= 0]
+        for e in examples:
+            _check_text(e.text, text_key, e.where)
+        if examples:
+            splits[split] = examples
+    if "train" not in splits:
+        raise TaskError(f"{where}: no labelled train split (splits: {sorted(builder.info.splits)})")
+    held_out = {"test": ft.test_fraction, "validation": ft.val_fraction}
+    carved = {s: [] for s in held_out if s not in splits}
+    if carved:
+        logging.info("%s: %s taken from train by text hash", where, " and ".join(carved))
+        kept = []
+        for e in splits["train"]:  # the same cut as a single csv/jsonl file's
+            h = _hash_fraction(e.text)
+            split = "test" if h < ft.test_fraction else "validation" if h < ft.test_fraction + ft.val_fraction else "train"
+            (carved[split] if split in carved else kept).append(e)
+        splits = {**splits, **carved, "train": kept}
+    return {s: splits[s] for s in SPLITS}, list(label.names)
+
+
 def _label_names(splits: dict[str, list[Example]], given: tuple[str, ...]) -> list[str]:
     if given:
         return list(given)
@@ -231,19 +289,21 @@ def _normalise_labels(splits: dict[str, list[Example]], names: list[str], given:
     return out
 
 
-def read_task(ft: ml_collections.ConfigDict) -> Task:
+def read_task(ft: ml_collections.ConfigDict, tfds_data_dir: str = "") -> Task:
     """The labelled splits of `finetune.task` (see the module docstring)."""
     kind, _, arg = ft.task.partition(":")
     if ft.task == "stdlib_topics":
         task = stdlib_topics()
         splits, names = task.splits, task.label_names
+    elif kind == "tfds" and arg:
+        splits, names = _tfds_splits(arg, ft, tfds_data_dir)
     elif kind in ("csv", "jsonl") and arg:
         splits = _file_splits(kind, pathlib.Path(os.path.expanduser(arg)), ft)
         given = tuple(name.strip() for name in ft.label_names.split(",") if name.strip())
         names = _label_names(splits, given)
         splits = _normalise_labels(splits, names, bool(given))
     else:
-        raise TaskError(f"finetune.task={ft.task!r}: use 'stdlib_topics', 'csv:PATH' or 'jsonl:PATH'")
+        raise TaskError(f"finetune.task={ft.task!r}: use 'stdlib_topics', 'csv:PATH', 'jsonl:PATH' or 'tfds:NAME'")
     if len(names) < 2:
         raise TaskError(f"finetune.task={ft.task!r}: only the label(s) {names}; a classifier needs at least two")
     return Task(splits, names)
@@ -297,21 +357,22 @@ def length_batches(lengths_N: np.ndarray, batch_size: int, max_len: int) -> list
     return batches
 
 
+@dataclasses.dataclass(frozen=True)
 class ClassificationData:
     """The training split's batch of step s as a pure function of (seed, s): epochs of a seeded
     permutation, so a resumed run reads the same batches. Each batch is placed with `shardings`."""
 
-    def __init__(self, train: Encoded, *, global_batch_size: int, seed: int,
-                 shardings: dict[str, jax.sharding.NamedSharding], vocab_size: int, description: dict):
-        if len(train.labels_N) < global_batch_size:
-            raise TaskError(f"the training split has {len(train.labels_N)} examples, fewer than one batch "
-                            f"(train.global_batch_size={global_batch_size}); lower the batch or add examples")
-        self.train = train
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        self.shardings = shardings
-        self.vocab_size = vocab_size
-        self.description = description
+    train: Encoded
+    global_batch_size: int
+    seed: int
+    shardings: dict[str, jax.sharding.NamedSharding]
+    vocab_size: int
+    description: dict
+
+    def __post_init__(self):
+        if len(self.train.labels_N) < self.global_batch_size:
+            raise TaskError(f"the training split has {len(self.train.labels_N)} examples, fewer than one batch "
+                            f"(train.global_batch_size={self.global_batch_size}); lower the batch or add examples")
 
     def rows(self, step: int) -> np.ndarray:
         n, b = len(self.train.labels_N), self.global_batch_size

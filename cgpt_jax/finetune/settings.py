@@ -9,7 +9,7 @@ BEST_METRICS = ("accuracy", "macro_f1")
 
 def default_finetune_config() -> ml_collections.ConfigDict:
     ft = ml_collections.ConfigDict()
-    ft.task = "stdlib_topics"  # 'stdlib_topics' | 'csv:PATH' | 'jsonl:PATH' (cgpt_jax/finetune/data.py)
+    ft.task = "stdlib_topics"  # 'stdlib_topics' | 'csv:PATH' | 'jsonl:PATH' | 'tfds:NAME' (cgpt_jax/finetune/data.py)
     ft.init = ""  # the backbone: a cgpt_jax run directory, or 'hf:DIR' (a GPT-2-family HF directory)
     ft.from_scratch = False  # True: the backbone's shape and tokenizer, freshly initialised (a baseline)
     ft.text_field = "text"  # CSV column / JSON key of the text
@@ -28,8 +28,8 @@ def validate_finetune(ft: ml_collections.ConfigDict) -> list[str]:
     cgpt_jax/config.py's RULES."""
     errors = []
     kind, _, arg = ft.task.partition(":")
-    if not (ft.task == "stdlib_topics" or (kind in ("csv", "jsonl") and arg)):
-        errors.append(f"finetune.task={ft.task!r} — use 'stdlib_topics', 'csv:PATH' or 'jsonl:PATH'.")
+    if not (ft.task == "stdlib_topics" or (kind in ("csv", "jsonl", "tfds") and arg)):
+        errors.append(f"finetune.task={ft.task!r} — use 'stdlib_topics', 'csv:PATH', 'jsonl:PATH' or 'tfds:NAME'.")
     if ft.val_fraction + ft.test_fraction >= 1:
         errors.append(f"finetune.val_fraction={ft.val_fraction} + finetune.test_fraction={ft.test_fraction} "
                       f"leave no training split — make their sum below 1.")

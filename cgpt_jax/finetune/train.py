@@ -24,7 +24,7 @@ from cgpt_jax.finetune.objective import ClassificationObjective, classification_
 from cgpt_jax.finetune.predict import batched_logits
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import activation_sharding, logical_to_spec
-from cgpt_jax.train.loop import train_and_evaluate
+from cgpt_jax.train.loop import Evaluation, train_and_evaluate
 from cgpt_jax.train.setup import Run
 from cgpt_jax.train.state import TrainState
 
@@ -56,7 +56,7 @@ def prepare(config: ml_collections.ConfigDict, n_devices: int
     validate(config, n_devices)
     ft = config.finetune
     backbone = backbones.load_backbone(ft.init)
-    task = read_task(ft)
+    task = read_task(ft, config.data.tfds_data_dir)
     backbones.check_fits(backbone, len(task.label_names))
     if ft.num_labels not in (-1, len(task.label_names)):
         raise InputError(f"finetune.num_labels={ft.num_labels} but the task has {len(task.label_names)} labels "
@@ -128,5 +128,5 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool
 
     return train_and_evaluate(config, workdir, overwrite=overwrite, devices=devices, show_progress=show_progress,
                               watchdog_s=watchdog_s, objective=objective, dataset=dataset, init_params=init,
-                              evaluate=evaluate, best_metric=f"eval_{ft.best_metric}", summarize=summarize)
+                              evaluation=Evaluation(evaluate, f"eval_{ft.best_metric}", summarize))
 

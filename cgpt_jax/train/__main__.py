@@ -11,20 +11,16 @@ from cgpt_jax.host_memory import retain_freed_memory
 
 retain_freed_memory()  # before JAX starts its CPU client (cgpt_jax/host_memory.py)
 
-import json
-
 from absl import app, flags
 
-from cgpt_jax import cli, experiment_files
+from cgpt_jax import cli
 from cgpt_jax.parallel import distributed
+from cgpt_jax.train import command
+from cgpt_jax.train.command import define_run_flags, print_result
 from cgpt_jax.train.loop import train_and_evaluate
 
-_CONFIG = experiment_files.define_config_file("config", "Experiment config file, e.g. "
-                                             "experiments/cerebras_gpt.py:size=tiny")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, metrics.jsonl, TensorBoard, "
-                               "checkpoints/).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "If the workdir holds another run's config, move that "
-                               "run aside to <workdir>.replaced-<time> and start fresh.")
+_RUN = define_run_flags("experiments/cerebras_gpt.py:size=tiny", "config.json, metrics.jsonl, TensorBoard, checkpoints/")
+flags.adopt_module_key_flags(command)  # --helpshort lists the shared flags too
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Another run's directory: start from the parameters of its "
                                  "newest complete checkpoint, with a fresh optimizer at step 0. The workdir's "
                                  "own checkpoint, when there is one, takes precedence.")
@@ -33,9 +29,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _STARTUP_TIMEOUT = flags.DEFINE_integer("startup_timeout_s", 120, "How long a process waits for its peers.")
-_WATCHDOG = flags.DEFINE_float("watchdog_s", 0.0, "Exit with status 3 when no step, save or evaluation "
-                               "finishes for this many seconds (after the first step compiled); 0 = off.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
@@ -43,12 +36,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_STARTUP_TIMEOUT.value)
-    summary = train_and_evaluate(_CONFIG.value, cli.resolve_path(_WORKDIR.value), overwrite=_OVERWRITE.value,
-                                 init_from=cli.resolve_optional_path(_INIT_FROM.value), watchdog_s=_WATCHDOG.value)
-    if summary["status"] == "preempted":
-        print(summary["message"], flush=True)  # exit status 0: re-running the command resumes
-        return
-    print(json.dumps(summary, indent=2))
+    print_result(train_and_evaluate(_RUN.config.value, cli.resolve_path(_RUN.workdir.value),
+                                    overwrite=_RUN.overwrite.value,
+                                    init_from=cli.resolve_optional_path(_INIT_FROM.value),
+                                    watchdog_s=_RUN.watchdog_s.value))
 
 
 if __name__ == "__main__":

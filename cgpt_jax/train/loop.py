@@ -7,12 +7,13 @@ dispatch step t, read step t-1's metrics, evaluate, save. The pieces around the 
 `PreemptionWatch` and `distributed.Watchdog`.
 
 Fine-tuning (cgpt_jax/finetune/) runs through the same loop with its own `objective`, `dataset`, initial
-parameters (`init_params`), `evaluate` (validation metrics at each evaluation, the best by `best_metric`
-kept in DIR/best/) and `summarize` (summary fields computed from the best state, e.g. test metrics).
+parameters (`init_params`) and `Evaluation` (validation metrics at each evaluation, the best state kept in
+DIR/best/, summary fields such as test metrics computed from it).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -57,6 +58,15 @@ def resolve_with_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 
 
 InitParams = Callable[[nnx.State], nnx.State]  # params as initialised from the seed → the params to start from
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """An objective's own evaluation, in place of the mean loss of `dataset.eval_batches()`."""
+
+    evaluate: Callable[[Run, TrainState], dict[str, float]]  # → {'eval_loss': ..., other scalars}
+    best_metric: str  # a key of evaluate's result, higher is better: the best state is kept in DIR/best/
+    summarize: Callable[[Run, TrainState], dict]  # extra summary fields, computed from the best state
 
 
 def restore(run: Run, checkpoints: checkpoint.RunCheckpoints, init_params: InitParams | None, init_name: str
@@ -155,17 +165,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                        show_progress: bool = True, watchdog_s: float = 0.0,
                        objective: Objective = LANGUAGE_MODELING, dataset: Dataset | None = None,
                        init_params: tuple[str, InitParams] | None = None,
-                       evaluate: Callable[[Run, TrainState], dict[str, float]] | None = None,
-                       best_metric: str | None = None,
-                       summarize: Callable[[Run, TrainState], dict] | None = None) -> dict:
+                       evaluation: Evaluation | None = None) -> dict:
     """Train `config` in `workdir` and return the run summary (also written to summary.json).
 
     Pretraining needs only the config. Another objective comes with its `dataset` (the config already
-    resolved against it), optionally `init_params` = (name, function) instead of `init_from`,
-    `evaluate(run, state)` → {'eval_loss': ..., other scalars} instead of the mean loss of
-    `dataset.eval_batches()`, `best_metric` (a key of evaluate's result, higher is better: the best
-    evaluated state is kept in DIR/best/) and `summarize(run, state)` → extra summary fields, computed from
-    the best state when there is a `best_metric`, else the final one.
+    resolved against it), optionally `init_params` = (name, function) instead of `init_from`, and its
+    `evaluation`.
 
     Where the train state comes from: see `restore` (own checkpoint > init_from > scratch); re-run the same
     command after any stop. On SIGTERM/SIGINT the loop finishes the current step, saves synchronously and
@@ -199,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
 
     checkpoints = checkpoint.RunCheckpoints(workdir, ck)
     best_ck = ml_collections.ConfigDict({**ck.to_dict(), "keep_last": 1, "keep_every": 0})  # the best one only
-    best_checkpoints = checkpoint.RunCheckpoints(run_dir.path(workdir, run_dir.BEST), best_ck) if best_metric else None
+    best_checkpoints = checkpoint.RunCheckpoints(run_dir.path(workdir, run_dir.BEST), best_ck) if evaluation else None
     init_name, init_fn = init_params or ("", None)
     state, counters = restore(run, checkpoints, init_fn, init_name)
     start_step = int(state.step)
@@ -276,14 +281,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                 pending = None
                 watchdog.beat("evaluating")
                 with throughput.paused():
-                    evaluated = (evaluate(run, state) if evaluate is not None else
+                    evaluated = (evaluation.evaluate(run, state) if evaluation is not None else
                                  {"eval_loss": float(np.mean([float(run.eval_step(state.params, batch))
                                                               for batch in dataset.eval_batches()]))})
                     eval_loss = evaluated["eval_loss"]
-                    if best_checkpoints is not None and not evaluated[best_metric] <= best_value:  # NaN: first
-                        best_value = evaluated[best_metric]
-                        best_checkpoints.save(step + 1, state, {"config": config_dict, best_metric: best_value},
-                                              wait=True)
+                    if evaluation is not None and not evaluated[evaluation.best_metric] <= best_value:  # NaN: first
+                        best_value = evaluated[evaluation.best_metric]
+                        best_checkpoints.save(step + 1, state, {"config": config_dict,
+                                                                evaluation.best_metric: best_value}, wait=True)
                 writer.write(step, evaluated)
                 progress.set_postfix(loss=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}")
             stop = preemption.should_stop(step) and not is_last
@@ -331,12 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         "wall_time_s": time.time() - run_start,
         "tokens_per_sec": throughput.mean(),
     }
-    if summarize is not None:
-        if best_checkpoints is not None:
-            best_state, best_meta = best_checkpoints.restore_latest(like=state)
-            summary["best"] = {"step": best_meta["step"], best_metric: best_meta[best_metric]}
-            state = best_state
-        summary.update(summarize(run, state))
+    if evaluation is not None:
+        best_state, best_meta = best_checkpoints.restore_latest(like=state)
+        summary["best"] = {"step": best_meta["step"], evaluation.best_metric: best_meta[evaluation.best_metric]}
+        summary.update(evaluation.summarize(run, best_state))
     if jax.process_index() == 0:
         run_dir.write_json_atomically(run_dir.path(workdir, run_dir.SUMMARY), summary)
     return summary

@@ -1,0 +1,81 @@
+"""Tokens/s of the fine-tuning step against the pretraining step of the same backbone at the same shape,
+timed in one process, taking turns round by round (so a slow spell of a shared machine hits both alike).
+
+    python -m cgpt_jax.finetune.speed --backbone=runs/cpu_ladder/d80l2 [--batch=32 --seq_len=128 --rounds=9]
+
+Both steps come from `build_run` (the language-modelling objective, and the classification objective with
+8 labels); batches are random tokens (the classifier's with random lengths and labels).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from cgpt_jax import cli, run_dir
+from cgpt_jax.bench.runners import Stepper, median_ratio, random_tokens, time_alternately
+from cgpt_jax.config import base_config, resolve
+from cgpt_jax.finetune.objective import ClassificationObjective
+from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.train.objective import LANGUAGE_MODELING, Objective
+from cgpt_jax.train.setup import build_run
+
+_BACKBONE = flags.DEFINE_string("backbone", None, "A pretraining run directory (its config.json's model).")
+_BATCH = flags.DEFINE_integer("batch", 32, "Global batch size of both steps.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Sequence length of both steps.")
+_ROUNDS = flags.DEFINE_integer("rounds", 9, "Timed rounds; each times both steps in turn.")
+_STEPS = flags.DEFINE_integer("steps_per_round", 10, "Steps per stepper per round.")
+flags.mark_flags_as_required(["backbone"])
+
+NUM_LABELS = 8
+
+
+def stepper(name: str, config: ml_collections.ConfigDict, objective: Objective, batch: dict[str, np.ndarray]
+            ) -> Stepper:
+    run = build_run(config, make_mesh(config.mesh, jax.devices()), objective=objective)
+    state = run.init_state()
+    placed = {k: jax.device_put(v, run.batch_shardings[k]) for k, v in batch.items()}
+    start = time.perf_counter()
+    compiled = run.train_step.lower(state, placed).compile()
+    compile_s = time.perf_counter() - start
+
+    def step() -> float:
+        nonlocal state
+        state, metrics = compiled(state, placed)
+        return float(metrics["loss"])  # waits for the step
+
+    return Stepper(name, step, compile_s, 0.0, None, "", 0)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raw = json.loads(open(run_dir.path(cli.resolve_path(_BACKBONE.value), run_dir.CONFIG)).read())
+    config = base_config()  # the defaults of both runs, with the backbone's model
+    config.model = ml_collections.ConfigDict(raw["model"])
+    config.train.global_batch_size, config.train.seq_len = _BATCH.value, _SEQ_LEN.value
+    config = resolve(config)
+    b, length = _BATCH.value, _SEQ_LEN.value
+    tokens_BxL1 = random_tokens(config)
+    rng = np.random.default_rng(1)
+    steppers = [
+        stepper("pretraining", config, LANGUAGE_MODELING,
+                {"inputs": tokens_BxL1[:, :-1], "targets": tokens_BxL1[:, 1:]}),
+        stepper("fine-tuning", config, ClassificationObjective(NUM_LABELS, "softmax"),
+                {"inputs": tokens_BxL1[:, :-1], "lengths": rng.integers(1, length + 1, b).astype(np.int32),
+                 "labels": rng.integers(0, NUM_LABELS, b).astype(np.int32)}),
+    ]
+    times = time_alternately(steppers, _ROUNDS.value, _STEPS.value)
+    result = {s.name: {"tokens_per_sec": b * length / statistics.median(times[s.name]), "compile_s": s.compile_s}
+              for s in steppers}
+    result["fine_tuning_over_pretraining"] = 1 / median_ratio(times["fine-tuning"], times["pretraining"])
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    cli.run(main)
