@@ -1,7 +1,7 @@
 """Decode and prefill speed of our KV-cache generation against transformers' `generate`, same weights.
 
     python -m cgpt_jax.infer.bench_decode [--shape=111m|d256l4] [--batch=1,4,16] [--prompt_len=128]
-        [--new_tokens=64] [--repeats=3] [--torch_compile]
+        [--new_tokens=64] [--repeats=3] [--torch_compile] [--torch_threads=0]
 
 `--shape=111m` is Cerebras-GPT-111M (d 768, 10 layers, 12 heads, d_ff 3072), `d256l4` a 4-layer d 256
 model (4 heads, d_ff 1024); both with vocabulary 50257 and context 2048, random weights. The model is
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
     import torch
     import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     model = nnx.jit(lambda: GPT(model_config(args.shape), rngs=nnx.Rngs(0)))()
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(model, directory)
@@ -181,7 +181,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("shape", "111m", list(SHAPES), "Model shape.")
     flags.DEFINE_list("batch", ["1"], "Batch sizes: prompts decoded together (comma-separated).")
     flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
-    flags.DEFINE_integer("new_tokens", 128, "Tokens generated per prompt (at least 2).")
+    flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt (at least 2).")
     flags.DEFINE_integer("repeats", 3, "Timed runs per implementation and length; the median is kept.")
+    flags.DEFINE_integer("torch_threads", 0, "torch's intra-op threads (0: one per core).")
     flags.DEFINE_bool("torch_compile", False, "Also time transformers with a static cache and torch.compile.")
     cli.run(main)
