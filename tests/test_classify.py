@@ -18,6 +18,7 @@ from cgpt_jax.finetune.model import SequenceClassifier
 from cgpt_jax.finetune.predict import load_classifier
 from cgpt_jax.finetune.predict import probabilities as probabilities_of
 from cgpt_jax.finetune.train import finetune
+from cgpt_jax.interop import hf
 from tests.test_finetune import _bytes_backbone, _config, _def_or_class_csv
 
 
@@ -104,3 +105,23 @@ def test_command_reads_stdin_writes_csv_and_refuses_a_language_model(run_dir, tm
     assert refused.stderr.strip().splitlines() == [
         f"error: --checkpoint={backbone}: {backbone}/config.json is not a fine-tuning run's (no finetune.num_labels "
         f"or label names) — a language model generates text: python -m cgpt_jax.generate --checkpoint={backbone}"]
+
+
+def test_an_exported_run_predicts_the_same_in_transformers_and_from_its_hf_directory(run_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    classifier = load_classifier(run_dir)
+    out = tmp_path / "hf"
+    eos = classifier.tokenizer.eos_id  # our padding; a text never holds it, so transformers pools where we do
+    hf.save_classifier(classifier.model, out, label_names=classifier.label_names, loss=classifier.loss,
+                       pad_token_id=eos, tokenizer=classifier.tokenizer.hf, eos_token_id=eos)
+    texts = ["Message(object)", "walk(self)", "Parser(feed)", "as_string(self)"]  # one bucket (16), none cut
+    ours, _ = classifier.predict(texts, batch_size=4)
+    tokens_NxL, _, _ = tokenize(texts, classifier.tokenizer, classifier.max_len)
+    reference = transformers.GPT2ForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = reference(torch.tensor(tokens_NxL, dtype=torch.long)).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    imported = load_classifier(str(out))
+    assert imported.label_names == classifier.label_names and imported.source == str(out)
+    np.testing.assert_allclose(imported.predict(texts, batch_size=4)[0], ours, atol=1e-6)

@@ -2,20 +2,21 @@
 
 `load_classifier(DIR)` reads a fine-tuning run: its model config and labels from config.json, the
 parameters of its best checkpoint (DIR/best/) or else its newest one, and the run's tokenizer (that of its
-backbone, checked against the hash the run recorded). `Classifier.predict` tokenizes like training
+backbone, checked against the hash the run recorded); or an HF GPT2ForSequenceClassification directory
+(cgpt_jax/interop/hf.py) with its tokenizer. `Classifier.predict` tokenizes like training
 (truncated to the run's max_len, padded on the right) and scores the texts in batches of one length
 bucket each, so the jitted forward compiles once per bucket.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -27,6 +28,7 @@ from cgpt_jax.errors import InputError
 from cgpt_jax.finetune import backbone as backbones
 from cgpt_jax.finetune.data import length_batches, tokenize
 from cgpt_jax.finetune.model import SequenceClassifier
+from cgpt_jax.interop import hf
 from cgpt_jax.train import checkpoint
 
 Forward = Callable[[np.ndarray, np.ndarray], jax.Array]  # (tokens [B, L], lengths [B]) → class logits [B, C]
@@ -53,14 +55,23 @@ def probabilities(logits_NxC: np.ndarray, loss: str) -> np.ndarray:
     return np.asarray(jax.nn.softmax(logits_NxC, axis=-1))
 
 
+@nnx.jit
+def _class_logits(model: SequenceClassifier, tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
+    return model(tokens_BxL, lengths_B)
+
+
 @dataclasses.dataclass(frozen=True)
 class Classifier:
-    forward: Forward  # jitted; compiles once per (batch, bucket length)
+    model: SequenceClassifier
     tokenizer: TextTokenizer
     label_names: list[str]
     loss: str  # 'softmax' | 'sigmoid', as trained
-    max_len: int  # the run's train.seq_len: longer texts are cut to their first max_len tokens
-    source: str  # 'DIR/checkpoints/STEP' the parameters came from
+    max_len: int  # longer texts are cut to their first max_len tokens (a run's train.seq_len)
+    source: str  # the checkpoint ('DIR/checkpoints/STEP') or HF directory the parameters came from
+
+    def forward(self, tokens_BxL: np.ndarray, lengths_B: np.ndarray) -> jax.Array:
+        """Class logits [B, C]; jitted, so one compile per (B, L)."""
+        return _class_logits(self.model, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(lengths_B, jnp.int32))
 
     def predict(self, texts: list[str], batch_size: int) -> tuple[np.ndarray, int]:
         """(probabilities [N, C], how many texts were truncated)."""
@@ -90,9 +101,20 @@ def _checkpoint_directory(directory: pathlib.Path) -> pathlib.Path:
     return best if checkpoint.scan(str(best / run_dir.CHECKPOINTS))[0] else directory
 
 
+def _hf_classifier(directory: pathlib.Path) -> Classifier:
+    imported = hf.classifier_from_pretrained(directory)
+    tokenizer = backbones.load_backbone(backbones.HF_PREFIX + str(directory)).tokenizer
+    return Classifier(imported.model, tokenizer, imported.label_names, imported.config.finetune.loss,
+                      imported.config.model.max_seq_len, str(directory))
+
+
 def load_classifier(path: str) -> Classifier:
-    """A fine-tuning run's classifier on the first device (see the module docstring)."""
+    """A fine-tuning run's classifier (see the module docstring), or an HF GPT2ForSequenceClassification
+    directory's, on the first device."""
     directory = pathlib.Path(path)
+    config_file = directory / run_dir.CONFIG
+    if config_file.is_file() and "model_type" in json.loads(config_file.read_text(encoding="utf-8")):
+        return _hf_classifier(directory)
     raw = _read_run_config(directory)
     description = raw["data_description"]
     tokenizer = backbones.load_backbone(description["backbone"]).tokenizer
@@ -111,11 +133,6 @@ def load_classifier(path: str) -> Classifier:
                                              checkpoint.tensor_specs(abstract, "params/"), flag="--checkpoint")
     except ValueError as e:  # the message names the directory and the fix
         raise InputError(str(e)) from None
-    params = checkpoint.load_init_params(source, like)
-
-    @jax.jit
-    def forward(params: nnx.State, tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, params)(tokens_BxL, lengths_B)
-
-    return Classifier(functools.partial(forward, params), tokenizer, list(description["label_names"]), raw["finetune"]["loss"],
+    model = nnx.merge(graphdef, checkpoint.load_init_params(source, like))
+    return Classifier(model, tokenizer, list(description["label_names"]), raw["finetune"]["loss"],
                       raw["train"]["seq_len"], os.path.join(source.directory, str(source.step)))
