@@ -22,6 +22,15 @@ rng = np.random.default_rng(0)
 REQUESTS = [(rng.integers(0, 64, c).tolist(), rng.integers(0, 64, k).tolist())
             for c, k in [(1, 1), (5, 3), (9, 1), (3, 12), (20, 4), (30, 2), (1, 31), (40, 6), (12, 12), (2, 2)]]
 
+# Multiple-choice style: choices sharing a context. Contexts of 6 and 14 tokens leave room for their
+# continuations (one pass over the context through the KV cache); 20 + 16 and 10 + 32 do not (plain path).
+MC_REQUESTS = [(context, rng.integers(0, 64, k).tolist())
+               for context, widths in [(rng.integers(0, 64, 6).tolist(), [1, 2, 5, 3]),
+                                       (rng.integers(0, 64, 20).tolist(), [2, 9, 4]),
+                                       (rng.integers(0, 64, 10).tolist(), [3, 17]),
+                                       (rng.integers(0, 64, 14).tolist(), [1, 2])]
+               for k in widths]
+
 
 @pytest.fixture(scope="module")
 def model() -> GPT:
@@ -52,9 +61,11 @@ def direct(model: GPT, context: list[int], continuation: list[int]) -> tuple[flo
 
 
 def test_loglikelihood_equals_direct_forward_and_batching(model, scorer):
-    batched = scorer.loglikelihood(REQUESTS)
-    single = [scorer.loglikelihood([request])[0] for request in REQUESTS]  # alone in its batch
-    for request, got, alone in zip(REQUESTS, batched, single):
+    requests = REQUESTS + MC_REQUESTS
+    batched = scorer.loglikelihood(requests)
+    assert scorer.score_shared._cache_size() >= 1  # the shared contexts went through the KV cache
+    single = [scorer.loglikelihood([request])[0] for request in requests]  # alone: no context to share
+    for request, got, alone in zip(requests, batched, single):
         want_logp, want_greedy = direct(model, *request)
         assert got[0] == pytest.approx(want_logp, abs=1e-4)
         assert got[1] == want_greedy
@@ -65,20 +76,23 @@ def test_loglikelihood_equals_direct_forward_and_batching(model, scorer):
     assert greedy[1] and not other[1]
 
 
-def test_one_compile_per_length_bucket(scorer):
+def test_one_compile_per_bucket(model):
+    scorer = Scorer(model, batch_size=4, min_bucket=8)
     scorer.loglikelihood(REQUESTS)
-    # Inputs of lengths 1..32 fall into buckets 8, 16 and 32; every batch of a bucket, in any call, reuses
-    # its program.
-    assert scorer.score_batch._cache_size() == 3
-    scorer.loglikelihood(REQUESTS[3:] + REQUESTS[:3])
-    assert scorer.score_batch._cache_size() == 3
+    compiled = scorer.score_batch._cache_size()
+    # Inputs of lengths 1..32 fall into length buckets 8, 16 and 32, continuations into widths 8, 16, 32.
+    assert 3 <= compiled <= 9
+    scorer.loglikelihood(REQUESTS)  # the same buckets: every program is reused
+    scorer.loglikelihood(REQUESTS[:2])  # lengths 2 and 8, continuations 1 and 3: bucket (8, 8), seen above
+    assert scorer.score_batch._cache_size() == compiled
 
 
 def test_sharded_equals_one_device(model, scorer):
     mesh = make_mesh(tiny_config(data=2, tensor=4).mesh, jax.devices())
     sharded = Scorer(model, mesh=mesh, batch_size=3, min_bucket=32)
     assert sharded.batch_size == 4  # rounded up to what the data axis divides
-    for got, want in zip(sharded.loglikelihood(REQUESTS), scorer.loglikelihood(REQUESTS)):
+    requests = REQUESTS + MC_REQUESTS
+    for got, want in zip(sharded.loglikelihood(requests), scorer.loglikelihood(requests)):
         assert got[0] == pytest.approx(want[0], abs=1e-5) and got[1] == want[1]
 
 
