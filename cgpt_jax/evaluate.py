@@ -83,8 +83,9 @@ def main(argv: list[str]) -> None:
         elif len(argv) > 1 and argv[1] == "sweep":
             _sweep(argv[2:])
         else:
-            import cgpt_jax.eval.harness  # noqa: F401  (registers --model cgpt_jax)
             from lm_eval.__main__ import cli_evaluate
+
+            import cgpt_jax.eval.harness  # noqa: F401  (registers --model cgpt_jax)
 
             sys.argv = argv
             cli_evaluate()

@@ -69,7 +69,7 @@ def test_parity_with_lm_eval_hf_backend(hf_dir, task_dir, tmp_path):
     ours = run_evaluate(["--model", "cgpt_jax", "--model_args", f"hf={hf_dir}", "--output_path",
                          str(tmp_path / "ours"), *common], tmp_path / "home_ours")
     for process in (theirs, ours):
-        stdout, stderr = process.communicate(timeout=600)
+        _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-3000:]
     n_requests = 0
     for task in ("cgpt_stdlib_nextline", "cgpt_stdlib_lastident"):

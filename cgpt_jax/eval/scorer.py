@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,13 @@ from tqdm import tqdm
 
 from cgpt_jax.errors import InputError
 from cgpt_jax.model import GPT
-from cgpt_jax.parallel.sharding import DEFAULT_RULES, Rules, activation_sharding, logical_to_spec, state_shardings
+from cgpt_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    activation_sharding,
+    logical_to_spec,
+    state_shardings,
+)
 
 log = logging.getLogger(__name__)
 

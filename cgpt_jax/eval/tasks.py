@@ -19,7 +19,7 @@ import json
 import pathlib
 import random
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from cgpt_jax.data.corpus import doc_split, stdlib_source
 

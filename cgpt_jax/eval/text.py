@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from jax.sharding import Mesh
 
