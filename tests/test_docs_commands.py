@@ -78,6 +78,16 @@ COMMANDS = {
     "--tasks cgpt_stdlib_bpb,cgpt_stdlib_nextline,cgpt_stdlib_lastident --include_path runs/eval_tasks":
         skip("needs the ladder's runs; about 4 minutes"),
     f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.eval.bench": skip("a speed measurement, about 4 minutes"),
+    f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2 "
+    "--workdir=runs/cls/pretrained": skip("needs the ladder's d80l2 run; fine-tuning runs in tests/test_finetune.py"),
+    f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2,"
+    "scratch=True --workdir=runs/cls/scratch": skip("needs the ladder's d80l2 run (its shape and tokenizer)"),
+    f"{PY} -m cgpt_jax.classify --checkpoint=runs/cls/pretrained '--text=async def main(): await asyncio.sleep(1)'":
+        skip("needs the fine-tuned run; the command runs in tests/test_classify.py"),
+    f"{PY} -m cgpt_jax.classify --checkpoint=runs/cls/pretrained --input=texts.jsonl --output=predictions.csv":
+        skip("needs the fine-tuned run and a texts.jsonl; tests/test_classify.py reads and writes both kinds"),
+    f"{PY} -m cgpt_jax.finetune.speed --backbone=runs/cpu_ladder/d80l2": skip("a speed measurement of the "
+                                                                              "ladder's d80l2, about 3 minutes"),
 }
 
 
