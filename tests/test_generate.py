@@ -128,13 +128,16 @@ def test_no_recompilation_within_a_bucket(model, caplog):
     """After one request, every prompt length of the same buckets runs without compiling anything."""
     generator = Generator(model, min_bucket=8)
     generator.generate([[3] * 9], max_new_tokens=4)  # prompt bucket 16, cache bucket 16
+    compiled = lambda: [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
         for length in range(9, 13):
             generator.generate([list(range(1, length + 1))], max_new_tokens=4)
             generator.generate([list(range(1, length + 1))], max_new_tokens=16 - length,
                                sampling=Sampling(), seed=length)
-    compiles = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
-    assert compiles == []
+        within_bucket = compiled()
+        generator.generate([list(range(1, 21))], max_new_tokens=4)  # prompt bucket 32: new programs, logged
+    assert within_bucket == []
+    assert compiled() != []
 
 
 # An HLO instruction with an array output: its size (as dims), opcode, and rest of line (operands, calls=).
