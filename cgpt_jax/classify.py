@@ -101,6 +101,9 @@ def main(argv: list[str]) -> None:
     kind = pathlib.Path(output).suffix if output else ".jsonl"
     if kind not in OUTPUT_KINDS:
         raise InputError(f"--output={_OUTPUT.value}: write FILE.jsonl or FILE.csv")
+    if output and not pathlib.Path(output).parent.is_dir():
+        raise InputError(f"--output={_OUTPUT.value}: the directory {pathlib.Path(output).parent} is not there — "
+                         f"create it first")
     texts = read_inputs(_TEXT.value, _INPUT.value, _TEXT_FIELD.value)
     classifier = load_classifier(cli.resolve_path(_CHECKPOINT.value))
     logging.info("classifier from %s; %d texts", classifier.source, len(texts))
