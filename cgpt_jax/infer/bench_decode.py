@@ -15,9 +15,10 @@ prompt_len / t(1). Each time is the median of `repeats` runs after a warm-up (co
 the implementations alternating so that load from other processes hits all alike.
 
 The same process measures the machine's memory read bandwidth (the best of several streaming sums
-over a float32 array far larger than the caches: numpy on one thread, torch on all) and the bytes a
-cgpt_jax decode step must read (every weight once, the position table's row aside, and the K/V cache
-of the cache bucket), hence the step's share of that bandwidth. Prints one JSON object per batch size.
+over a float32 array far larger than the caches: numpy on one thread, torch on its threads) and the
+bytes a cgpt_jax decode step must read (every weight once, the position table's row aside, and the
+K/V cache of the cache bucket), hence the step's share of the higher of the two bandwidths. Prints one
+JSON object per batch size.
 """
 from __future__ import annotations
 
@@ -73,13 +74,14 @@ def interleaved_medians(runs: dict[str, Callable[[int], object]], lengths: tuple
 
 
 def read_bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """GB/s of the best of `repeats` streaming sums over `mib` MiB of float32, numpy and torch."""
+    """GB/s of the best of `repeats` streaming sums over `mib` MiB of float32, numpy and torch (on its
+    intra-op threads)."""
     import torch
 
     array = np.ones(mib * 2**18, np.float32)
     tensor = torch.from_numpy(array)
     result = {}
-    for name, read in (("numpy_1_thread", array.sum), ("torch_all_threads", tensor.sum)):
+    for name, read in (("numpy_1_thread", array.sum), (f"torch_{torch.get_num_threads()}_threads", tensor.sum)):
         read()
         best = min(_seconds(read) for _ in range(repeats))
         result[f"read_gb_per_s_{name}"] = round(array.nbytes / best / 1e9, 2)
