@@ -96,7 +96,7 @@ def layer_outputs(model: GPT, tokens_BxL: jax.Array) -> dict[str, jax.Array]:
     outputs = {"embedding": x_BxLxD}
     x_BxLxD, per_layer = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x_BxLxD, model.blocks)
     outputs.update(per_layer)
-    outputs["logits"] = model._logits(x_BxLxD)[..., :model.cfg.vocab_size]
+    outputs["logits"] = model.head(model.ln_f(x_BxLxD))[..., :model.cfg.vocab_size]
     return outputs
 
 

@@ -118,5 +118,6 @@ def test_experiment_rule(tmp_path, monkeypatch):
 def test_cli_reports_an_unknown_experiment(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cgpt_jax.plan", "--config=experiments/nope.py",
                           "--mesh=fsdp=1"], capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120)
-    assert out.returncode == 1
-    assert "experiments/nope.py not found" in out.stderr and "cerebras_gpt.py, cpu_bench.py" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # refused input (docs/errors.md)
+    assert "experiments/nope.py not found" in out.stderr
+    assert all(name in out.stderr for name in ("cerebras_gpt.py", "cpu_bench.py", "cpu_ladder.py"))
