@@ -27,13 +27,18 @@ from cgpt_jax.errors import InputError
 from cgpt_jax.finetune.data import read_texts
 from cgpt_jax.finetune.predict import Classifier, load_classifier
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A fine-tuning run's directory.")
-_TEXT = flags.DEFINE_multi_string("text", None, "A text to classify (repeat for several).")
-_INPUT = flags.DEFINE_string("input", None, "File of texts: .jsonl, .csv/.tsv, or one text per line ('-': stdin).")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "The text's field (JSONL) or column (CSV) in --input.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the records to FILE.jsonl or FILE.csv instead of stdout.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Texts per forward pass.")
-flags.mark_flags_as_required(["checkpoint"])
+
+
+def define_flags() -> None:
+    """Defined only when run as a command: importing this module (tests, a process that also imports
+    `cgpt_jax.generate`, whose --checkpoint means a language model) defines no flags."""
+    flags.DEFINE_string("checkpoint", None, "A fine-tuning run's directory.")
+    flags.DEFINE_multi_string("text", None, "A text to classify (repeat for several).")
+    flags.DEFINE_string("input", None, "File of texts: .jsonl, .csv/.tsv, or one text per line ('-': stdin).")
+    flags.DEFINE_string("text_field", "text", "The text's field (JSONL) or column (CSV) in --input.")
+    flags.DEFINE_string("output", None, "Write the records to FILE.jsonl or FILE.csv instead of stdout.")
+    flags.DEFINE_integer("batch_size", 32, "Texts per forward pass.")
+    flags.mark_flags_as_required(["checkpoint"])
 
 OUTPUT_KINDS = (".jsonl", ".csv")
 
@@ -95,19 +100,20 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _BATCH_SIZE.value < 1:
-        raise InputError(f"--batch_size={_BATCH_SIZE.value} — give a positive number of texts per batch")
-    output = cli.resolve_optional_path(_OUTPUT.value)
+    given = flags.FLAGS
+    if given.batch_size < 1:
+        raise InputError(f"--batch_size={given.batch_size} — give a positive number of texts per batch")
+    output = cli.resolve_optional_path(given.output)
     kind = pathlib.Path(output).suffix if output else ".jsonl"
     if kind not in OUTPUT_KINDS:
-        raise InputError(f"--output={_OUTPUT.value}: write FILE.jsonl or FILE.csv")
+        raise InputError(f"--output={given.output}: write FILE.jsonl or FILE.csv")
     if output and not pathlib.Path(output).parent.is_dir():
-        raise InputError(f"--output={_OUTPUT.value}: the directory {pathlib.Path(output).parent} is not there — "
+        raise InputError(f"--output={given.output}: the directory {pathlib.Path(output).parent} is not there — "
                          f"create it first")
-    texts = read_inputs(_TEXT.value, _INPUT.value, _TEXT_FIELD.value)
-    classifier = load_classifier(cli.resolve_path(_CHECKPOINT.value))
+    texts = read_inputs(given.text, given.input, given.text_field)
+    classifier = load_classifier(cli.resolve_path(given.checkpoint))
     logging.info("classifier from %s; %d texts", classifier.source, len(texts))
-    rows = classify(classifier, texts, _BATCH_SIZE.value)
+    rows = classify(classifier, texts, given.batch_size)
     if output is None:
         write_records(rows, classifier.label_names, sys.stdout, kind)
         return
@@ -116,4 +122,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

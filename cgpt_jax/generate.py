@@ -125,36 +125,41 @@ def run(loaded: Loaded, mesh: Mesh | None, *, prompt: str | None, prompt_ids: li
     return new_ids
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run directory or Hugging Face model directory.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (needs the model's tokenizer).")
-_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt as comma-separated token ids.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this probability mass (1: all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STOP_IDS = flags.DEFINE_list("stop_ids", None, "Token ids that end generation (default: the model's EOS; "
-                              "--stop_ids= for none).")
-_TRUNCATE = flags.DEFINE_bool("truncate_prompt", False, "Keep the last tokens of a prompt too long for the "
-                              "context instead of failing.")
-_TENSOR_PARALLEL = flags.DEFINE_integer("tensor_parallel", 1, "Devices to split heads, MLP and vocabulary over.")
-flags.mark_flags_as_required(["checkpoint"])
+def define_flags() -> None:
+    """Defined only when run as a command: library users of `load` and `run` (evaluation, tests) import this
+    module next to other commands without their flags colliding."""
+    flags.DEFINE_string("checkpoint", None, "Training run directory or Hugging Face model directory.")
+    flags.DEFINE_string("prompt", None, "Prompt text (needs the model's tokenizer).")
+    flags.DEFINE_list("prompt_ids", None, "Prompt as comma-separated token ids.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this probability mass (1: all).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_list("stop_ids", None, "Token ids that end generation (default: the model's EOS; "
+                      "--stop_ids= for none).")
+    flags.DEFINE_bool("truncate_prompt", False, "Keep the last tokens of a prompt too long for the "
+                      "context instead of failing.")
+    flags.DEFINE_integer("tensor_parallel", 1, "Devices to split heads, MLP and vocabulary over.")
+    flags.mark_flags_as_required(["checkpoint"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    given = flags.FLAGS
     try:
-        loaded, mesh = load(cli.resolve_path(_CHECKPOINT.value), _TENSOR_PARALLEL.value)
-        run(loaded, mesh, prompt=_PROMPT.value,
-            prompt_ids=None if _PROMPT_IDS.value is None else [int(t) for t in _PROMPT_IDS.value],
-            max_new_tokens=_MAX_NEW.value,
-            sampling=Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value),
-            seed=_SEED.value, stop_ids=None if _STOP_IDS.value is None else [int(t) for t in _STOP_IDS.value],
-            truncate_prompt=_TRUNCATE.value, out=sys.stdout)
+        loaded, mesh = load(cli.resolve_path(given.checkpoint), given.tensor_parallel)
+        run(loaded, mesh, prompt=given.prompt,
+            prompt_ids=None if given.prompt_ids is None else [int(t) for t in given.prompt_ids],
+            max_new_tokens=given.max_new_tokens,
+            sampling=Sampling(temperature=given.temperature, top_k=given.top_k, top_p=given.top_p),
+            seed=given.seed, stop_ids=None if given.stop_ids is None else [int(t) for t in given.stop_ids],
+            truncate_prompt=given.truncate_prompt, out=sys.stdout)
     except (ValueError, checkpoint.CheckpointError) as e:  # the message says what to change
         raise InputError(str(e)) from e
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)
