@@ -6,6 +6,8 @@ pretraining: the same mesh, optimizer with its guard, sharded state and jitted s
 """
 from __future__ import annotations
 
+import abc
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,18 +20,20 @@ from cgpt_jax.parallel.sharding import LogicalArray
 Batch = dict[str, jax.Array]
 
 
-class Objective:
+class Objective(abc.ABC):
     """The interface `build_run` uses; subclasses define all three methods."""
 
+    @abc.abstractmethod
     def make_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-        raise NotImplementedError(f"{type(self).__name__} must define make_model")
+        """The model whose parameters train (created inside `jax.eval_shape` and a jitted initialiser)."""
 
+    @abc.abstractmethod
     def batch_layout(self, config: ml_collections.ConfigDict) -> dict[str, LogicalArray]:
-        raise NotImplementedError(f"{type(self).__name__} must define batch_layout")
+        """Each array of one global batch: shape, dtype and logical axes (which shard it)."""
 
+    @abc.abstractmethod
     def loss(self, model: nnx.Module, batch: Batch) -> jax.Array:
         """The mean loss of `batch`, a float32 scalar (equal-sized micro-batches average to the batch's)."""
-        raise NotImplementedError(f"{type(self).__name__} must define loss")
 
 
 class LanguageModeling(Objective):
