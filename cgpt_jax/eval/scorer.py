@@ -198,7 +198,7 @@ class Scorer:
         return results
 
     def _plan(self, wholes: list[list[int]], widths: list[int]) -> list[tuple[str, list]]:
-        """Batches: ("plain", request indices), longest first; ("shared", [SharedGroup]), one width each."""
+        """Batches: ("plain", request indices), longest first; ("grouped", [SharedGroup]), one width each."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (whole, k) in enumerate(zip(wholes, widths)):
             groups.setdefault(tuple(whole[:-k]), []).append(i)
@@ -219,11 +219,11 @@ class Scorer:
         for group in shared:
             if current and (sum(len(g[1]) for g in current) + len(group[1]) > self.batch_size
                             or group[2] != current[0][2]):
-                batches.append(("shared", current))
+                batches.append(("grouped", current))
                 current = []
             current.append(group)
         if current:
-            batches.append(("shared", current))
+            batches.append(("grouped", current))
         return batches
 
     def _run_plain(self, batch: list[int], wholes: list[list[int]], widths: list[int]
