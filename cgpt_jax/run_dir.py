@@ -70,11 +70,13 @@ def finished_summary(workdir: str) -> dict | None:
     return summary if summary.get("status") == FINISHED else None
 
 
-def prepare(workdir: str, config_dict: dict, overwrite: bool) -> None:
+def prepare(workdir: str, config_dict: dict, overwrite: bool, *, writer: bool = True) -> None:
     """Create the workdir, or accept it when it holds this same run; never delete another run.
 
     With `overwrite`, a workdir holding another config is moved aside to `<workdir>.replaced-<time>`.
     A restart may change the restart-mutable fields; config.json then records the new values.
+    Every process of a multi-process run calls this, so all stop with the same error; only the
+    `writer` (process 0) changes files, and the others must wait for it before they read the workdir.
     """
     config_path = path(workdir, CONFIG)
     if os.path.exists(config_path):
@@ -84,12 +86,15 @@ def prepare(workdir: str, config_dict: dict, overwrite: bool) -> None:
                 raise InputError(
                     f"workdir {workdir} holds another run's config; differences:\n" + "\n".join(diffs[:20]) +
                     "\nUse another --workdir, or pass --overwrite to move the old run aside (it is kept).")
+            if not writer:
+                return
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             aside = f"{workdir.rstrip('/')}.replaced-{stamp}"
             shutil.move(workdir, aside)
             logging.warning("moved the previous run in %s aside to %s", workdir, aside)
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomically(config_path, config_dict)
+    if writer:
+        os.makedirs(workdir, exist_ok=True)
+        write_json_atomically(config_path, config_dict)
 
 
 def is_same_finished_run(workdir: str, config_dict: dict) -> bool:

@@ -19,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cgpt_jax.errors import InputError
 
@@ -93,9 +94,14 @@ def config_hash(config_dict: dict) -> str:
     return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier called `name`; nothing to wait for with one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def preflight(config_dict: dict, expected_devices: int) -> None:
     """Stop every process with the same message if the hosts disagree or a collective fails."""
-    from jax.experimental import multihost_utils
 
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "process": jax.process_index(),
             "versions": _versions(), "python": sys.version.split()[0], "config": config_hash(config_dict),

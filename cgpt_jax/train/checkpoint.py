@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 from cgpt_jax import run_dir
 from cgpt_jax.config import field_errors
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import distributed
 from cgpt_jax.train.state import TrainState
 from cgpt_jax.treepath import path_name
 
@@ -155,11 +155,6 @@ def scan(directory: str) -> tuple[list[int], list[tuple[str, str]]]:
     return sorted(steps), unfinished
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 class RunCheckpoints:
     """This run's checkpoints in <workdir>/checkpoints, written and pruned by an Orbax CheckpointManager."""
 
@@ -174,7 +169,7 @@ class RunCheckpoints:
                     logging.warning("skipping checkpoint %s: %s; Orbax removes it", path, reason)
                 else:
                     self._reject(path, reason)
-        _sync("cgpt_jax:checkpoints_scanned")
+        distributed.barrier("cgpt_jax:checkpoints_scanned")
         keep: list[Any] = [ocp.checkpoint_managers.LatestN(ck.keep_last)]
         if ck.keep_every:
             keep.append(ocp.checkpoint_managers.EveryNSteps(ck.keep_every))
@@ -227,7 +222,7 @@ class RunCheckpoints:
                 rejected.append(path)
                 if jax.process_index() == 0:
                     self._reject(path, str(e))
-                _sync(f"cgpt_jax:rejected_{step}")
+                distributed.barrier(f"cgpt_jax:rejected_{step}")
                 self.manager.reload()
         if rejected:
             raise CheckpointError(
@@ -277,7 +272,7 @@ class RunCheckpoints:
         for newer in [s for s in scan(self.directory)[0] if s > step]:
             if jax.process_index() == 0:
                 self._reject(os.path.join(self.directory, str(newer)), f"newer than the resumed step {step}")
-            _sync(f"cgpt_jax:set_aside_{newer}")
+            distributed.barrier(f"cgpt_jax:set_aside_{newer}")
         self.manager.reload()
 
     def latest_step(self) -> int | None:

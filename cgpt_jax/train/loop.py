@@ -196,11 +196,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         source = checkpoint.find_init_source(init_from, checkpoint.tensor_specs(run.abstract_state.params, "params/"))
         logging.info("--init_from: checkpoint %s/%d", source.directory, source.step)
         init_params = ("--init_from", lambda like: checkpoint.load_init_params(source, like_params=like))
-    run_dir.prepare(workdir, config_dict, overwrite)
+    # Process 0 alone writes the run directory; the others wait for it (a second writer raced it).
+    run_dir.prepare(workdir, config_dict, overwrite, writer=jax.process_index() == 0)
     table = param_table(config, objective)  # init, learning rate and forward multipliers of every parameter, to audit
     logging.info("parameters:\n%s", format_param_table(table))
     if jax.process_index() == 0:
         run_dir.write_json_atomically(run_dir.path(workdir, run_dir.PARAM_TABLE), table)
+    distributed.barrier("cgpt_jax:workdir_prepared")
 
     checkpoints = checkpoint.RunCheckpoints(workdir, ck)
     best_ck = ml_collections.ConfigDict({**ck.to_dict(), "keep_last": 1, "keep_every": 0})  # the best one only
@@ -218,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                  t.steps, tokens_per_step, dict(mesh.shape))
 
     # --- the loop ---
-    run_dir.drop_metrics_from(workdir, start_step)
+    if jax.process_index() == 0:
+        run_dir.drop_metrics_from(workdir, start_step)
     writer = MetricWriter(workdir)
     nonfinite = NonFiniteSteps(ck, skipped=counters.get("skipped_steps", 0))
     throughput = Throughput(tokens_per_step)
