@@ -35,9 +35,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],
-        "torch": ["torch==2.13.0", "transformers==5.24.0"],
+        # peft: the reference for the LoRA adapter format (export to and import from HF PEFT).
+        "torch": ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2"],
         # lm-eval's hf backend (the parity reference) also needs torch, transformers and accelerate.
         "eval": ["lm-eval==0.4.13", "accelerate"],
+        "quant": ["qwix==0.1.8"],
+        # the OpenAI-compatible server; openai (the real client) and httpx are what its tests drive it with.
+        "serve": ["fastapi==0.165.0", "uvicorn==0.55.0", "openai==3.63.0", "httpx==0.29.0"],
         "dev": ["pytest", "pytest-xdist", "ruff"],
     },
 )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install cgpt_jax into it: `bash launch/setup.sh` (main job) or
-# `bash launch/setup.sh test` (adds the test tools, the PyTorch/transformers reference and lm-eval) or
+# `bash launch/setup.sh test` (adds the test tools and every optional extra: the PyTorch/transformers/PEFT
+# reference, lm-eval, qwix and the server) or
 # `bash launch/setup.sh torch` (adds PyTorch only, for `python -m cgpt_jax.bench --compare=torch`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,6 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 extras=""
-if [ "${1:-}" = "test" ]; then extras="[test,torch,eval]"; fi
+if [ "${1:-}" = "test" ]; then extras="[test,torch,eval,quant,serve]"; fi
 if [ "${1:-}" = "torch" ]; then extras="[torch]"; fi
 .venv/bin/python -m pip install -q -e ".${extras}"
