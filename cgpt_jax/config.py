@@ -286,6 +286,7 @@ RULES: dict[str, Rule] = {
     "finetune.loss": _one_of(*LOSSES),
     "finetune.best_metric": _one_of(*BEST_METRICS),
     "finetune.num_labels": _count(2, -1, "the number of labels in the data"),
+    "finetune.method": _text(non_empty=True),
 }
 
 
@@ -319,6 +320,7 @@ def field_errors(config: ml_collections.ConfigDict | dict, prefix: str = "") -> 
 def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
     """Raise InputError listing every problem of a config that cannot run on `n_devices`: each field's
     range and type rule (RULES), then the rules across fields. Reads no data and compiles nothing."""
+    from cgpt_jax import peft
     from cgpt_jax.model import attention
 
     errors = field_errors(config)
@@ -359,6 +361,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
     except ValueError as e:
         errors.append(str(e))
     errors += validate_finetune(config.finetune)
+    errors += peft.validate_method(config.finetune.method, m)
     if errors:
         raise InputError(f"invalid config ({len(errors)} problems):", *errors)
 

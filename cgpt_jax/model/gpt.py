@@ -115,6 +115,9 @@ class GPT(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.ln_f = LayerNorm(cfg.d_model, cfg.layer_norm_eps, param_dtype)
+        # A parameter-efficient fine-tuning method's added parameters (cgpt_jax/peft/), attached after the
+        # base is built so that the base's init does not change; None for a plain model.
+        self.peft = nnx.data(None)
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         """Token ids [B, L] → float32 logits [B, L, V_padded] (padding columns are -inf)."""
@@ -133,16 +136,21 @@ class GPT(nnx.Module):
         if self.cfg.scan_layers:
             x_BxLxD = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                                transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
-                               )(x_BxLxD, self.blocks)
+                               )(x_BxLxD, self.active_blocks())
         else:
             # Unrolled: each layer's slice of the stacked parameters, applied in turn. No loop-carried
             # buffers, so on backends where a scan's stacked activations cost copies (CPU) it is faster,
             # at a compile time that grows with depth.
-            graphdef, stacked = nnx.split(self.blocks)
+            graphdef, stacked = nnx.split(self.active_blocks())
             for layer in range(self.cfg.n_layers):
                 block = nnx.merge(graphdef, jax.tree.map(lambda p: p[layer], stacked))
                 x_BxLxD = apply_block(x_BxLxD, block)
         return self.ln_f(x_BxLxD)
+
+    def active_blocks(self) -> Block:
+        """The layer stack every forward pass runs: `blocks`, with an attached PEFT method's weight
+        changes applied (LoRA's W + s·AB, computed on the fly; `cgpt_jax.peft.merge` makes them permanent)."""
+        return self.blocks if self.peft is None else self.peft.adapt_blocks(self.blocks)
 
     def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
         """The decode cache of all layers: each layer's arrays stacked on a leading 'layers' axis."""
@@ -168,12 +176,12 @@ class GPT(nnx.Module):
 
         x_BxTxD, cache = nnx.scan(extend_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                                   transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
-                                  )(x_BxTxD, self.blocks, cache)
+                                  )(x_BxTxD, self.active_blocks(), cache)
         return self._logits(self.ln_f(x_BxTxD)), cache
 
     def layer_blocks(self) -> list[Block]:
         """Each layer's Block with its own parameter arrays (a copy); see the module docstring."""
-        graphdef, stacked = nnx.split(self.blocks)
+        graphdef, stacked = nnx.split(self.active_blocks())
         return [nnx.merge(graphdef, jax.tree.map(lambda p: p[layer], stacked)) for layer in range(self.cfg.n_layers)]
 
     def init_layer_caches(self, batch_size: int, max_len: int) -> list[Cache]:

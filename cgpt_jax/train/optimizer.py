@@ -5,13 +5,20 @@ its group's learning-rate multiplier (cgpt_jax/model/parameterization.py), which
 with per-group learning rates; under SP the chain is plain AdamW. Which parameters are decayed, and each
 one's group, are read from the declarations the parameters carry (Variable metadata), so the optimizer is
 given nnx.State trees.
+
+A fine-tuning method that freezes part of the model (cgpt_jax/peft/) passes `trainable`, the function that
+marks each parameter: the recipe (clipping included) then runs on the trainable parameters alone and holds
+state only for them, and the frozen ones receive updates of -0.0, which leave every value bit for bit as it
+was (x + -0.0 = x for every x, also -0.0, where + 0.0 would give +0.0).
 """
+
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -71,11 +78,22 @@ def scale_by_lr_multipliers(model_cfg: ml_collections.ConfigDict) -> optax.Gradi
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(t: ml_collections.ConfigDict,
-                   model_cfg: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
-    """The optimizer for `t`; pass the model config (required for muP) to get its per-group learning rates."""
+def keep_frozen() -> optax.GradientTransformation:
+    """Stateless updates of -0.0 (see the module docstring)."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates))
+
+
+def make_optimizer(t: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict | None = None,
+                   trainable: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+    """The optimizer for `t`; pass the model config (required for muP) to get its per-group learning rates,
+    and `trainable` (params → the same tree with True/False per parameter) to freeze the parameters it marks
+    False."""
     adamw = optax.adamw(lr_schedule(t), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                         weight_decay=t.weight_decay, mask=weight_decay_mask)
     if model_cfg is None or not parameterization.is_mup(model_cfg):
-        return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw, scale_by_lr_multipliers(model_cfg))
+        recipe = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw)
+    else:
+        recipe = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw, scale_by_lr_multipliers(model_cfg))
+    if trainable is None:
+        return recipe
+    return optax.multi_transform({True: recipe, False: keep_frozen()}, trainable)

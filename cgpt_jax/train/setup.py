@@ -12,6 +12,7 @@ loss) is the `objective`: language modelling for pretraining, another `Objective
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -21,7 +22,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cgpt_jax import peft
 from cgpt_jax.config import validate
+from cgpt_jax.peft import training as peft_training
 from cgpt_jax.parallel.sharding import check_replication, logical_to_spec, state_shardings
 from cgpt_jax.train.faults import reject_nonfinite
 from cgpt_jax.train.objective import LANGUAGE_MODELING, Batch, Objective
@@ -82,7 +85,12 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     validate(config, mesh.size)
     t = config.train
     schedule = lr_schedule(t)
-    tx = reject_nonfinite(make_optimizer(t, config.model))
+    # A PEFT method (config.finetune.method; 'full' changes nothing): its parameters join the model, the
+    # loss sees the frozen ones as constants and the optimizer holds state only for the trainable ones.
+    recipe = peft.build(config.finetune.method)
+    objective = peft_training.with_method(objective, recipe, config)
+    trainable = None if recipe.trains_base else functools.partial(peft_training.trainable_mask, recipe)
+    tx = reject_nonfinite(make_optimizer(t, config.model, trainable))
 
     def init() -> TrainState:
         params = nnx.state(objective.make_model(config, nnx.Rngs(params=t.seed)), nnx.Param)

@@ -1,0 +1,172 @@
+"""Parameter-efficient fine-tuning methods as plug-ins.
+
+A method is one module in this folder that subclasses `base.Method` and decorates itself with
+`@register("name")`; modules here are imported automatically, so adding a file is the whole change. The
+config selects methods with call syntax, ``config.finetune.method = "full"`` (the default),
+``"head_only"``, ``"lora(rank=8, alpha=16, targets='qkv|out|up|down')"``; methods that change different
+places of the model (their `slots`) combine with ``+``. `build` parses the string, with errors that list
+the registered methods. `training.py` turns a parsed method into what `train/setup.py:build_run` needs (the
+model with the added parameters, the trainable filter, the frozen loss); `checkpoint.py` saves and loads
+only the trained parameters with the base's identity; `merge` folds LoRA into the base weights.
+See docs/peft.md.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib
+import pkgutil
+from typing import Any, Callable
+
+import ml_collections
+
+from cgpt_jax.peft.base import HEAD, PEFT, Added, Method
+
+_REGISTRY: dict[str, type[Method]] = {}
+_MODULES = ("base", "training", "checkpoint")  # support modules, not methods
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: select the class with `name` in config.finetune.method."""
+    def add(cls: type[Method]) -> type[Method]:
+        if _REGISTRY.get(name, cls) is not cls:
+            raise ValueError(f"PEFT method {name!r} is registered twice ({_REGISTRY[name].__module__} and "
+                             f"{cls.__module__})")
+        _REGISTRY[name] = cls
+        build.cache_clear()
+        return cls
+    return add
+
+
+def unregister(name: str) -> None:
+    """Remove a method registered at run time (the conformance suite's broken example)."""
+    del _REGISTRY[name]
+    build.cache_clear()
+
+
+def registered() -> dict[str, type[Method]]:
+    _discover()
+    return dict(_REGISTRY)
+
+
+def spec_string(name: str, options: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return f"{name}({args})" if args else name
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    name: str
+    method: Method
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A parsed config.finetune.method: one or more methods."""
+
+    spec: str
+    components: tuple[Component, ...]
+
+    @property
+    def is_full(self) -> bool:
+        """Nothing added and nothing frozen: the run is set up exactly as without PEFT."""
+        return self.trains_base and not self.adds_params
+
+    @property
+    def adds_params(self) -> bool:
+        return any(type(c.method).make is not Method.make for c in self.components)
+
+    @property
+    def trains_base(self) -> bool:
+        return any(type(c.method).trains_base for c in self.components)
+
+    @property
+    def mergeable(self) -> bool:
+        return all(type(c.method).mergeable for c in self.components)
+
+    def validate(self, model_cfg: ml_collections.ConfigDict) -> None:
+        for c in self.components:
+            try:
+                type(c.method).validate(model_cfg, **c.method.opts)
+            except ValueError as e:
+                raise ValueError(f"config.finetune.method={self.spec!r}: {c.name}: {e}") from None
+
+
+def _help() -> str:
+    lines = [f"  {spec_string(name, cls.options)}" for name, cls in sorted(_REGISTRY.items())]
+    return "registered PEFT methods (combine with '+' where their slots differ):\n" + "\n".join(lines)
+
+
+def _component(node: ast.expr, spec: str) -> Component:
+    if isinstance(node, ast.Name):
+        name, given = node.id, {}
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+        name = node.func.id
+        try:
+            given = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+        except ValueError:
+            raise ValueError(f"config.finetune.method={spec!r}: arguments must be literals.\n{_help()}") from None
+    else:
+        raise ValueError(f"config.finetune.method={spec!r} must be a name or a call with keyword arguments, "
+                         f"joined by '+'.\n{_help()}")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown PEFT method {name!r} in config.finetune.method={spec!r}.\n{_help()}")
+    cls = _REGISTRY[name]
+    unknown = set(given) - set(cls.options)
+    if unknown:
+        raise ValueError(f"PEFT method {name!r} has no argument(s) {sorted(unknown)} "
+                         f"(in config.finetune.method={spec!r}).\n{_help()}")
+    return Component(name, cls(**{**cls.options, **given}))
+
+
+@functools.cache
+def build(spec: str) -> Recipe:
+    """Parse ``"name"``, ``"name(key=value, ...)"`` or ``"a(...)+b(...)"`` (ValueError listing the methods)."""
+    _discover()
+    try:
+        node = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"config.finetune.method={spec!r} does not parse; write e.g. 'full' or "
+                         f"'lora(rank=8)'.\n{_help()}") from None
+    parts: list[ast.expr] = []
+    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        parts.insert(0, node.right)
+        node = node.left
+    parts.insert(0, node)
+    components = tuple(_component(part, spec) for part in parts)
+    owner: dict[str, str] = {}
+    for c in components:
+        for slot in type(c.method).slots:
+            if slot in owner:
+                raise ValueError(f"config.finetune.method={spec!r}: {owner[slot]!r} and {c.name!r} both claim "
+                                 f"the model's {slot!r}; combine methods that change different places")
+            owner[slot] = c.name
+    return Recipe(spec, components)
+
+
+def validate_method(spec: str, model_cfg: ml_collections.ConfigDict) -> list[str]:
+    """Config-time errors of config.finetune.method against the model (for cgpt_jax/config.py)."""
+    try:
+        build(spec).validate(model_cfg)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+_discovered = False
+
+
+def _discover() -> None:
+    """Import every module in this package so that each method registers itself."""
+    global _discovered
+    if _discovered:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _MODULES:
+            importlib.import_module(f"{__name__}.{info.name}")
+    _discovered = True
+
+
+__all__ = ["HEAD", "PEFT", "Added", "Method", "Recipe", "build", "register", "registered", "spec_string",
+           "unregister", "validate_method"]
