@@ -148,7 +148,10 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
         if not isinstance(var, nnx.Variable):
             return NamedSharding(mesh, PartitionSpec())
         spec = _variable_spec(var, rules)
-        shape = var.get_value().shape
+        value = var.get_value()
+        if hasattr(value, "shardings"):  # a quantized weight (cgpt_jax/quantize): integers and scales
+            return var.replace(value.shardings(mesh, spec))
+        shape = value.shape
         for dim, entry in zip(shape, spec):
             if entry is not None and dim % _axis_product(mesh, entry):
                 name = path_name(path)
