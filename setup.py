@@ -40,7 +40,8 @@ setup(
         # lm-eval's hf backend (the parity reference) also needs torch, transformers and accelerate.
         "eval": ["lm-eval==0.4.13", "accelerate"],
         "quant": ["qwix==0.1.8"],
-        # the OpenAI-compatible server (prometheus_client: its /metrics); openai (the real client) and httpx are what its tests drive it with.
+        # the OpenAI-compatible server (prometheus_client: its /metrics); openai (the real client) and httpx
+        # are what its tests drive it with.
         "serve": ["fastapi==0.165.0", "uvicorn==0.55.0", "prometheus_client==0.26.0", "openai==3.63.0",
                   "httpx==0.29.0"],
         "dev": ["pytest", "pytest-xdist", "ruff"],
