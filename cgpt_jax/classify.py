@@ -10,6 +10,7 @@ to --output: FILE.jsonl (the same lines) or FILE.csv (text, label, then one prob
 --input is a .jsonl or .csv/.tsv file (the text in the field named by --text_field) or any other file with
 one text per line (blank lines skipped). The run's best checkpoint (DIR/best/) is used when it has one,
 else its newest; texts longer than the run's max_len are cut to their first max_len tokens, as in training.
+--quantize=int8|int4|int4:group=G runs the classifier with weight-only quantized weights (cgpt_jax/quantize).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import TextIO
 import numpy as np
 from absl import app, flags, logging
 
-from cgpt_jax import cli
+from cgpt_jax import cli, quantize
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune.data import read_texts
 from cgpt_jax.finetune.predict import Classifier, load_classifier
@@ -38,6 +39,7 @@ def define_flags() -> None:
     flags.DEFINE_string("text_field", "text", "The text's field (JSONL) or column (CSV) in --input.")
     flags.DEFINE_string("output", None, "Write the records to FILE.jsonl or FILE.csv instead of stdout.")
     flags.DEFINE_integer("batch_size", 32, "Texts per forward pass.")
+    flags.DEFINE_string("quantize", None, "Weight-only quantization: int8, int4 or int4:group=G (inference only).")
     flags.mark_flags_as_required(["checkpoint"])
 
 OUTPUT_KINDS = (".jsonl", ".csv")
@@ -110,8 +112,9 @@ def main(argv: list[str]) -> None:
     if output and not pathlib.Path(output).parent.is_dir():
         raise InputError(f"--output={given.output}: the directory {pathlib.Path(output).parent} is not there — "
                          f"create it first")
+    scheme = None if given.quantize is None else quantize.parse(given.quantize)
     texts = read_inputs(given.text, given.input, given.text_field)
-    classifier = load_classifier(cli.resolve_path(given.checkpoint))
+    classifier = load_classifier(cli.resolve_path(given.checkpoint), scheme)
     logging.info("classifier from %s; %d texts", classifier.source, len(texts))
     rows = classify(classifier, texts, given.batch_size)
     if output is None:

@@ -3,11 +3,14 @@
     python -m cgpt_jax.generate --checkpoint=<run dir or HF dir> --prompt="Once upon a time"
         [--max_new_tokens=64] [--temperature=0.8 --top_k=50 --top_p=0.95 --seed=0]
         [--stop_ids=50256,...] [--truncate_prompt] [--tensor_parallel=N] [--prompt_ids=1,2,3]
+        [--quantize=int8|int4|int4:group=G]
 
 A run directory (what `python -m cgpt_jax.train` writes) gives the parameters of its newest complete
 checkpoint and the tokenizer of its token store; an HF directory is imported with
 `cgpt_jax.interop.hf.from_pretrained`. Generation stops at the model's end-of-text token unless
 `--stop_ids` says otherwise. Models without a tokenizer (synthetic data) take `--prompt_ids`.
+`--quantize` quantizes the weights after loading (cgpt_jax/quantize); a quantized checkpoint directory
+(`python -m cgpt_jax.quantize`) is loaded as it is, its scheme checked against `--quantize` when given.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from tokenizers import Tokenizer
 
-from cgpt_jax import cli
+from cgpt_jax import cli, quantize
 from cgpt_jax.errors import InputError
 from cgpt_jax.infer import Generator, Sampling
 from cgpt_jax.interop import hf
@@ -66,19 +69,18 @@ def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
     return Loaded(model, tokenizer, () if eos is None else (eos,), list(config.mesh.rules))
 
 
-def load(path: str, tensor_parallel: int = 1) -> tuple[Loaded, Mesh | None]:
-    """A run directory or an HF directory, told apart by their config.json."""
+def load(path: str, tensor_parallel: int = 1, scheme: str | None = None) -> tuple[Loaded, Mesh | None]:
+    """A run directory, an HF directory (told apart by their config.json) or a quantized checkpoint; with
+    `scheme` (e.g. 'int8'), its weights quantized."""
     directory = pathlib.Path(path)
+    parsed = None if scheme is None else quantize.parse(scheme)
     config_file = directory / hf.CONFIG_FILE
+    if parsed is not None or quantize.is_checkpoint(directory):
+        return _load_quantized(directory, tensor_parallel, parsed)
     if not config_file.is_file():
         raise ValueError(f"--checkpoint={path}: no {hf.CONFIG_FILE} there; give a training run directory or a "
                          f"Hugging Face model directory")
-    mesh = None
-    if tensor_parallel > 1:
-        if tensor_parallel > jax.device_count():
-            raise ValueError(f"--tensor_parallel={tensor_parallel} but only {jax.device_count()} devices exist")
-        mesh = make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": tensor_parallel}),
-                         jax.devices()[:tensor_parallel])
+    mesh = _tensor_mesh(tensor_parallel)
     raw = json.loads(config_file.read_text(encoding="utf-8"))
     if "model_type" in raw:
         # The vocabulary is split over 'tensor': pad it to a multiple the mesh divides.
@@ -89,6 +91,26 @@ def load(path: str, tensor_parallel: int = 1) -> tuple[Loaded, Mesh | None]:
         return load_run(directory, mesh), mesh
     raise ValueError(f"--checkpoint={path}: {config_file} is neither a training run's config (no 'model') nor "
                      f"a Hugging Face config (no 'model_type')")
+
+
+def _tensor_mesh(tensor_parallel: int) -> Mesh | None:
+    if tensor_parallel == 1:
+        return None
+    if tensor_parallel > jax.device_count():
+        raise ValueError(f"--tensor_parallel={tensor_parallel} but only {jax.device_count()} devices exist")
+    return make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": tensor_parallel}),
+                     jax.devices()[:tensor_parallel])
+
+
+def _load_quantized(directory: pathlib.Path, tensor_parallel: int,
+                    scheme: quantize.Scheme | None) -> tuple[Loaded, Mesh | None]:
+    """A quantized checkpoint as saved, or a float model quantized with `scheme` after loading."""
+    if quantize.is_checkpoint(directory):
+        mesh = _tensor_mesh(tensor_parallel)
+        saved = quantize.load(directory, scheme=scheme, mesh=mesh)
+        return Loaded(saved.model, saved.tokenizer, saved.eos_ids, saved.rules), mesh
+    loaded, mesh = load(str(directory), tensor_parallel)
+    return dataclasses.replace(loaded, model=quantize.apply(loaded.model, scheme)), mesh
 
 
 def run(loaded: Loaded, mesh: Mesh | None, *, prompt: str | None, prompt_ids: list[int] | None,
@@ -141,6 +163,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("truncate_prompt", False, "Keep the last tokens of a prompt too long for the "
                       "context instead of failing.")
     flags.DEFINE_integer("tensor_parallel", 1, "Devices to split heads, MLP and vocabulary over.")
+    flags.DEFINE_string("quantize", None, "Weight-only quantization: int8, int4 or int4:group=G (inference only).")
     flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -149,7 +172,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     given = flags.FLAGS
     try:
-        loaded, mesh = load(cli.resolve_path(given.checkpoint), given.tensor_parallel)
+        loaded, mesh = load(cli.resolve_path(given.checkpoint), given.tensor_parallel, given.quantize)
         run(loaded, mesh, prompt=given.prompt,
             prompt_ids=None if given.prompt_ids is None else [int(t) for t in given.prompt_ids],
             max_new_tokens=given.max_new_tokens,

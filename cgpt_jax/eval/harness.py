@@ -3,6 +3,9 @@
     --model_args checkpoint=RUN_DIR        # a training run's newest complete checkpoint
     --model_args hf=PATH                   # a Hugging Face GPT-2 / Cerebras-GPT directory
     [,tensor_parallel=N]                   # split heads, MLP and vocabulary over N devices
+    [,quantize=int8|int4|int4:group=G]     # weight-only quantized weights (cgpt_jax/quantize)
+
+A quantized checkpoint directory (`python -m cgpt_jax.quantize`) is given as checkpoint=DIR.
 
 lm-eval's `--batch_size N` is the number of rows per scoring batch. Each request type is served by
 `cgpt_jax.eval.text.TextModel`, which follows lm-eval's tokenization conventions.
@@ -37,8 +40,8 @@ def _batch_size(value: int | str | None) -> int:
 @register_model(MODEL_NAME)
 class CgptJaxLM(LM):
     def __init__(self, checkpoint: str | None = None, hf: str | None = None, tensor_parallel: int | str = 1,
-                 batch_size: int | str | None = None, max_batch_size: int | None = None,
-                 device: str | None = None):
+                 quantize: str | None = None, batch_size: int | str | None = None,
+                 max_batch_size: int | None = None, device: str | None = None):
         """`max_batch_size` and `device` are lm-eval's torch-backend settings, which it passes to every
         model: JAX places the model on its own devices (`tensor_parallel=N` splits it over N)."""
         super().__init__()
@@ -47,7 +50,7 @@ class CgptJaxLM(LM):
                              "hf=PATH (a Hugging Face model directory)")
         path = cli.resolve_path(str(checkpoint if checkpoint is not None else hf))
         try:
-            loaded, mesh = load(path, int(tensor_parallel))
+            loaded, mesh = load(path, int(tensor_parallel), None if quantize is None else str(quantize))
         except (ValueError, CheckpointError) as e:
             raise InputError(str(e)) from e
         self.model = TextModel(loaded, mesh, batch_size=_batch_size(batch_size), progress=True)

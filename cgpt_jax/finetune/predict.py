@@ -5,7 +5,8 @@ parameters of its best checkpoint (DIR/best/) or else its newest one, and the ru
 backbone, checked against the hash the run recorded); or an HF GPT2ForSequenceClassification directory
 (cgpt_jax/interop/hf.py) with its tokenizer. `Classifier.predict` tokenizes like training
 (truncated to the run's max_len, padded on the right) and scores the texts in batches of one length
-bucket each, so the jitted forward compiles once per bucket.
+bucket each, so the jitted forward compiles once per bucket. `load_classifier(DIR, scheme)` quantizes
+the classifier's weights after loading (cgpt_jax/quantize).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from cgpt_jax import run_dir
+from cgpt_jax import quantize, run_dir
 from cgpt_jax.data.tokenizer import TextTokenizer
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune import backbone as backbones
@@ -108,10 +109,16 @@ def _hf_classifier(directory: pathlib.Path) -> Classifier:
                       imported.config.model.max_seq_len, str(directory))
 
 
-def load_classifier(path: str) -> Classifier:
+def load_classifier(path: str, scheme: quantize.Scheme | None = None) -> Classifier:
     """A fine-tuning run's classifier (see the module docstring), or an HF GPT2ForSequenceClassification
-    directory's, on the first device."""
-    directory = pathlib.Path(path)
+    directory's, on the first device; its weights quantized with `scheme` when given."""
+    classifier = _load_float_classifier(pathlib.Path(path))
+    if scheme is None:
+        return classifier
+    return dataclasses.replace(classifier, model=quantize.apply(classifier.model, scheme))
+
+
+def _load_float_classifier(directory: pathlib.Path) -> Classifier:
     config_file = directory / run_dir.CONFIG
     if config_file.is_file() and "model_type" in json.loads(config_file.read_text(encoding="utf-8")):
         return _hf_classifier(directory)
