@@ -23,6 +23,7 @@ from cgpt_jax.data.tokenizer import TextTokenizer, TokenizerError, tokenizer_fro
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune.model import HEAD
 from cgpt_jax.interop import hf
+from cgpt_jax.peft import PEFT
 from cgpt_jax.run_dir import CONFIG as RUN_CONFIG
 from cgpt_jax.train import checkpoint
 
@@ -101,7 +102,8 @@ def check_fits(backbone: Backbone, num_labels: int) -> None:
 
 
 def _without_head(params: nnx.State) -> nnx.State:
-    return nnx.from_flat_state([(path, v) for path, v in nnx.to_flat_state(params) if path[0] != HEAD])
+    """The parameters a backbone holds: without the task head and a PEFT method's added parameters."""
+    return nnx.from_flat_state([(path, v) for path, v in nnx.to_flat_state(params) if path[0] not in (HEAD, PEFT)])
 
 
 def _with_backbone(like: nnx.State, loaded: nnx.State) -> nnx.State:

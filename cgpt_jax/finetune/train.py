@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cgpt_jax import run_dir
+from cgpt_jax import peft, run_dir
 from cgpt_jax.config import resolve, validate
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune import backbone as backbones
@@ -23,10 +23,13 @@ from cgpt_jax.finetune.metrics import classification_metrics, majority_baseline,
 from cgpt_jax.finetune.objective import ClassificationObjective, classification_loss
 from cgpt_jax.finetune.predict import batched_logits
 from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.peft import checkpoint as peft_checkpoint
 from cgpt_jax.parallel.sharding import activation_sharding, logical_to_spec
 from cgpt_jax.train.loop import Evaluation, train_and_evaluate
 from cgpt_jax.train.setup import Run
 from cgpt_jax.train.state import TrainState
+
+ADAPTER_DIR = "adapter"  # a frozen-base method's trained parameters and the base's identity
 
 
 def make_predict(run: Run):
@@ -124,6 +127,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool
             out[split] = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "examples")}
         baseline = majority_baseline(encoded["train"].labels_N, encoded["test"].labels_N, task.label_names)
         out["majority_baseline_test"] = {k: baseline[k] for k in ("accuracy", "macro_f1")}
+        if not peft.build(ft.method).trains_base and jax.process_index() == 0:
+            # the best state's trained parameters alone, with the base's identity (cgpt_jax/peft/checkpoint.py)
+            meta = peft_checkpoint.save(run_dir.path(workdir, ADAPTER_DIR), ft.method, state.params, ft.init)
+            out["adapter"] = {"directory": ADAPTER_DIR, "tensors": len(meta["tensors"])}
         return out
 
     return train_and_evaluate(config, workdir, overwrite=overwrite, devices=devices, show_progress=show_progress,

@@ -115,7 +115,7 @@ class LoRA(Method):
     options: ClassVar[dict[str, Any]] = {"rank": 8, "alpha": 16, "targets": "qkv|out|up|down"}
     slots: ClassVar[tuple[str, ...]] = ("kernels",)
     mergeable: ClassVar[bool] = True
-    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"rank": 4, "alpha": 8}, {"rank": 2, "targets": "qkv|down"})
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"rank": 4, "alpha": 8},)
 
     @classmethod
     def validate(cls, model_cfg: ml_collections.ConfigDict, **options: Any) -> None:

@@ -8,7 +8,7 @@ whose model carries `model.peft` and whose loss sees the frozen parameters throu
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -115,3 +115,17 @@ def merge(model: nnx.Module) -> nnx.Module:
     model.blocks = model.peft.merge_into(model.blocks)
     model.peft = None
     return model
+
+
+def base_params(params: nnx.State) -> nnx.State:
+    """`params` without the method's added parameters: what a base checkpoint holds."""
+    return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(params) if str(p[0]) != PEFT])
+
+
+def keeping_added(load: Callable[[nnx.State], nnx.State]) -> Callable[[nnx.State], nnx.State]:
+    """An initialiser (params as initialised → params to start from) that takes the base's parameters from
+    `load` (called with `base_params(like)`) and keeps the method's added parameters as initialised."""
+    def init(like: nnx.State) -> nnx.State:
+        loaded = dict(nnx.to_flat_state(load(base_params(like))))
+        return nnx.from_flat_state([(p, loaded.get(p, v)) for p, v in nnx.to_flat_state(like)])
+    return init

@@ -33,6 +33,7 @@ from cgpt_jax.devices import device_peak_flops
 from cgpt_jax.model import params_count
 from cgpt_jax.parallel import distributed
 from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.peft import training as peft_training
 from cgpt_jax.train import checkpoint
 from cgpt_jax.train.objective import LANGUAGE_MODELING, Objective
 from cgpt_jax.train.faults import NonFiniteError, PreemptionWatch, diagnose_nonfinite, nonfinite_tensors
@@ -193,9 +194,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     t, ck = config.train, config.checkpoint
     checkpoint.check_storage(workdir, checkpoint.state_nbytes(run.abstract_state))
     if init_from:
-        source = checkpoint.find_init_source(init_from, checkpoint.tensor_specs(run.abstract_state.params, "params/"))
+        # the base's parameters; a PEFT method's added ones (config.finetune.method) keep their init
+        source = checkpoint.find_init_source(init_from, checkpoint.tensor_specs(
+            peft_training.base_params(run.abstract_state.params), "params/"))
         logging.info("--init_from: checkpoint %s/%d", source.directory, source.step)
-        init_params = ("--init_from", lambda like: checkpoint.load_init_params(source, like_params=like))
+        init_params = ("--init_from", peft_training.keeping_added(
+            lambda like: checkpoint.load_init_params(source, like_params=like)))
     # Process 0 alone writes the run directory; the others wait for it (a second writer raced it).
     run_dir.prepare(workdir, config_dict, overwrite, writer=jax.process_index() == 0)
     table = param_table(config, objective)  # init, learning rate and forward multipliers of every parameter, to audit
