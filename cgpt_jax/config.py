@@ -106,6 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
     ck.max_consecutive_skips = 10  # 'skip' still halts when more steps than this in a row are non-finite
 
     c.finetune = default_finetune_config()  # text classification (cgpt_jax/finetune/settings.py)
+
+    # Zero-shot tasks scored at each evaluation of pretraining (cgpt_jax/eval/during_training.py).
+    c.eval = e = ml_collections.ConfigDict()
+    e.tasks = ""  # comma-separated offline tasks (cgpt_jax/eval/tasks.py: TASKS), e.g. 'cgpt_stdlib_nextline'
+    e.limit = 0  # documents per task: the first this many of `python -m cgpt_jax.evaluate tasks`'s; 0: all
+    e.batch_size = 32  # rows per scoring batch
     return c
 
 
@@ -205,6 +211,11 @@ def _attention_spec(spec: str) -> Any:
     return attention.build(spec)
 
 
+def _eval_tasks_spec(names: str) -> Any:
+    from cgpt_jax.eval.tasks import parse_task_names
+    return parse_task_names(names)
+
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _STEPS_MEANING = "train.tokens_per_param · parameters / tokens per step"
 RULES: dict[str, Rule] = {
@@ -287,12 +298,16 @@ RULES: dict[str, Rule] = {
     "finetune.best_metric": _one_of(*BEST_METRICS),
     "finetune.num_labels": _count(2, -1, "the number of labels in the data"),
     "finetune.method": _text(non_empty=True),
+    "eval.tasks": _spec(_eval_tasks_spec, "cgpt_stdlib_nextline,cgpt_stdlib_lastident"),
+    "eval.limit": _count(0),  # 0: every document
+    "eval.batch_size": _count(1),
 }
 
 
 def _spec_error(field: str, value: Any) -> str | None:
     """The spec parser's own message (it names the problem and the valid forms), for a spec field."""
-    parse = {"model.attention": _attention_spec, "data.tokenizer": _tokenizer_spec}.get(field)
+    parse = {"model.attention": _attention_spec, "data.tokenizer": _tokenizer_spec,
+             "eval.tasks": _eval_tasks_spec}.get(field)
     if parse is None or not isinstance(value, str):
         return None
     try:
@@ -360,6 +375,9 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
         attention.build(m.attention).validate(m)
     except ValueError as e:
         errors.append(str(e))
+    if config.eval.tasks.strip() and d.source == "synthetic":
+        errors.append(f"eval.tasks={config.eval.tasks!r} needs a tokenizer but data.source='synthetic' has none "
+                      f"— train on a text source (e.g. data.source='stdlib') or leave eval.tasks empty")
     errors += validate_finetune(config.finetune)
     errors += peft.validate_method(config.finetune.method, m)
     if errors:
@@ -369,7 +387,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
 # Config fields a restart (or a re-run sweep) may change: where and how the run computes, what it logs,
 # how it checkpoints. Results agree within float tolerance (bit for bit when only logging or
 # checkpointing changes) and checkpoints stay compatible; any other difference means another run.
-RESTART_MUTABLE_PREFIXES = ("mesh.", "checkpoint.")
+RESTART_MUTABLE_PREFIXES = ("mesh.", "checkpoint.", "eval.")
 RESTART_MUTABLE_FIELDS = ("train.micro_batches", "train.log_every", "train.eval_every", "train.device_peak_flops",
                           "model.remat", "model.scan_layers")
 

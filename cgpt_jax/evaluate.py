@@ -25,12 +25,12 @@ from cgpt_jax.run_dir import DOWNSTREAM, FINISHED, write_json_atomically
 
 
 def _write_tasks(argv: list[str]) -> None:
-    from cgpt_jax.eval.tasks import write_tasks
+    from cgpt_jax.eval.tasks import DEFAULT_DOCS, DEFAULT_SEED, write_tasks
 
     parser = argparse.ArgumentParser(prog="python -m cgpt_jax.evaluate tasks")
     parser.add_argument("out_dir")
-    parser.add_argument("--n", type=int, default=200, help="documents per task (at most)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=DEFAULT_DOCS, help="documents per task (at most)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
     out = pathlib.Path(cli.resolve_path(args.out_dir))
     for task in write_tasks(out, n=args.n, seed=args.seed):

@@ -63,10 +63,17 @@ def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
     source = checkpoint.find_init_source(str(run_dir), checkpoint.tensor_specs(abstract_params, "params/"),
                                          flag="--checkpoint")
     model = nnx.merge(graphdef, checkpoint.load_init_params(source, like))
-    tokenizer_file = pathlib.Path(description.get("store", "")) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if "store" in description and tokenizer_file.is_file() else None
-    eos = tokenizer.token_to_id(EOS) if tokenizer is not None else None
-    return Loaded(model, tokenizer, () if eos is None else (eos,), list(config.mesh.rules))
+    return Loaded(model, *store_tokenizer(description), list(config.mesh.rules))
+
+
+def store_tokenizer(data_description: dict) -> tuple[Tokenizer | None, tuple[int, ...]]:
+    """The tokenizer of a run's token store (None for synthetic data) and its end-of-text id (if any)."""
+    tokenizer_file = pathlib.Path(data_description.get("store", "")) / "tokenizer.json"
+    if "store" not in data_description or not tokenizer_file.is_file():
+        return None, ()
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eos = tokenizer.token_to_id(EOS)
+    return tokenizer, () if eos is None else (eos,)
 
 
 def load(path: str, tensor_parallel: int = 1, scheme: str | None = None) -> tuple[Loaded, Mesh | None]:

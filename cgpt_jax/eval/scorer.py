@@ -112,6 +112,11 @@ class Scorer:
         self.score_shared = jax.jit(self._score_shared, static_argnames=("cache_len",))
         self.truncated = 0  # requests whose context was cut on the left, over this scorer's life
 
+    def use_params(self, state: nnx.State) -> None:
+        """Score with `state` from now on: parameters of the same model, already placed on this scorer's
+        mesh (a training run's current parameters); the compiled programs are reused."""
+        self.state = state
+
     def _score_batch(self, state: nnx.State, inputs_BxL: jax.Array, first_B: jax.Array, targets_BxK: jax.Array,
                      scored_BxK: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Row b's continuation is predicted at positions first_B[b] + 0..K-1 (those with scored_BxK) →

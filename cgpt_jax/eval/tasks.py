@@ -15,11 +15,12 @@ Same interpreter, same arguments → byte-identical files (a fixed seed, files i
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from cgpt_jax.data.corpus import doc_split, stdlib_source
 
@@ -30,18 +31,19 @@ MIN_LINE_CHARS = 12
 _LAST_IDENT = re.compile(r"^(.*[^A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]{2,})\s*$")
 
 
-def heldout_files(val_fraction: float = VAL_FRACTION) -> list[tuple[str, str]]:
+@functools.cache  # the interpreter's standard library does not change while it runs
+def heldout_files(val_fraction: float = VAL_FRACTION) -> Sequence[tuple[str, str]]:
     """(relative path, text) of the standard library's validation-split files, in path order."""
     source = stdlib_source(val_fraction)
-    return [(rel, text) for _, rel, text in source.documents_with_paths()
-            if doc_split(text, val_fraction) == "validation"]
+    return tuple((rel, text) for _, rel, text in source.documents_with_paths()
+                 if doc_split(text, val_fraction) == "validation")
 
 
 def _substantial(line: str) -> bool:
     return len(line.strip()) >= MIN_LINE_CHARS
 
 
-def bpb_docs(files: list[tuple[str, str]], n: int) -> Iterator[dict]:
+def bpb_docs(files: Sequence[tuple[str, str]], n: int) -> Iterator[dict]:
     """Consecutive chunks of BPB_LINES lines, taken round-robin over the files so that every file counts."""
     chunks = [[text.splitlines()[s:s + BPB_LINES] for s in range(0, len(text.splitlines()), BPB_LINES)]
               for _, text in files]
@@ -55,7 +57,7 @@ def bpb_docs(files: list[tuple[str, str]], n: int) -> Iterator[dict]:
                     return
 
 
-def nextline_docs(files: list[tuple[str, str]], n: int, rng: random.Random) -> Iterator[dict]:
+def nextline_docs(files: Sequence[tuple[str, str]], n: int, rng: random.Random) -> Iterator[dict]:
     """Context: CONTEXT_LINES lines; choices: the true next line and three other lines of the same file."""
     candidates = []
     for _, text in files:
@@ -73,7 +75,7 @@ def nextline_docs(files: list[tuple[str, str]], n: int, rng: random.Random) -> I
                "gold": choices.index(lines[i])}
 
 
-def lastident_docs(files: list[tuple[str, str]], n: int, rng: random.Random) -> Iterator[dict]:
+def lastident_docs(files: Sequence[tuple[str, str]], n: int, rng: random.Random) -> Iterator[dict]:
     """Lines ending in an identifier (3+ characters) that already occurs in the CONTEXT_LINES lines before."""
     candidates = []
     for _, text in files:
@@ -114,16 +116,34 @@ TASK_BODIES = {
 }
 
 
-def write_tasks(out_dir: str | pathlib.Path, *, n: int = 200, seed: int = 0,
-                files: list[tuple[str, str]] | None = None) -> list[str]:
+TASKS = tuple(TASK_BODIES)
+DEFAULT_DOCS = 200  # documents per task that `python -m cgpt_jax.evaluate tasks` writes by default
+DEFAULT_SEED = 0
+
+
+def parse_task_names(names: str) -> list[str]:
+    """'a,b' → ['a', 'b'], each one of TASKS (ValueError naming the unknown ones and the available)."""
+    parsed = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in parsed if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown offline tasks {unknown}; the available: {', '.join(TASKS)}")
+    return parsed
+
+
+def task_docs(files: Sequence[tuple[str, str]], n: int = DEFAULT_DOCS, seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
+    """Each task's documents (up to `n`), generated from `files` with `seed`."""
+    return {"cgpt_stdlib_bpb": list(bpb_docs(files, n)),
+            "cgpt_stdlib_nextline": list(nextline_docs(files, n, random.Random(seed))),
+            "cgpt_stdlib_lastident": list(lastident_docs(files, n, random.Random(seed)))}
+
+
+def write_tasks(out_dir: str | pathlib.Path, *, n: int = DEFAULT_DOCS, seed: int = DEFAULT_SEED,
+                files: Sequence[tuple[str, str]] | None = None) -> list[str]:
     """Write each task's JSONL (up to `n` documents) and YAML into `out_dir`; returns the task names.
     `files` defaults to the held-out standard library."""
     out = pathlib.Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    files = heldout_files() if files is None else files
-    docs = {"cgpt_stdlib_bpb": list(bpb_docs(files, n)),
-            "cgpt_stdlib_nextline": list(nextline_docs(files, n, random.Random(seed))),
-            "cgpt_stdlib_lastident": list(lastident_docs(files, n, random.Random(seed)))}
+    docs = task_docs(heldout_files() if files is None else files, n, seed)
     for task, rows in docs.items():
         data_file = out / f"{task}.jsonl"
         data_file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

@@ -16,37 +16,33 @@ import logging
 from collections.abc import Sequence
 
 from jax.sharding import Mesh
+from tokenizers import Tokenizer
 
 from cgpt_jax.errors import InputError
-from cgpt_jax.eval.scorer import Scorer
+from cgpt_jax.eval.scorer import Scorer, TokenRequest
 from cgpt_jax.generate import Loaded
 from cgpt_jax.infer import Generator, Sampling
 
 log = logging.getLogger(__name__)
 
 
-class TextModel:
-    """A loaded model with its tokenizer (`cgpt_jax.generate.load`), scoring and generating text."""
+class TextTokens:
+    """lm-eval's tokenization conventions (see the module docstring) over a tokenizer with an end-of-text
+    token, for a model of `model_vocab_size` tokens."""
 
-    def __init__(self, loaded: Loaded, mesh: Mesh | None = None, *, batch_size: int = 16, progress: bool = False):
-        if loaded.tokenizer is None:
+    def __init__(self, tokenizer: Tokenizer | None, eos_ids: Sequence[int], model_vocab_size: int):
+        if tokenizer is None:
             raise InputError("this checkpoint has no tokenizer (a run on synthetic data?) — text tasks need "
                              "one: train on a text source, or use an HF directory with tokenizer files")
-        if not loaded.eos_ids:
+        if not eos_ids:
             raise InputError("the tokenizer has no end-of-text token '<|endoftext|>' — lm-eval conditions empty "
                              "contexts and whole documents on it")
-        vocab = loaded.tokenizer.get_vocab_size(with_added_tokens=True)
-        if vocab > loaded.model.cfg.vocab_size:
-            raise InputError(f"the tokenizer has {vocab} tokens but the model only {loaded.model.cfg.vocab_size} "
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab > model_vocab_size:
+            raise InputError(f"the tokenizer has {vocab} tokens but the model only {model_vocab_size} "
                              f"— it is another model's tokenizer")
-        self.loaded = loaded
-        self.mesh = mesh
-        self.tokenizer = loaded.tokenizer
-        self.eot_id = loaded.eos_ids[0]
-        self.max_len = loaded.model.cfg.max_seq_len
-        self.batch_size = batch_size
-        self.scorer = Scorer(loaded.model, mesh=mesh, rules=loaded.rules, batch_size=batch_size, progress=progress)
-        self._generator: Generator | None = None  # built on first use: it holds its own copy of the weights
+        self.tokenizer = tokenizer
+        self.eot_id = eos_ids[0]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -67,15 +63,41 @@ class TextModel:
         whole_ids = self.encode(stripped + continuation)
         return context_ids, whole_ids[len(context_ids):]
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        pairs = []
-        for i, (context, continuation) in enumerate(requests):
+    def requests(self, pairs: Sequence[tuple[str, str]]) -> list[TokenRequest]:
+        """The token requests of (context, continuation) text pairs; a continuation that tokenizes to
+        nothing is refused."""
+        out = []
+        for i, (context, continuation) in enumerate(pairs):
             context_ids, continuation_ids = self.encode_pair(context, continuation)
             if not continuation_ids:
                 raise InputError(f"request {i}: the continuation {continuation!r} tokenizes to nothing after the "
                                  f"context {context[-40:]!r} — a task must give every choice some text")
-            pairs.append((context_ids, continuation_ids))
-        return self.scorer.loglikelihood(pairs)
+            out.append((context_ids, continuation_ids))
+        return out
+
+
+class TextModel:
+    """A loaded model with its tokenizer (`cgpt_jax.generate.load`), scoring and generating text."""
+
+    def __init__(self, loaded: Loaded, mesh: Mesh | None = None, *, batch_size: int = 16, progress: bool = False):
+        self.tokens = TextTokens(loaded.tokenizer, loaded.eos_ids, loaded.model.cfg.vocab_size)
+        self.loaded = loaded
+        self.mesh = mesh
+        self.tokenizer = loaded.tokenizer
+        self.eot_id = self.tokens.eot_id
+        self.max_len = loaded.model.cfg.max_seq_len
+        self.batch_size = batch_size
+        self.scorer = Scorer(loaded.model, mesh=mesh, rules=loaded.rules, batch_size=batch_size, progress=progress)
+        self._generator: Generator | None = None  # built on first use: it holds its own copy of the weights
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokens.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokens.decode(ids)
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.scorer.loglikelihood(self.tokens.requests(requests))
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         return self.scorer.loglikelihood_rolling([self.encode(t) for t in texts], self.eot_id)

@@ -6,6 +6,8 @@ dispatch step t, read step t-1's metrics, evaluate, save. The pieces around the 
 `NonFiniteSteps` (the NaN policy), `Throughput` (timing without compile, evaluations and saves),
 `PreemptionWatch` and `distributed.Watchdog`.
 
+Pretraining's evaluation is the mean loss of the dataset's fixed validation batches, plus the zero-shot
+tasks of `config.eval.tasks` scored with the current parameters (cgpt_jax/eval/during_training.py).
 Fine-tuning (cgpt_jax/finetune/) runs through the same loop with its own `objective`, `dataset`, initial
 parameters (`init_params`) and `Evaluation` (validation metrics at each evaluation, the best state kept in
 DIR/best/, summary fields such as test metrics computed from it).
@@ -30,6 +32,9 @@ from cgpt_jax import flops, run_dir
 from cgpt_jax.config import resolve, validate
 from cgpt_jax.data import Dataset, make_dataset
 from cgpt_jax.devices import device_peak_flops
+from cgpt_jax.errors import InputError
+from cgpt_jax.eval.during_training import TaskScores
+from cgpt_jax.generate import store_tokenizer
 from cgpt_jax.model import params_count
 from cgpt_jax.parallel import distributed
 from cgpt_jax.parallel.mesh import make_mesh
@@ -68,6 +73,32 @@ class Evaluation:
     evaluate: Callable[[Run, TrainState], dict[str, float]]  # → {'eval_loss': ..., other scalars}
     best_metric: str  # a key of evaluate's result, higher is better: the best state is kept in DIR/best/
     summarize: Callable[[Run, TrainState], dict]  # extra summary fields, computed from the best state
+
+
+def language_model_tasks(config: ml_collections.ConfigDict, dataset: Dataset, mesh: jax.sharding.Mesh,
+                         evaluation: Evaluation | None) -> TaskScores | None:
+    """The zero-shot tasks of config.eval.tasks, checked and tokenized (None when there are none)."""
+    if not config.eval.tasks.strip():
+        return None
+    if evaluation is not None:
+        raise InputError(f"eval.tasks={config.eval.tasks!r} scores a language model's zero-shot tasks, but this "
+                         f"run trains another objective with its own evaluation — leave eval.tasks empty")
+    if jax.process_count() > 1:
+        raise InputError(f"eval.tasks={config.eval.tasks!r} is scored in one process only — leave it empty and "
+                         f"score the checkpoints afterwards with python -m cgpt_jax.evaluate")
+    tokenizer, eos_ids = store_tokenizer(dataset.describe())
+    return TaskScores(config.eval, tokenizer=tokenizer, eos_ids=eos_ids, model=config.model,
+                      mesh=mesh, rules=config.mesh.rules)
+
+
+def evaluate_language_model(run: Run, state: TrainState, dataset: Dataset, tasks: TaskScores | None
+                            ) -> dict[str, float]:
+    """Pretraining's evaluation: the mean loss of the fixed validation batches, and the zero-shot tasks."""
+    out = {"eval_loss": float(np.mean([float(run.eval_step(state.params, batch))
+                                       for batch in dataset.eval_batches()]))}
+    if tasks is not None:
+        out.update(tasks(run.graphdef, state.params))
+    return out
 
 
 def restore(run: Run, checkpoints: checkpoint.RunCheckpoints, init_params: InitParams | None, init_name: str
@@ -185,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     if dataset is None:
         config, dataset = resolve_with_data(config, mesh)
     config_dict = {**config.to_dict(), "data_description": dataset.describe()}
+    tasks = language_model_tasks(config, dataset, mesh, evaluation)
     if jax.process_count() > 1:
         distributed.preflight(config_dict, expected_devices=len(devices))
     if not overwrite and run_dir.is_same_finished_run(workdir, config_dict):
@@ -289,8 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                 watchdog.beat("evaluating")
                 with throughput.paused():
                     evaluated = (evaluation.evaluate(run, state) if evaluation is not None else
-                                 {"eval_loss": float(np.mean([float(run.eval_step(state.params, batch))
-                                                              for batch in dataset.eval_batches()]))})
+                                 evaluate_language_model(run, state, dataset, tasks))
                     eval_loss = evaluated["eval_loss"]
                     if evaluation is not None and not evaluated[evaluation.best_metric] <= best_value:  # NaN: first
                         best_value = evaluated[evaluation.best_metric]
