@@ -111,10 +111,12 @@ TOKENS = jnp.asarray(np.random.default_rng(7).integers(0, 64, (2, 16)), jnp.int3
 LENGTHS = jnp.asarray([16, 9], jnp.int32)
 
 
-@nnx.jit
-def outputs(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+def eager_outputs(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
     """(class logits [2, C], the LM head's logits [2, 16, V]) of TOKENS."""
     return model(TOKENS, LENGTHS), model.head(model.features(TOKENS))
+
+
+outputs = nnx.jit(eager_outputs)
 
 
 @nnx.jit(static_argnums=3)
@@ -126,7 +128,11 @@ def test_identity_at_init(trained):
     with_method = model_of(trained, trained.initial)
     base = model_of(trained, trained.initial)
     base.peft = None  # the base alone
-    for ours, reference in zip(outputs(with_method), outputs(base)):
+    # Op by op: two compiled programs may round differently wherever XLA fuses them differently (an
+    # adapter's branch changes the fusion around it), while each op alone computes the same numbers.
+    with jax.disable_jit():
+        pairs = list(zip(eager_outputs(with_method), eager_outputs(base)))
+    for ours, reference in pairs:
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
 
 

@@ -76,25 +76,31 @@ class Block(nnx.Module):
         self.attn = attention.build(cfg.attention).make(cfg, rngs=rngs)
         self.ln_mlp = LayerNorm(cfg.d_model, cfg.layer_norm_eps, param_dtype)
         self.mlp = MLP(cfg, rngs=rngs)
+        # A PEFT method's module on the residual branches (cgpt_jax/peft/adapter.py): branch(site, y) → y'
+        # for site 'attn' or 'mlp'. Set only on the copy `GPT.active_blocks` returns; None otherwise.
+        self.branch = nnx.data(None)
+
+    def _branch(self, site: str, y_BxTxD: jax.Array) -> jax.Array:
+        return y_BxTxD if self.branch is None else self.branch(site, y_BxTxD)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        x_BxLxD = x_BxLxD + self.attn(self.ln_attn(x_BxLxD))
+        x_BxLxD = x_BxLxD + self._branch("attn", self.attn(self.ln_attn(x_BxLxD)))
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-        x_BxLxD = x_BxLxD + self.mlp(self.ln_mlp(x_BxLxD))
+        x_BxLxD = x_BxLxD + self._branch("mlp", self.mlp(self.ln_mlp(x_BxLxD)))
         return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
     def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
         """The same block over T new tokens, reading and updating this layer's KV cache."""
         y_BxTxD, cache = self.attn.extend(self.ln_attn(x_BxTxD), cache, start_B)
-        x_BxTxD = constrain(x_BxTxD + y_BxTxD, ("batch", "length", "act_embed"))
-        x_BxTxD = x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD))
+        x_BxTxD = constrain(x_BxTxD + self._branch("attn", y_BxTxD), ("batch", "length", "act_embed"))
+        x_BxTxD = x_BxTxD + self._branch("mlp", self.mlp(self.ln_mlp(x_BxTxD)))
         return constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
 
     def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """`extend` from an empty cache at positions 0..T-1."""
         y_BxTxD, cache = self.attn.prefill(self.ln_attn(x_BxTxD), cache)
-        x_BxTxD = constrain(x_BxTxD + y_BxTxD, ("batch", "length", "act_embed"))
-        x_BxTxD = x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD))
+        x_BxTxD = constrain(x_BxTxD + self._branch("attn", y_BxTxD), ("batch", "length", "act_embed"))
+        x_BxTxD = x_BxTxD + self._branch("mlp", self.mlp(self.ln_mlp(x_BxTxD)))
         return constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
 
 
