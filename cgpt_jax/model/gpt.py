@@ -51,7 +51,7 @@ from flax import nnx
 
 from cgpt_jax.model import attention, parameterization
 from cgpt_jax.model.attention.base import Cache, CacheSpec
-from cgpt_jax.model.layers import MLP, LayerNorm, logits_rows, weight_param
+from cgpt_jax.model.layers import MLP, LayerNorm, logits_rows, take_rows, weight_param
 from cgpt_jax.parallel.sharding import constrain
 
 # jax.checkpoint policies selectable by config.model.remat ('none' = keep every activation).
@@ -213,11 +213,11 @@ class GPT(nnx.Module):
     def _embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:
         """(Token + position embeddings) · embedding multiplier; positions None: 0..T-1 for every sequence."""
         dt = self.compute_dtype
-        x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0).astype(dt)
+        x_BxTxD = take_rows(self.wte, tokens_BxT).astype(dt)
         if self.wpe is not None and positions_BxT is None:
             x_BxTxD = x_BxTxD + self.wpe[:tokens_BxT.shape[1]].astype(dt)[None]
         elif self.wpe is not None:
-            x_BxTxD = x_BxTxD + jnp.take(self.wpe[...], positions_BxT, axis=0).astype(dt)
+            x_BxTxD = x_BxTxD + take_rows(self.wpe, positions_BxT).astype(dt)
         x_BxTxD = x_BxTxD * parameterization.embedding_multiplier(self.cfg)
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 

@@ -49,6 +49,15 @@ def matmul_rows(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
     return (x_BxLxI.reshape(batch * length, -1) @ w_IxO).reshape(batch, length, -1)
 
 
+def take_rows(table: nnx.Variable, ids: jax.Array) -> jax.Array:
+    """table[ids] along the first axis (an embedding lookup). A quantized table (cgpt_jax/quantize) gathers
+    its integer rows and dequantizes only those, instead of the whole table."""
+    value = table.get_value()
+    if hasattr(value, "take_rows"):
+        return value.take_rows(ids)
+    return jnp.take(value, ids, axis=0)
+
+
 def logits_rows(x_BxLxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
     """x @ wᵀ over the last axis in float32: the tied LM head, on the [B·L, D] rows like `matmul_rows`.
 
