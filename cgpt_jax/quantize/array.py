@@ -59,6 +59,13 @@ class QuantizedArray:
         # How the model reads a parameter (`self.kernel[...]`, `self.wte[...]`).
         return dequantize(self)[key]
 
+    def take_rows(self, ids: jax.Array) -> jax.Array:
+        """dequantize(self)[ids] along the first axis, dequantizing only the gathered rows (an embedding
+        lookup); the first axis must not be an input axis."""
+        if self.contract[0] == -self.ndim:
+            raise ValueError("take_rows gathers whole rows: the first axis must not be one the scales group")
+        return dequantize(jax.tree.map(lambda x: jnp.take(x, ids, axis=0), self))
+
     def shardings(self, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> QuantizedArray:
         """The weight's PartitionSpec (from its logical axes) applied to qvalue and scale: a dimension
         that the mesh axes do not divide (a scale's size-1 or group axis, a packed axis) stays whole."""

@@ -1,13 +1,14 @@
 """Which parameters of a model are quantized, and quantizing them in an nnx model or state.
 
 Quantized: every projection matrix (the parameterization groups attn_input, attn_output, mlp_input,
-mlp_output), a classifier's `head`, and the token embedding `wte`, which is also the tied LM head (its
-lookups read the same quantized table, dequantized row by row). Kept in float32: the position table
-`wpe` (a lookup only, max_seq_len × d_model), biases, LayerNorm gains and any other vector.
+mlp_output), a classifier's `head`, the token embedding `wte`, which is also the tied LM head, and the
+position table `wpe` (group embedding). Lookups into wte and wpe gather integer rows and dequantize only
+those (`layers.take_rows`). Kept in float32: biases, LayerNorm gains and any other vector.
 
-A weight's input axes are named by its logical axes: `embed` for the input projections, the head and the
-LM head (which contracts the hidden state with each vocabulary row), `heads, head_dim` for the attention
-output, `mlp` for the MLP output; the scales are per output channel and per group along those axes.
+A weight's input axes are named by its logical axes: `embed` for the input projections, the head, the
+LM head (which contracts the hidden state with each vocabulary row) and the position table (grouped like
+the token table), `heads, head_dim` for the attention output, `mlp` for the MLP output; the scales are per
+output channel (row) and per group along those axes.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def input_span(name: str, var: nnx.Variable) -> tuple[int, int] | None:
     """Axes a..b-1 of the weight that a matmul contracts, or None for a parameter that stays float."""
     metadata = var.get_metadata()
     group, axes = metadata.get(GROUP_KEY), tuple(metadata.get("logical_axes") or ())
-    if group not in INPUT_AXES or (group == "embedding" and "vocab" not in axes):
+    if group not in INPUT_AXES:
         return None
     inputs = INPUT_AXES[group]
     for a in range(len(axes) - len(inputs) + 1):
