@@ -88,6 +88,14 @@ COMMANDS = {
         skip("needs the fine-tuned run and a texts.jsonl; tests/test_classify.py reads and writes both kinds"),
     f"{PY} -m cgpt_jax.finetune.speed --backbone=runs/cpu_ladder/d80l2": skip("a speed measurement of the "
                                                                               "ladder's d80l2, about 3 minutes"),
+    f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2 "
+    "--workdir=runs/cls/lora '--config.finetune.method=lora(rank=8, alpha=16)' --config.train.peak_lr=1e-3":
+        skip("needs the ladder's d80l2 run; LoRA fine-tuning runs in tests/test_peft_conformance.py"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cpu_ladder.py:size=d80l2 --workdir=runs/lm_lora "
+    "--init_from=runs/cpu_ladder/d80l2 '--config.finetune.method=lora(rank=4)'":
+        skip("needs the ladder's d80l2 run; --init_from with LoRA runs in tests/test_peft_inputs.py"),
+    f"{PY} -m cgpt_jax.finetune --config=experiments/peft_compare.py:init=runs/cpu_ladder/d80l2,method=adapter "
+    "--workdir=runs/peft_compare/adapter": skip("needs the ladder's d80l2 run; 420 fine-tuning steps"),
 }
 
 
