@@ -297,6 +297,7 @@ RULES: dict[str, Rule] = {
     "finetune.loss": _one_of(*LOSSES),
     "finetune.best_metric": _one_of(*BEST_METRICS),
     "finetune.num_labels": _count(2, -1, "the number of labels in the data"),
+    "finetune.length_buckets": _BOOL,
     "finetune.method": _text(non_empty=True),
     "eval.tasks": _spec(_eval_tasks_spec, "cgpt_stdlib_nextline,cgpt_stdlib_lastident"),
     "eval.limit": _count(0),  # 0: every document

@@ -14,8 +14,15 @@ Tasks (`finetune.task`):
                    finetune.label_field, the text the feature finetune.text_field or else the only Text
                    feature. A split that is missing or unlabelled (label -1, as GLUE's test splits) is taken
                    from train by a hash of each text (finetune.test_fraction, val_fraction).
-Labels are names (or, with finetune.label_names listed, also their integer ids). Every problem in the
-input is an error naming the file, the line or the field, and the fix, raised before anything compiles.
+Labels are names (or, with finetune.label_names listed, also their integer ids). Multi-label data gives
+each text a list of labels (possibly empty): a JSON list in .jsonl (`"label": ["io", "net"]`), or in a
+.csv/.tsv cell the labels separated by MULTI_LABEL_SEPARATOR `|` (`io|net`; once any cell of the task holds
+a `|`, every cell is read as such a list). It trains with finetune.loss='sigmoid'; a .jsonl task that mixes
+lists and single labels is refused. Every problem in the input is an error naming the file, the line or
+the field, and the fix, raised before anything compiles.
+
+Training batches (`ClassificationData`) are drawn per epoch from a seeded permutation; with
+finetune.length_buckets each batch holds texts of one length bucket and is padded to it (see `epoch_batches`).
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from cgpt_jax.data.tokenizer import TextTokenizer
 from cgpt_jax.errors import InputError
 
 SPLITS = ("train", "validation", "test")
+MULTI_LABEL_SEPARATOR = "|"  # between the labels of a multi-label .csv/.tsv cell
 STDLIB_TOPICS = ("asyncio", "email", "idlelib", "importlib", "multiprocessing", "tkinter", "unittest", "xml")
 _TEST_DIRS = ("test", "tests", "idle_test", "__pycache__")  # the packages' own test suites are left out
 _STDLIB_HELD_OUT = 0.1  # share of each package's examples in test, and again in validation
@@ -49,21 +57,35 @@ class TaskError(InputError):
     """Labelled data that cannot be used; the message names the file, line or field and the fix."""
 
 
+Label = str | tuple[str, ...]  # one label, or the list of a multi-label text
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     text: str
-    label: str  # as written in the data (a name, or an id when label_names are given)
+    label: Label  # as written in the data (a name, or an id when label_names are given)
     where: str  # 'FILE:LINE', for messages
+
+
+def _labels_of(label: Label) -> tuple[str, ...]:
+    return label if isinstance(label, tuple) else (label,)
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     splits: dict[str, list[Example]]  # train, validation, test
     label_names: list[str]  # class id → name
+    multi_label: bool = False  # each example's label is a tuple of names
 
     def label_ids(self, split: str) -> np.ndarray:
+        """Class ids [N], or for multi-label data 0/1 indicators [N, C]."""
         index = {name: i for i, name in enumerate(self.label_names)}
-        return np.array([index[e.label] for e in self.splits[split]], np.int32)
+        if not self.multi_label:
+            return np.array([index[e.label] for e in self.splits[split]], np.int32)
+        indicators_NxC = np.zeros((len(self.splits[split]), len(self.label_names)), np.int32)
+        for row, e in enumerate(self.splits[split]):
+            indicators_NxC[row, [index[name] for name in e.label]] = 1
+        return indicators_NxC
 
 
 def _hash_fraction(text: str) -> float:
@@ -170,6 +192,28 @@ def read_texts(path: pathlib.Path, text_field: str, flag: str) -> list[tuple[str
     return [(_check_text(values[0], text_field, where), where) for values, where in read(path, ((flag, text_field),))]
 
 
+def _check_label(label: object, label_field: str, where: str) -> str:
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
+        raise TaskError(f"{where}: the {label_field!r} field is {label!r}; give a label name or id (or, for "
+                        f"multi-label data, a list of them)")
+    return str(label).strip()
+
+
+def _as_multi_label(kind: str, splits: dict[str, list[Example]]) -> dict[str, list[Example]] | None:
+    """The splits with every label a tuple when any is a list (None when none is); a .jsonl task that
+    mixes lists and single labels is refused."""
+    examples = [e for rows in splits.values() for e in rows]
+    listed = next((e for e in examples if isinstance(e.label, tuple)), None)
+    if listed is None:
+        return None
+    single = next((e for e in examples if not isinstance(e.label, tuple)), None)
+    if single is not None and kind == "jsonl":
+        raise TaskError(f"{single.where}: the label {single.label!r} is a single label but {listed.where} has a "
+                        f"list {list(listed.label)}; write every label of a multi-label task as a list "
+                        f"([{single.label!r}]), or give every text one label")
+    return {split: [dataclasses.replace(e, label=_labels_of(e.label)) for e in rows] for split, rows in splits.items()}
+
+
 def _examples(path: pathlib.Path, kind: str, text_field: str, label_field: str) -> list[Example]:
     if not path.is_file():
         raise TaskError(f"task={kind}:...: {path} is not there; check the path")
@@ -178,9 +222,14 @@ def _examples(path: pathlib.Path, kind: str, text_field: str, label_field: str) 
     fields = (("config.finetune.text_field", text_field), ("config.finetune.label_field", label_field))
     for (text, label), where in read(path, fields):
         _check_text(text, text_field, where)
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
-            raise TaskError(f"{where}: the {label_field!r} field is {label!r}; give a label name or id")
-        examples.append(Example(text, str(label).strip(), where))
+        if isinstance(label, list):
+            labels = tuple(_check_label(one, label_field, where) for one in label)
+            examples.append(Example(text, labels, where))
+        elif kind == "csv" and isinstance(label, str) and MULTI_LABEL_SEPARATOR in label:
+            labels = tuple(_check_label(one, label_field, where) for one in label.split(MULTI_LABEL_SEPARATOR))
+            examples.append(Example(text, labels, where))
+        else:
+            examples.append(Example(text, _check_label(label, label_field, where), where))
     if not examples:
         raise TaskError(f"{path}: no examples; the file is empty")
     return examples
@@ -266,8 +315,19 @@ def _tfds_splits(name: str, ft: ml_collections.ConfigDict, data_dir: str) -> tup
 def _label_names(splits: dict[str, list[Example]], given: tuple[str, ...]) -> list[str]:
     if given:
         return list(given)
-    labels = sorted({e.label for e in splits["train"]})
+    labels = sorted({name for e in splits["train"] for name in _labels_of(e.label)})
     return sorted(labels, key=int) if all(x.lstrip("-").isdigit() for x in labels) else labels
+
+
+def _normalise_label(label: str, where: str, names: list[str], given: bool) -> str:
+    if label not in names and given and label.isdigit() and int(label) < len(names):
+        label = names[int(label)]
+    if label not in names:
+        fix = ("fix the row, or list every label in --config.finetune.label_names" if not given
+               else "fix the row, or add it to finetune.label_names")
+        raise TaskError(f"{where}: label {label!r} is not one of the labels {names} "
+                        f"({'finetune.label_names' if given else 'those of the training split'}); {fix}")
+    return label
 
 
 def _normalise_labels(splits: dict[str, list[Example]], names: list[str], given: bool) -> dict[str, list[Example]]:
@@ -276,15 +336,8 @@ def _normalise_labels(splits: dict[str, list[Example]], names: list[str], given:
     for split, examples in splits.items():
         rows = []
         for e in examples:
-            label = e.label
-            if label not in names and given and label.isdigit() and int(label) < len(names):
-                label = names[int(label)]
-            if label not in names:
-                fix = ("fix the row, or list every label in --config.finetune.label_names" if not given
-                       else "fix the row, or add it to finetune.label_names")
-                raise TaskError(f"{e.where}: label {e.label!r} is not one of the labels {names} "
-                                f"({'finetune.label_names' if given else 'those of the training split'}); {fix}")
-            rows.append(dataclasses.replace(e, label=label))
+            labels = tuple(_normalise_label(label, e.where, names, given) for label in _labels_of(e.label))
+            rows.append(dataclasses.replace(e, label=labels if isinstance(e.label, tuple) else labels[0]))
         out[split] = rows
     return out
 
@@ -292,6 +345,7 @@ def _normalise_labels(splits: dict[str, list[Example]], names: list[str], given:
 def read_task(ft: ml_collections.ConfigDict, tfds_data_dir: str = "") -> Task:
     """The labelled splits of `finetune.task` (see the module docstring)."""
     kind, _, arg = ft.task.partition(":")
+    multi_label = False
     if ft.task == "stdlib_topics":
         task = stdlib_topics()
         splits, names = task.splits, task.label_names
@@ -299,6 +353,12 @@ def read_task(ft: ml_collections.ConfigDict, tfds_data_dir: str = "") -> Task:
         splits, names = _tfds_splits(arg, ft, tfds_data_dir)
     elif kind in ("csv", "jsonl") and arg:
         splits = _file_splits(kind, pathlib.Path(os.path.expanduser(arg)), ft)
+        multi = _as_multi_label(kind, splits)
+        if multi is not None:
+            if ft.loss != "sigmoid":
+                raise TaskError(f"finetune.task={ft.task!r} is multi-label (a list of labels per text) but "
+                                f"finetune.loss={ft.loss!r}; train it with --config.finetune.loss=sigmoid")
+            splits, multi_label = multi, True
         given = tuple(name.strip() for name in ft.label_names.split(",") if name.strip())
         names = _label_names(splits, given)
         splits = _normalise_labels(splits, names, bool(given))
@@ -306,18 +366,18 @@ def read_task(ft: ml_collections.ConfigDict, tfds_data_dir: str = "") -> Task:
         raise TaskError(f"finetune.task={ft.task!r}: use 'stdlib_topics', 'csv:PATH', 'jsonl:PATH' or 'tfds:NAME'")
     if len(names) < 2:
         raise TaskError(f"finetune.task={ft.task!r}: only the label(s) {names}; a classifier needs at least two")
-    return Task(splits, names)
+    return Task(splits, names, multi_label)
 
 
 # --- tokens -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    """One split as arrays: token ids right-padded with `pad_id`, real lengths, class ids."""
+    """One split as arrays: token ids right-padded with EOS, real lengths, labels."""
 
     tokens_NxL: np.ndarray  # int32
     lengths_N: np.ndarray  # int32, 1..L
-    labels_N: np.ndarray  # int32
+    labels_N: np.ndarray  # int32 class ids [N]; of a multi-label task 0/1 indicators [N, C]
     truncated: int  # texts longer than L tokens, cut to their first L
 
 
@@ -360,7 +420,8 @@ def length_batches(lengths_N: np.ndarray, batch_size: int, max_len: int) -> list
 @dataclasses.dataclass(frozen=True)
 class ClassificationData:
     """The training split's batch of step s as a pure function of (seed, s): epochs of a seeded
-    permutation, so a resumed run reads the same batches. Each batch is placed with `shardings`."""
+    permutation (`epoch_batches`), so a resumed run reads the same batches. Each batch is placed with
+    `shardings`."""
 
     train: Encoded
     global_batch_size: int
@@ -368,22 +429,43 @@ class ClassificationData:
     shardings: dict[str, jax.sharding.NamedSharding]
     vocab_size: int
     description: dict
+    length_buckets: bool = True  # pad each batch to its length bucket (else to max_len)
 
     def __post_init__(self):
         if len(self.train.labels_N) < self.global_batch_size:
             raise TaskError(f"the training split has {len(self.train.labels_N)} examples, fewer than one batch "
                             f"(train.global_batch_size={self.global_batch_size}); lower the batch or add examples")
 
-    def rows(self, step: int) -> np.ndarray:
-        n, b = len(self.train.labels_N), self.global_batch_size
-        per_epoch = n // b  # the last partial batch of an epoch is dropped
-        epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        return order[k * b:(k + 1) * b]
+    def epoch_batches(self, epoch: int) -> list[tuple[np.ndarray, int]]:
+        """(row indices, padded length) of each batch of `epoch`, in training order: n // batch batches.
+
+        Without length buckets: consecutive slices of the epoch's permutation, padded to max_len. With
+        them: each bucket's rows in permutation order are cut into batches, the rows left over joining the
+        next longer bucket (the longest bucket's leftover is dropped, as the last partial batch is without
+        buckets), and the batches are shuffled. So every batch is padded to one of the bucket lengths
+        (`bucket_length`: a bounded set of compiled shapes) and its rows are at most that long."""
+        n, b, max_len = len(self.train.labels_N), self.global_batch_size, self.train.tokens_NxL.shape[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n)
+        if not self.length_buckets:
+            return [(order[k * b:(k + 1) * b], max_len) for k in range(n // b)]
+        buckets_N = np.array([bucket_length(int(length), max_len) for length in self.train.lengths_N])
+        batches, carried = [], order[:0]
+        for length in np.unique(buckets_N):
+            rows = np.concatenate([carried, order[buckets_N[order] == length]])
+            full = len(rows) // b * b
+            batches += [(rows[k:k + b], int(length)) for k in range(0, full, b)]
+            carried = rows[full:]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def batch_rows(self, step: int) -> tuple[np.ndarray, int]:
+        """(row indices, padded length) of the batch of `step`."""
+        epoch, k = divmod(step, len(self.train.labels_N) // self.global_batch_size)
+        return self.epoch_batches(epoch)[k]
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
-        rows = self.rows(step)
-        arrays = {"inputs": self.train.tokens_NxL[rows], "lengths": self.train.lengths_N[rows],
+        rows, length = self.batch_rows(step)
+        arrays = {"inputs": self.train.tokens_NxL[rows, :length], "lengths": self.train.lengths_N[rows],
                   "labels": self.train.labels_N[rows]}
         return {k: jax.device_put(v, self.shardings[k]) for k, v in arrays.items()}
 
@@ -392,6 +474,7 @@ class ClassificationData:
 
 
 def class_balance(task: Task) -> dict[str, dict[str, int]]:
-    """Examples per label in each split."""
-    return {split: {name: Counter(e.label for e in examples)[name] for name in task.label_names}
+    """Examples per label in each split (of a multi-label task: examples that have the label)."""
+    return {split: {name: Counter(label for e in examples for label in _labels_of(e.label))[name]
+                    for name in task.label_names}
             for split, examples in task.splits.items()}

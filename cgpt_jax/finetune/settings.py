@@ -20,6 +20,7 @@ def default_finetune_config() -> ml_collections.ConfigDict:
     ft.loss = "softmax"  # 'softmax' cross-entropy (single-label) | 'sigmoid' binary cross-entropy per class
     ft.best_metric = "accuracy"  # validation metric that picks the best checkpoint: 'accuracy' | 'macro_f1'
     ft.num_labels = -1  # -1: from the data (recorded in the run's config.json)
+    ft.length_buckets = True  # pad each training batch to its length bucket (cgpt_jax/finetune/data.py), not max_len
     # What trains (cgpt_jax/peft/, docs/peft.md): 'full' | 'head_only' | 'lora(rank=8, alpha=16,
     # targets='qkv|out|up|down')'; also for language-model fine-tuning (python -m cgpt_jax.train --init_from)
     ft.method = "full"

@@ -19,7 +19,7 @@ from cgpt_jax.config import resolve, validate
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune import backbone as backbones
 from cgpt_jax.finetune.data import SPLITS, ClassificationData, Encoded, Task, class_balance, encode, read_task
-from cgpt_jax.finetune.metrics import classification_metrics, majority_baseline, plot_confusion
+from cgpt_jax.finetune.metrics import majority_baseline, metrics_from_logits, plot_confusion
 from cgpt_jax.finetune.objective import ClassificationObjective, classification_loss
 from cgpt_jax.finetune.predict import batched_logits
 from cgpt_jax.parallel.mesh import make_mesh
@@ -48,7 +48,7 @@ def logits_of(predict, params: nnx.State, split: Encoded, batch_size: int) -> np
 
 
 def split_metrics(logits_NxC: np.ndarray, split: Encoded, label_names: list[str], loss: str) -> dict:
-    metrics = classification_metrics(split.labels_N, logits_NxC.argmax(-1), label_names)
+    metrics = metrics_from_logits(split.labels_N, logits_NxC, label_names)
     metrics["loss"] = float(np.mean(classification_loss(logits_NxC, split.labels_N, loss)))
     return metrics
 
@@ -86,16 +86,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool
         logging.info("%s: %d examples, %d truncated to %d tokens; per label %s", split, len(task.splits[split]),
                      encoded[split].truncated, t.seq_len, balance[split])
     mesh = make_mesh(config.mesh, devices)
-    objective = ClassificationObjective(ft.num_labels, ft.loss)
+    objective = ClassificationObjective(ft.num_labels, ft.loss, multi_label=task.multi_label)
     shardings = {name: jax.sharding.NamedSharding(mesh, logical_to_spec(array.logical_axes, config.mesh.rules))
                  for name, array in objective.batch_layout(config).items()}
-    description = {"task": ft.task, "label_names": task.label_names, "backbone": ft.init,
+    description = {"task": ft.task, "label_names": task.label_names, "multi_label": task.multi_label,
+                   "backbone": ft.init,
                    "tokenizer": backbone.tokenizer.describe(), "max_len": t.seq_len,
                    "examples": {s: len(task.splits[s]) for s in SPLITS},
                    "truncated": {s: encoded[s].truncated for s in SPLITS}, "class_balance": balance}
     dataset = ClassificationData(encoded["train"], global_batch_size=t.global_batch_size, seed=t.seed,
                                  shardings=shardings, vocab_size=backbone.tokenizer.vocab_size,
-                                 description=description)
+                                 description=description, length_buckets=ft.length_buckets)
     init = None
     if not ft.from_scratch:
         abstract = nnx.state(nnx.eval_shape(lambda: objective.make_model(config, nnx.Rngs(0))), nnx.Param)
@@ -124,7 +125,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool
                 plot_confusion(metrics["confusion"], task.label_names,
                                f"{split}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
                                name + ".png")
-            out[split] = {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "examples")}
+            out[split] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}  # the scalars
         baseline = majority_baseline(encoded["train"].labels_N, encoded["test"].labels_N, task.label_names)
         out["majority_baseline_test"] = {k: baseline[k] for k in ("accuracy", "macro_f1")}
         if not peft.build(ft.method).trains_base and jax.process_index() == 0:

@@ -152,20 +152,20 @@ class NonFiniteSteps:
 
 class Throughput:
     """Tokens per second of the train steps alone: the first step (it compiles), evaluations and
-    checkpoint saves are not timed."""
+    checkpoint saves are not timed. A step's tokens are its batch's padded [batch, length] (a fine-tuning
+    batch may be padded to a length bucket shorter than train.seq_len)."""
 
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
+    def __init__(self):
         self.interval_start: float | None = None
-        self.interval_steps = 0
-        self.total_s, self.total_steps = 0.0, 0
+        self.interval_tokens = 0
+        self.total_s, self.total_tokens = 0.0, 0
 
     def start(self, metrics) -> None:
         jax.block_until_ready(metrics)
         self.interval_start = time.time()
 
-    def count_step(self) -> None:
-        self.interval_steps += 1
+    def count_step(self, tokens: int) -> None:
+        self.interval_tokens += tokens
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -177,15 +177,15 @@ class Throughput:
     def close_interval(self) -> float | None:
         """Tokens/s since the last call (None if no timed step), and start the next interval."""
         rate = None
-        if self.interval_start is not None and self.interval_steps:
+        if self.interval_start is not None and self.interval_tokens:
             elapsed = time.time() - self.interval_start
-            self.total_s, self.total_steps = self.total_s + elapsed, self.total_steps + self.interval_steps
-            rate = self.interval_steps * self.tokens_per_step / elapsed
-        self.interval_start, self.interval_steps = time.time(), 0
+            self.total_s, self.total_tokens = self.total_s + elapsed, self.total_tokens + self.interval_tokens
+            rate = self.interval_tokens / elapsed
+        self.interval_start, self.interval_tokens = time.time(), 0
         return rate
 
     def mean(self) -> float:
-        return self.total_steps * self.tokens_per_step / self.total_s if self.total_s else float("nan")
+        return self.total_tokens / self.total_s if self.total_s else float("nan")
 
 
 def _float_or_nan(x: float | None) -> float:
@@ -260,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         run_dir.drop_metrics_from(workdir, start_step)
     writer = MetricWriter(workdir)
     nonfinite = NonFiniteSteps(ck, skipped=counters.get("skipped_steps", 0))
-    throughput = Throughput(tokens_per_step)
+    throughput = Throughput()
     train_loss = _float_or_nan(counters.get("train_loss"))
     eval_loss = _float_or_nan(counters.get("eval_loss"))
     best_value = _float_or_nan(counters.get("best_value"))
@@ -305,14 +305,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     stopped_at = None
     try:
         for step in range(start_step, t.steps):
-            state, metrics = run.train_step(state, dataset.train_batch(step))
+            batch = dataset.train_batch(step)
+            state, metrics = run.train_step(state, batch)
             if pending is not None:
                 read_metrics(*pending)
             if step == start_step:
                 throughput.start(metrics)
                 watchdog = distributed.Watchdog(watchdog_s)  # compiling may take long; a stalled step may not
             else:
-                throughput.count_step()
+                throughput.count_step(batch["inputs"].size)
             pending = (step, metrics)
             is_last = step == t.steps - 1
             if (step + 1) % t.eval_every == 0 or is_last:
