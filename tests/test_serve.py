@@ -91,19 +91,18 @@ def compiled_programs(served) -> tuple[int, ...]:
 
 
 def test_concurrent_requests_equal_the_offline_generator_and_compile_nothing(served, server, caplog):
-    """8 requests of mixed lengths and settings on 4 slots at once: each equals `Generator.generate` of its
-    prompt alone with its seed (greedy and sampled), and no program compiles after warm-up."""
+    """8 requests of mixed lengths on 4 slots at once, greedy and sampled: each equals `Generator.generate`
+    of its prompt (rows of one offline batch equal each prompt alone), and nothing compiles after warm-up."""
     rng = np.random.RandomState(0)
-    bodies = []
-    for i in range(8):
-        prompt = rng.randint(0, 64, rng.randint(1, 24)).tolist()
-        body = {"prompt": prompt, "max_tokens": int(rng.randint(1, CACHE_LEN - len(prompt) + 1)), "seed": i,
-                "temperature": 0.0 if i % 2 == 0 else 0.8}
-        if i % 4 == 1:
-            body["top_k"] = 10
-        if i % 4 == 3:
-            body["top_p"] = 0.9
-        bodies.append(body)
+    lengths = {Sampling(): [3, 9, 14, 20], Sampling(temperature=0.8, top_k=10, top_p=0.9): [2, 7, 12, 18]}
+    seed, longest_new = 5, CACHE_LEN - 20
+    bodies, groups = [], []
+    for sampling, group in lengths.items():
+        prompts = [rng.randint(0, 64, n).tolist() for n in group]
+        groups.append((sampling, prompts))
+        for b, prompt in enumerate(prompts):  # offline row b samples with seed + b
+            bodies.append({"prompt": prompt, "max_tokens": int(rng.randint(1, longest_new + 1)), "seed": seed + b,
+                           "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p})
     before = compiled_programs(served)
 
     async def send_all():
@@ -115,17 +114,15 @@ def test_concurrent_requests_equal_the_offline_generator_and_compile_nothing(ser
     assert [r for r in caplog.records if "Finished XLA compilation" in r.getMessage()] == []
     assert compiled_programs(served) == before
     eos = served.eos_ids
-    generator = served.engine.generator
-    for body, response in zip(bodies, responses):
+    expected = [row for sampling, prompts in groups
+                for row in served.engine.generator.generate(prompts, max_new_tokens=longest_new, sampling=sampling,
+                                                            seed=seed, stop_tokens=eos)]
+    for body, response, offline in zip(bodies, responses, expected):
+        offline = offline[:body["max_tokens"]]
         choice = response.json()["choices"][0]
-        sampling = Sampling(body["temperature"], body.get("top_k", 0), body.get("top_p", 1.0))
-        expected = generator.generate([body["prompt"]], max_new_tokens=body["max_tokens"], sampling=sampling,
-                                      seed=body["seed"], stop_tokens=eos)[0]
-        ended = [t for t in expected if t not in eos]
-        assert choice["token_ids"] == ended
-        assert choice["finish_reason"] == ("stop" if expected[-1] in eos else "length")
-        assert response.json()["usage"] == {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(expected),
-                                            "total_tokens": len(body["prompt"]) + len(expected)}
+        assert choice["token_ids"] == [t for t in offline if t not in eos]
+        assert choice["finish_reason"] == ("stop" if offline[-1] in eos else "length")
+        assert response.json()["usage"]["completion_tokens"] == len(offline)
 
 
 def test_greedy_text_equals_the_generate_command(hf_dir, client):
@@ -310,3 +307,24 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(hf_dir):
     finally:
         process.kill()
         process.wait()
+
+
+def test_quantized_serving_equals_the_quantized_generator(hf_dir):
+    """--quantize=int8: the engine decodes the quantized model, token for token as the offline generator."""
+    pytest.importorskip("cgpt_jax.quantize", reason="quantization (cgpt_jax/quantize) is not there")
+    served = build(f"hf:{hf_dir}", max_batch=2, cache_len=16, tensor_parallel=1, scheme="int8")
+    loaded, _ = generate.load(str(hf_dir), 1, "int8")
+    from cgpt_jax.infer import Generator
+    from cgpt_jax.serve.engine import Request
+
+    prompt, new = [5, 9, 33, 2], 10
+    events = []
+    done = threading.Event()
+    request = Request(prompt, new, lambda token, logprob, reason: (events.append(token), reason and done.set()))
+    served.engine.start()
+    try:
+        served.engine.submit(request)
+        assert done.wait(60)
+    finally:
+        served.engine.stop()
+    assert events == Generator(loaded.model).generate([prompt], max_new_tokens=new)[0]

@@ -2,7 +2,7 @@
 
     python -m cgpt_jax.serve --checkpoint=RUN_DIR|hf:DIR [--host=127.0.0.1] [--port=8000] [--max_batch=16]
         [--cache_len=N] [--api_key=KEY (or env CGPT_JAX_API_KEY)] [--insecure] [--max_queue=256]
-        [--drain_timeout=30] [--tensor_parallel=N] [--model_name=NAME]
+        [--drain_timeout=30] [--tensor_parallel=N] [--quantize=int8|int4|int4:group=G] [--model_name=NAME]
 
 A language model (a training run or an HF GPT2LMHeadModel directory) serves /v1/completions; a
 classifier (a fine-tuning run or an HF GPT2ForSequenceClassification directory) serves /v1/classify.
@@ -45,6 +45,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body (413 beyond).")
     flags.DEFINE_float("drain_timeout", 30.0, "Seconds in-flight requests get to finish after SIGTERM.")
     flags.DEFINE_integer("tensor_parallel", 1, "Devices to split heads, MLP and vocabulary over.")
+    flags.DEFINE_string("quantize", None, "Weight-only quantization after loading: int8, int4 or int4:group=G "
+                        "(cgpt_jax/quantize); a quantized checkpoint directory is served as it is.")
     flags.DEFINE_string("model_name", None, "The model id of the API (default: the checkpoint's directory name).")
     flags.mark_flags_as_required(["checkpoint"])
 
@@ -65,6 +67,10 @@ def check_security(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def _is_classifier(directory: pathlib.Path) -> bool:
+    from cgpt_jax import quantize
+
+    if quantize.is_checkpoint(directory):
+        return False
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise InputError(f"--checkpoint={directory}: no config.json there — give a training or fine-tuning run "
@@ -75,22 +81,24 @@ def _is_classifier(directory: pathlib.Path) -> bool:
     return raw.get("finetune", {}).get("num_labels", -1) != -1
 
 
-def build(checkpoint: str, *, max_batch: int, cache_len: int | None, tensor_parallel: int):
+def build(checkpoint: str, *, max_batch: int, cache_len: int | None, tensor_parallel: int,
+          scheme: str | None = None):
     """What `create_app` serves: a `LanguageModel` on a warmed-up engine, or a `Classifier`."""
-    from cgpt_jax import generate
+    from cgpt_jax import generate, quantize
     from cgpt_jax.finetune.predict import load_classifier
     from cgpt_jax.infer import Generator
     from cgpt_jax.serve.app import LanguageModel
     from cgpt_jax.serve.engine import Engine
+    from cgpt_jax.train.checkpoint import CheckpointError
 
     directory = pathlib.Path(cli.resolve_path(checkpoint.removeprefix(HF_PREFIX)))
     if _is_classifier(directory):
-        return load_classifier(str(directory))
+        return load_classifier(str(directory), None if scheme is None else quantize.parse(scheme))
     try:
-        loaded, mesh = generate.load(str(directory), tensor_parallel)
+        loaded, mesh = generate.load(str(directory), tensor_parallel, scheme)
         generator = Generator(loaded.model, mesh=mesh, rules=loaded.rules)
         engine = Engine(generator, slots=max_batch, cache_len=cache_len or generator.max_len)
-    except ValueError as e:  # the message says what to change
+    except (ValueError, CheckpointError) as e:  # the message says what to change
         raise InputError(str(e)) from e
     engine.warm_up()
     return LanguageModel(engine, loaded.tokenizer, loaded.eos_ids, generator.vocab_size)
@@ -118,7 +126,7 @@ def main(argv: list[str]) -> None:
         raise InputError(f"cannot listen on {given.host}:{given.port} ({e.strerror}) — pick another --port or "
                          f"--host") from None
     served = build(given.checkpoint, max_batch=given.max_batch, cache_len=given.cache_len,
-                   tensor_parallel=given.tensor_parallel)
+                   tensor_parallel=given.tensor_parallel, scheme=given.quantize)
     name = given.model_name or pathlib.Path(given.checkpoint.removeprefix(HF_PREFIX).rstrip("/")).name
     application = create_app(served, Settings(name, api_key, given.max_body_bytes, given.max_queue))
     server = uvicorn.Server(uvicorn.Config(application, log_level="warning",

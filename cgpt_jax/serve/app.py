@@ -108,6 +108,8 @@ class _Job:
 
     def take(self, token: int, logprob: float, reason: str | None) -> None:
         """Record one event; sets finish_reason when the completion is over."""
+        if reason == engines.ERROR:
+            raise APIError(500, "the model failed while generating; see the server's log", code="engine_failed")
         self.received += 1
         if token not in self.eos_ids:
             self.tokens.append(token)
@@ -131,6 +133,7 @@ def create_app(served: LanguageModel | Classifier, settings: Settings) -> FastAP
     engine = served.engine if isinstance(served, LanguageModel) else None
     metrics = Metrics(lambda: engine.queue_depth if engine else 0, lambda: engine.busy_slots if engine else 0)
     classify_lock = asyncio.Lock()
+    started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -170,8 +173,10 @@ def create_app(served: LanguageModel | Classifier, settings: Settings) -> FastAP
         return bytes(body)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if engine is not None and engine.failure is not None:
+            return JSONResponse({"status": "failed"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -179,7 +184,7 @@ def create_app(served: LanguageModel | Classifier, settings: Settings) -> FastAP
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": started,
                                             "owned_by": "cgpt_jax"}]}
 
     @app.post("/v1/classify")
@@ -188,7 +193,7 @@ def create_app(served: LanguageModel | Classifier, settings: Settings) -> FastAP
             raise APIError(404, f"'{settings.model_name}' is a language model; it has no /v1/classify — use "
                                 f"/v1/completions", code="not_a_classifier")
         texts = parse_classify(await read_body(request), model_name=settings.model_name)
-        async with classify_lock:  # one forward pass at a time; the jitted program is not reentrant-safe
+        async with classify_lock:  # one batch at a time: concurrent requests wait here, not for the cores
             try:
                 probs_NxC, _ = await asyncio.to_thread(served.predict, texts, _CLASSIFY_BATCH)
             except ValueError as e:
@@ -257,6 +262,8 @@ def create_app(served: LanguageModel | Classifier, settings: Settings) -> FastAP
         try:
             while job.finish_reason is None:
                 last = await next_event(job, last)
+                while job.finish_reason is None and not job.events.empty():  # one chunk for what has arrived
+                    last = await next_event(job, last)
                 ready = job.text.ready(job.finish_reason is not None)
                 if len(ready) == sent_text and len(job.tokens) == sent_tokens and job.finish_reason is None:
                     continue
@@ -266,6 +273,9 @@ def create_app(served: LanguageModel | Classifier, settings: Settings) -> FastAP
                 yield _event({**header, "choices": [choice]})
             if job.completion.include_usage:
                 yield _event({**header, "choices": [], "usage": _usage(job)})
+            yield "data: [DONE]\n\n"
+        except APIError as error:  # the response has started: an error event ends the stream
+            yield _event(error.body())
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away mid-stream: free the slot
             if job.finish_reason is None:

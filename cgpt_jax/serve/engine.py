@@ -16,7 +16,7 @@ the request path. A slot's results equal the prompt decoded on its own (`Generat
 same seed): rows of a batch never mix, and cache positions past a slot's own are never attended to.
 
 Requests receive events through their `emit` callback, called on the engine thread: (token, logprob,
-finish_reason or None). `cancel` (a client that went away, a stop string matched by the caller) frees the
+finish_reason or None); should a program fail, every request gets (-1, 0.0, ERROR) and the engine stops. `cancel` (a client that went away, a stop string matched by the caller) frees the
 slot at the next step. An idle slot keeps decoding a dummy token at position 0; its outputs are dropped.
 """
 from __future__ import annotations
@@ -29,15 +29,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from flax import nnx
 
 from cgpt_jax.infer import Generator, Sampling
-from cgpt_jax.infer.generator import _next_power_of_two
 from cgpt_jax.model.attention.base import Cache
 from cgpt_jax.parallel.sharding import constrain
 from cgpt_jax.serve.slot_sampling import choose_rows
 
-# finish reasons, as the OpenAI API names them
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+# finish reasons, as the OpenAI API names them; ERROR: the engine failed (token -1)
+STOP, LENGTH, ERROR = "stop", "length", "error"
 
 Emit = Callable[[int, float, "str | None"], None]  # (token, logprob, finish reason once finished)
 
@@ -70,31 +71,31 @@ class Engine:
             raise ValueError(f"slots={slots} must be a positive multiple of the mesh's batch shards "
                              f"({generator.batch_shards})")
         # A power of two (or the whole context), so that every prompt bucket fits the cache.
-        self.cache_len = min(generator.max_len, _next_power_of_two(cache_len))
+        self.cache_len = min(generator.max_len, 1 << max(cache_len - 1, 0).bit_length())
         if self.cache_len < 2:
             raise ValueError(f"cache_len={cache_len} leaves no room for a prompt and a new token")
         self.generator = generator
         self.slots = slots
         self.prefill_batch = generator.batch_sizes(1)[0]
         self.buckets = sorted({generator._bucket(n) for n in range(1, self.cache_len)})
+        model = nnx.merge(generator.graphdef, generator.state)
+        self._cache_axes = {name: spec.logical_axes for name, spec in model.blocks.attn.cache_layout(1, 1).items()}
         self._insert = jax.jit(self._insert_program, donate_argnames=("caches", "state"))
         self._step = jax.jit(self._step_program, donate_argnames=("caches", "state"))
-        self._caches, self._state = jax.jit(self._empty)()
+        self._caches, self._state = jax.jit(self._empty)(generator.state, generator.layers)
         self._owners: list[Request | None] = [None] * slots
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run, for tests and metrics
+        self.failure: Exception | None = None
 
     # --- the compiled programs ---------------------------------------------------------------------
 
-    def _cache_axes(self) -> dict[str, tuple]:
-        model = self.generator._merge(self.generator.state, self.generator.layers)[0]
-        return {name: spec.logical_axes for name, spec in model.blocks.attn.cache_layout(1, 1).items()}
-
-    def _empty(self) -> tuple[list[Cache], SlotState]:
-        model = self.generator._merge(self.generator.state, self.generator.layers)[0]
+    # The weights are arguments, never captured: a captured array would be compiled into the program.
+    def _empty(self, weights: nnx.State, layers: list[nnx.State]) -> tuple[list[Cache], SlotState]:
+        model = self.generator._merge(weights, layers)[0]
         with self.generator._sharding_context():
             caches = model.init_layer_caches(self.slots, self.cache_len)
         zeros = jnp.zeros((self.slots,), jnp.int32)
@@ -108,20 +109,19 @@ class Engine:
         logprob). `settings` holds the request's prompt length as 'position' and its sampling settings."""
         token_1, logprob_1 = choose_rows(logits_BxV[:1], settings["temperature"][None], settings["top_k"][None],
                                          settings["top_p"][None], settings["seed"][None], jnp.zeros((1,), jnp.int32))
-        axes = self._cache_axes()
         with self.generator._sharding_context():
             caches = [{name: constrain(jax.lax.dynamic_update_slice_in_dim(cache[name], new[name][:1], slot, axis=0),
-                                       axes[name]) for name in cache} for cache, new in zip(caches, new_caches)]
+                                       self._cache_axes[name]) for name in cache}
+                      for cache, new in zip(caches, new_caches)]
         row = {**settings, "token": token_1[0], "index": jnp.int32(0)}
         state = {name: state[name].at[slot].set(row[name]) for name in state}
         return caches, state, token_1[0], logprob_1[0]
 
-    def _step_program(self, caches: list[Cache], state: SlotState
+    def _step_program(self, weights: nnx.State, layers: list[nnx.State], caches: list[Cache], state: SlotState
                       ) -> tuple[list[Cache], SlotState, jax.Array, jax.Array]:
         """Every slot feeds its token at its position → (caches, state, next tokens [S], their logprobs [S])."""
-        generator = self.generator
-        model, blocks = generator._merge(generator.state, generator.layers)
-        with generator._sharding_context():
+        model, blocks = self.generator._merge(weights, layers)
+        with self.generator._sharding_context():
             x_Sx1xD, caches = model.extend_layers(blocks, state["token"][:, None], caches, state["position"])
             logits_SxV = model.head(x_Sx1xD)[:, 0]
         index_S = state["index"] + 1
@@ -188,6 +188,20 @@ class Engine:
             self._thread.join()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # a failed program: fail every request instead of leaving it waiting
+            logging.exception("the engine failed")
+            self.failure = e
+            with self._wake:
+                self._stopping = True
+                failed = [*self._pending, *filter(None, self._owners)]
+                self._pending.clear()
+                self._owners = [None] * self.slots
+            for request in failed:
+                request.emit(-1, 0.0, ERROR)
+
+    def _serve(self) -> None:
         inflight: collections.deque = collections.deque()
         while True:
             with self._wake:
@@ -230,7 +244,8 @@ class Engine:
         self._hand(request, slot, int(token), float(logprob))
 
     def _dispatch(self) -> tuple[jax.Array, jax.Array, list[Request | None]]:
-        self._caches, self._state, token_S, logprob_S = self._step(self._caches, self._state)
+        self._caches, self._state, token_S, logprob_S = self._step(self.generator.state, self.generator.layers,
+                                                                   self._caches, self._state)
         self.steps += 1
         return token_S, logprob_S, list(self._owners)
 
