@@ -12,15 +12,13 @@ See docs/peft.md.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
-import importlib
-import pkgutil
 from typing import Any, Callable
 
 import ml_collections
 
+from cgpt_jax.call_syntax import import_submodules, parse_calls, spec_string
 from cgpt_jax.peft.base import HEAD, PEFT, Added, Method
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -48,11 +46,6 @@ def unregister(name: str) -> None:
 def registered() -> dict[str, type[Method]]:
     _discover()
     return dict(_REGISTRY)
-
-
-def spec_string(name: str, options: dict[str, Any]) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    return f"{name}({args})" if args else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +91,7 @@ def _help() -> str:
     return "registered PEFT methods (combine with '+' where their slots differ):\n" + "\n".join(lines)
 
 
-def _component(node: ast.expr, spec: str) -> Component:
-    if isinstance(node, ast.Name):
-        name, given = node.id, {}
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
-        name = node.func.id
-        try:
-            given = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-        except ValueError:
-            raise ValueError(f"config.finetune.method={spec!r}: arguments must be literals.\n{_help()}") from None
-    else:
-        raise ValueError(f"config.finetune.method={spec!r} must be a name or a call with keyword arguments, "
-                         f"joined by '+'.\n{_help()}")
+def _component(name: str, given: dict[str, Any], spec: str) -> Component:
     if name not in _REGISTRY:
         raise ValueError(f"unknown PEFT method {name!r} in config.finetune.method={spec!r}.\n{_help()}")
     cls = _REGISTRY[name]
@@ -124,17 +106,8 @@ def _component(node: ast.expr, spec: str) -> Component:
 def build(spec: str) -> Recipe:
     """Parse ``"name"``, ``"name(key=value, ...)"`` or ``"a(...)+b(...)"`` (ValueError listing the methods)."""
     _discover()
-    try:
-        node = ast.parse(spec.strip(), mode="eval").body
-    except SyntaxError:
-        raise ValueError(f"config.finetune.method={spec!r} does not parse; write e.g. 'full' or "
-                         f"'lora(rank=8)'.\n{_help()}") from None
-    parts: list[ast.expr] = []
-    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        parts.insert(0, node.right)
-        node = node.left
-    parts.insert(0, node)
-    components = tuple(_component(part, spec) for part in parts)
+    calls = parse_calls(spec, "config.finetune.method", "'full' or 'lora(rank=8)'", _help())
+    components = tuple(_component(name, given, spec) for name, given in calls)
     owner: dict[str, str] = {}
     for c in components:
         for slot in type(c.method).slots:
@@ -162,9 +135,7 @@ def _discover() -> None:
     global _discovered
     if _discovered:
         return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in _MODULES:
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_submodules(__name__, __path__, skip=_MODULES)
     _discovered = True
 
 

@@ -12,13 +12,11 @@ projections feed RoPE's rotation. Two variants that override the same step (e.g.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
-import importlib
-import pkgutil
 from typing import Any, Callable
 
+from cgpt_jax.call_syntax import import_submodules, parse_calls, spec_string
 from cgpt_jax.model.attention.base import REQUIRED, Attention, CacheSpec
 
 
@@ -62,12 +60,6 @@ def unregister(name: str) -> None:
 def registered() -> dict[str, Entry]:
     _discover()
     return dict(_REGISTRY)
-
-
-def spec_string(name: str, options: dict[str, Any]) -> str:
-    """The config string selecting `name` with `options`: ``spec_string("gqa", {"kv_heads": 2})``."""
-    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    return f"{name}({args})" if args else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,19 +131,7 @@ def _signature_help() -> str:
             + "\n".join(lines))
 
 
-def _parse_component(node: ast.expr, spec: str) -> Component:
-    if isinstance(node, ast.Name):
-        name, given = node.id, {}
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
-        name = node.func.id
-        try:
-            given = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-        except ValueError:
-            raise ValueError(f"config.model.attention={spec!r}: arguments must be literals "
-                             f"(numbers, strings, booleans).\n{_signature_help()}") from None
-    else:
-        raise ValueError(f"config.model.attention={spec!r} must be a name or a call with keyword "
-                         f"arguments, joined by '+'.\n{_signature_help()}")
+def _component(name: str, given: dict[str, Any], spec: str) -> Component:
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention variant {name!r} in config.model.attention={spec!r}.\n"
                          f"{_signature_help()}")
@@ -180,17 +160,8 @@ def build(spec: str) -> Variant:
 
 
 def _parse(spec: str) -> Variant:
-    try:
-        node = ast.parse(spec.strip(), mode="eval").body
-    except SyntaxError:
-        raise ValueError(f"config.model.attention={spec!r} does not parse; write e.g. 'dense' or "
-                         f"'gqa(kv_heads=4)'.\n{_signature_help()}") from None
-    parts: list[ast.expr] = []
-    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        parts.insert(0, node.right)
-        node = node.left
-    parts.insert(0, node)
-    components = tuple(_parse_component(part, spec) for part in parts)
+    calls = parse_calls(spec, "config.model.attention", "'dense' or 'gqa(kv_heads=4)'", _signature_help())
+    components = tuple(_component(name, given, spec) for name, given in calls)
     if len(components) > 1:
         _check_combinable(components, spec)
     return Variant(spec, components)
@@ -243,9 +214,7 @@ def _discover() -> None:
     global _discovered
     if _discovered:
         return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_submodules(__name__, __path__, skip=("base",))
     _discovered = True
 
 
