@@ -19,7 +19,7 @@ class RunFlags:
 
 
 def define_run_flags(config_example: str, workdir_contents: str) -> RunFlags:
-    """--config (required), --workdir (required), --overwrite and --watchdog_s."""
+    """--config (required), --workdir (required), --overwrite and --watchdog_s; --quantize is refused."""
     holders = RunFlags(
         config=experiment_files.define_config_file("config", f"Experiment config file, e.g. {config_example}"),
         workdir=flags.DEFINE_string("workdir", None, f"Run directory ({workdir_contents})."),
@@ -28,6 +28,11 @@ def define_run_flags(config_example: str, workdir_contents: str) -> RunFlags:
         watchdog_s=flags.DEFINE_float("watchdog_s", 0.0, "Exit with status 3 when no step, save or evaluation "
                                       "finishes for this many seconds (after the first step compiled); 0 = off."))
     flags.mark_flags_as_required(["config", "workdir"])
+    # Quantization is post-training and inference-only (cgpt_jax/quantize): refused here, with the way to it.
+    flags.DEFINE_string("quantize", None, "Not for training: quantize a finished run with python -m cgpt_jax.quantize.")
+    flags.register_validator("quantize", lambda value: value is None, message=(
+        "quantization is for inference only (weight-only, after training) — train without --quantize, then "
+        "python -m cgpt_jax.quantize --checkpoint=WORKDIR --scheme=int8 --output=DIR"))
     return holders
 
 
