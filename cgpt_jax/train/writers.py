@@ -5,7 +5,6 @@ import json
 from typing import Any
 
 import jax
-from tensorboardX import SummaryWriter
 
 from cgpt_jax import run_dir
 
@@ -16,6 +15,9 @@ class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
+            # Imported here: tensorboardX imports torch when it is installed, a cost every process would pay.
+            from tensorboardX import SummaryWriter
+
             self.jsonl = open(run_dir.path(workdir, run_dir.METRICS), "a")
             self.tensorboard = SummaryWriter(run_dir.path(workdir, run_dir.TENSORBOARD))
 
