@@ -19,7 +19,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import jax
 import ml_collections
@@ -33,8 +33,6 @@ from cgpt_jax.config import resolve, validate
 from cgpt_jax.data import Dataset, make_dataset
 from cgpt_jax.devices import device_peak_flops
 from cgpt_jax.errors import InputError
-from cgpt_jax.eval.during_training import TaskScores
-from cgpt_jax.generate import store_tokenizer
 from cgpt_jax.model import params_count
 from cgpt_jax.parallel import distributed
 from cgpt_jax.parallel.mesh import make_mesh
@@ -46,6 +44,9 @@ from cgpt_jax.train.param_table import format_param_table, param_table
 from cgpt_jax.train.setup import Run, batch_sharding, build_run
 from cgpt_jax.train.state import TrainState
 from cgpt_jax.train.writers import MetricWriter
+
+if TYPE_CHECKING:
+    from cgpt_jax.eval.during_training import TaskScores
 
 
 def resolve_with_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
@@ -86,6 +87,10 @@ def language_model_tasks(config: ml_collections.ConfigDict, dataset: Dataset, me
     if jax.process_count() > 1:
         raise InputError(f"eval.tasks={config.eval.tasks!r} is scored in one process only — leave it empty and "
                          f"score the checkpoints afterwards with python -m cgpt_jax.evaluate")
+    # Imported here: only runs that score tasks load the evaluation stack (the standard library's text).
+    from cgpt_jax.eval.during_training import TaskScores
+    from cgpt_jax.generate import store_tokenizer
+
     tokenizer, eos_ids = store_tokenizer(dataset.describe())
     return TaskScores(config.eval, tokenizer=tokenizer, eos_ids=eos_ids, model=config.model,
                       mesh=mesh, rules=config.mesh.rules)
