@@ -32,9 +32,10 @@ from cgpt_jax import cli, quantize
 from cgpt_jax.errors import InputError
 from cgpt_jax.infer import Generator, Sampling
 from cgpt_jax.interop import hf
-from cgpt_jax.model import GPT, abstract_model
+from cgpt_jax.model import GPT
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import Rules, state_shardings
+from cgpt_jax.peft import training as peft_training
 from cgpt_jax.run_dir import CONFIG as RUN_CONFIG
 from cgpt_jax.train import checkpoint
 
@@ -54,7 +55,7 @@ def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
     raw = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
     description = raw.pop("data_description", {})
     config = ml_collections.ConfigDict(raw)
-    graphdef, abstract_params = nnx.split(abstract_model(config.model))
+    graphdef, abstract_params = nnx.split(peft_training.abstract_model(config))  # a LoRA run's too
     if mesh is not None:
         shardings = state_shardings(abstract_params, mesh, config.mesh.rules)
     else:

@@ -5,6 +5,7 @@ import pytest
 
 from cgpt_jax.config import validate
 from cgpt_jax.errors import InputError
+from cgpt_jax.generate import load_run
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.train import checkpoint
 from cgpt_jax.train.loop import train_and_evaluate
@@ -66,3 +67,5 @@ def test_language_model_lora_from_init_from_trains_only_the_adapter(tmp_path):
     assert {k for k in after if k not in base} == {f"peft/lora/{t}_{x}" for t in ("qkv", "down") for x in "ab"}
     assert {k: after[k] for k in base} == base  # the base as the source left it, bit for bit
     assert after["peft/lora/qkv_b"] != 0  # B started at zero and trained
+    loaded = load_run(tmp_path / "tuned", None)  # what python -m cgpt_jax.generate decodes with
+    assert loaded.model.peft.lora.targets == ("qkv", "down")

@@ -129,3 +129,13 @@ def keeping_added(load: Callable[[nnx.State], nnx.State]) -> Callable[[nnx.State
         loaded = dict(nnx.to_flat_state(load(base_params(like))))
         return nnx.from_flat_state([(p, loaded.get(p, v)) for p, v in nnx.to_flat_state(like)])
     return init
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The language model a run's config.json describes, shapes only, with its method's parameters (what
+    its checkpoints hold); runs from before config.finetune.method have none."""
+    from cgpt_jax.model import GPT
+    from cgpt_jax.peft import build
+
+    recipe = build(config.get("finetune", {}).get("method", "full"))
+    return nnx.eval_shape(lambda: attach(GPT(config.model, rngs=nnx.Rngs(0)), recipe, config.model, nnx.Rngs(1)))
