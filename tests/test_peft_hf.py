@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch", reason="HF PEFT interop needs torch")
 transformers = pytest.importorskip("transformers", reason="HF PEFT interop needs transformers")
 peft_hf = pytest.importorskip("peft", reason="HF PEFT interop needs peft")
 
-from cgpt_jax import peft  # noqa: E402
-from cgpt_jax.interop import hf, hf_peft  # noqa: E402
-from cgpt_jax.peft import training  # noqa: E402
+from cgpt_jax import peft
+from cgpt_jax.interop import hf, hf_peft
+from cgpt_jax.peft import training
 
 TOLERANCE = 1e-4
 VOCAB, POSITIONS = 61, 16

@@ -8,7 +8,8 @@ whose model carries `model.peft` and whose loss sees the frozen parameters throu
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections

@@ -24,8 +24,8 @@ from flax import nnx
 
 from cgpt_jax import peft
 from cgpt_jax.config import validate
-from cgpt_jax.peft import training as peft_training
 from cgpt_jax.parallel.sharding import check_replication, logical_to_spec, state_shardings
+from cgpt_jax.peft import training as peft_training
 from cgpt_jax.train.faults import reject_nonfinite
 from cgpt_jax.train.objective import LANGUAGE_MODELING, Batch, Objective
 from cgpt_jax.train.optimizer import lr_schedule, make_optimizer
