@@ -1,0 +1,66 @@
+"""Weight bytes and KV-cache decode speed of a model in float32 and quantized, in one process.
+
+    python -m cgpt_jax.quantize.bench [--shape=111m|d256l4] [--schemes=int8,int4] [--batch=1,16]
+        [--prompt_len=128] [--new_tokens=32] [--repeats=3]
+
+The model is `cgpt_jax.infer.bench_decode`'s shape with random weights; each scheme quantizes the same
+float model. For each batch size every variant decodes greedily from the same random prompts with the
+`Generator`, the variants alternating (`bench_decode.interleaved_medians`); decode rate = batch ·
+(new_tokens − 1) / (t(new_tokens) − t(1)), as in bench_decode. Prints one JSON object per batch size.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from cgpt_jax import cli, quantize
+from cgpt_jax.infer import Generator
+from cgpt_jax.infer.bench_decode import SHAPES, cpu_model, interleaved_medians, model_config
+from cgpt_jax.model import GPT
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
+    schemes = {spec: quantize.parse(spec) for spec in args.schemes}
+    model = nnx.jit(lambda: GPT(model_config(args.shape), rngs=nnx.Rngs(0)))()
+    models = {"float32": model, **{spec: quantize.apply(model, scheme) for spec, scheme in schemes.items()}}
+    generators = {name: Generator(m) for name, m in models.items()}
+    weight_bytes = {name: quantize.weight_bytes(nnx.state(m))["total"] for name, m in models.items()}
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()}
+    for batch in (int(b) for b in args.batch):
+        prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len)).tolist()
+        runs = {name: (lambda n, g=g: g.generate(prompts, max_new_tokens=n)) for name, g in generators.items()}
+        load_start = os.getloadavg()
+        medians = interleaved_medians(runs, (1, args.new_tokens), args.repeats)
+        result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                  "repeats": args.repeats, **machine, "load_average_start": load_start}
+        reference = runs["float32"](args.new_tokens)
+        for name, run in runs.items():
+            first, full = medians[name, 1], medians[name, args.new_tokens]
+            result[name] = {
+                "weight_mb": round(weight_bytes[name] / 1e6, 2),
+                "smaller_than_float32": round(weight_bytes["float32"] / weight_bytes[name], 2),
+                "prefill_tokens_per_s": round(batch * args.prompt_len / first, 1),
+                "decode_tokens_per_s": round(batch * (args.new_tokens - 1) / (full - first), 2),
+                "greedy_tokens_equal_to_float32": float(np.mean(np.asarray(run(args.new_tokens)) ==
+                                                                np.asarray(reference)))}
+        result["load_average_end"] = os.getloadavg()
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_enum("shape", "111m", list(SHAPES), "Model shape.")
+    flags.DEFINE_list("schemes", ["int8", "int4"], "Quantization schemes to compare with float32.")
+    flags.DEFINE_list("batch", ["1", "16"], "Batch sizes (comma-separated).")
+    flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
+    flags.DEFINE_integer("new_tokens", 32, "Tokens generated per prompt (the rate is measured between 1 and this).",
+                         lower_bound=2)
+    flags.DEFINE_integer("repeats", 3, "Timed runs per variant and length; the median is kept.")
+    cli.run(main)
