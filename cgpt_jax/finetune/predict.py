@@ -23,13 +23,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from cgpt_jax import quantize, run_dir
+from cgpt_jax import peft, quantize, run_dir
 from cgpt_jax.data.tokenizer import TextTokenizer
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune import backbone as backbones
 from cgpt_jax.finetune.data import length_batches, tokenize
 from cgpt_jax.finetune.model import SequenceClassifier
 from cgpt_jax.interop import hf
+from cgpt_jax.peft import training as peft_training
 from cgpt_jax.train import checkpoint
 
 Forward = Callable[[np.ndarray, np.ndarray], jax.Array]  # (tokens [B, L], lengths [B]) → class logits [B, C]
@@ -131,8 +132,9 @@ def _load_float_classifier(directory: pathlib.Path) -> Classifier:
                          f"tokenizer as it was when the run was fine-tuned")
     model_cfg = ml_collections.ConfigDict(raw["model"])
     num_labels = raw["finetune"]["num_labels"]
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: SequenceClassifier(model_cfg, num_labels,
-                                                                             rngs=nnx.Rngs(0))), nnx.Param)
+    method = raw["finetune"].get("method", "full")  # a PEFT run's checkpoints hold its method's parameters
+    graphdef, abstract = nnx.split(peft_training.abstract_with_method(
+        lambda: SequenceClassifier(model_cfg, num_labels, rngs=nnx.Rngs(0)), method, model_cfg), nnx.Param)
     device = SingleDeviceSharding(jax.devices()[0])
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     try:
@@ -141,5 +143,7 @@ def _load_float_classifier(directory: pathlib.Path) -> Classifier:
     except ValueError as e:  # the message names the directory and the fix
         raise InputError(str(e)) from None
     model = nnx.merge(graphdef, checkpoint.load_init_params(source, like))
+    if model.peft is not None and peft.build(method).mergeable:
+        model = peft_training.merge(model)  # LoRA folded in: the base model's forward pass and speed
     return Classifier(model, tokenizer, list(description["label_names"]), raw["finetune"]["loss"],
                       raw["train"]["seq_len"], os.path.join(source.directory, str(source.step)))

@@ -132,11 +132,20 @@ def keeping_added(load: Callable[[nnx.State], nnx.State]) -> Callable[[nnx.State
     return init
 
 
-def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
-    """The language model a run's config.json describes, shapes only, with its method's parameters (what
-    its checkpoints hold); runs from before config.finetune.method have none."""
-    from cgpt_jax.model import GPT
+def abstract_with_method(make: Callable[[], nnx.Module], method: str,
+                         model_cfg: ml_collections.ConfigDict) -> nnx.Module:
+    """The model `make` builds with `method`'s parameters attached, shapes only (what a run's checkpoints
+    hold)."""
     from cgpt_jax.peft import build
 
-    recipe = build(config.get("finetune", {}).get("method", "full"))
-    return nnx.eval_shape(lambda: attach(GPT(config.model, rngs=nnx.Rngs(0)), recipe, config.model, nnx.Rngs(1)))
+    recipe = build(method)
+    return nnx.eval_shape(lambda: attach(make(), recipe, model_cfg, nnx.Rngs(1)))
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The language model a run's config.json describes, with its method's parameters; runs from before
+    config.finetune.method have none."""
+    from cgpt_jax.model import GPT
+
+    return abstract_with_method(lambda: GPT(config.model, rngs=nnx.Rngs(0)),
+                                config.get("finetune", {}).get("method", "full"), config.model)
