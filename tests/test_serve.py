@@ -39,13 +39,26 @@ SLOTS = 4
 NAME = "tiny"
 
 
+def random_weights(make):
+    """`make()`'s module with N(0, 0.02) weights (LayerNorm gains around 1) drawn on the host: an eager
+    init compiles each of its operations, seconds for even a tiny model."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    rng = np.random.RandomState(7)
+
+    def draw(path, x):
+        gain = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+        return jax.device_put(np.asarray(rng.normal(gain, 0.02, x.shape), x.dtype))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, abstract))
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     cfg = tiny_config().model
     cfg.max_seq_len = 64
     tokenizer = byte_bpe_tokenizer(64, "the cat sat on the mat; the dog ate the hat", repeats=10)
     directory = tmp_path_factory.mktemp("tiny_hf")
-    hf.save_pretrained(GPT(cfg, rngs=nnx.Rngs(7)), directory, tokenizer=tokenizer,
+    hf.save_pretrained(random_weights(lambda: GPT(cfg, rngs=nnx.Rngs(7))), directory, tokenizer=tokenizer,
                        eos_token_id=tokenizer.token_to_id("<|endoftext|>"))
     return directory
 
@@ -263,7 +276,7 @@ def test_classify(tmp_path):
     cfg = tiny_config().model
     tokenizer = byte_bpe_tokenizer(64, "the cat sat on the mat; the dog ate the hat", repeats=10)
     eos = tokenizer.token_to_id("<|endoftext|>")
-    classifier = SequenceClassifier(cfg, 2, rngs=nnx.Rngs(3))
+    classifier = random_weights(lambda: SequenceClassifier(cfg, 2, rngs=nnx.Rngs(3)))
     hf.save_classifier(classifier, tmp_path, label_names=["cat", "dog"], pad_token_id=eos, tokenizer=tokenizer,
                        eos_token_id=eos)
     served = build(f"hf:{tmp_path}", max_batch=SLOTS, cache_len=None, tensor_parallel=1)
@@ -285,38 +298,46 @@ def test_classify(tmp_path):
     assert completion.status_code == 404
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(hf_dir):
+def test_sigterm_drains_in_flight_requests_and_exits_0(hf_dir, served):
+    """The command on 2 devices (tensor parallel; the tests' 8 fake CPU devices): a stream in flight when
+    SIGTERM arrives finishes with the single-device generator's tokens, then the process exits 0."""
     command = [sys.executable, "-m", "cgpt_jax.serve", f"--checkpoint=hf:{hf_dir}", "--port=0", "--max_batch=2",
-               "--cache_len=16"]
+               "--cache_len=16", "--tensor_parallel=2"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    prompt, new = [1, 2], 14
     try:
         url = re.search(r"on (http://\S+)", process.stdout.readline()).group(1)
         with httpx.Client(base_url=url, timeout=60) as c:
-            with c.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 14, "temperature": 0,
+            with c.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": new, "temperature": 0,
                                                            "stream": True}) as response:
                 lines = response.iter_lines()
-                next(lines)
+                first = next(lines)
                 process.send_signal(signal.SIGTERM)
                 rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] in ("length", "stop")
         assert process.wait(timeout=30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health")
     finally:
         process.kill()
         process.wait()
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in [first, *rest[:-1]]]
+    streamed = sum((chunk["choices"][0]["token_ids"] for chunk in chunks), [])
+    expected = served.engine.generator.generate([prompt], max_new_tokens=new, stop_tokens=served.eos_ids)[0]
+    assert streamed == [t for t in expected if t not in served.eos_ids]
+    assert chunks[-1]["choices"][0]["finish_reason"] == ("stop" if expected[-1] in served.eos_ids else "length")
 
 
 def test_quantized_serving_equals_the_quantized_generator(hf_dir):
-    """--quantize=int8: the engine decodes the quantized model, token for token as the offline generator."""
+    """--quantize=int8: the engine decodes the quantized model token for token as the offline generator."""
     pytest.importorskip("cgpt_jax.quantize", reason="quantization (cgpt_jax/quantize) is not there")
-    served = build(f"hf:{hf_dir}", max_batch=2, cache_len=16, tensor_parallel=1, scheme="int8")
-    loaded, _ = generate.load(str(hf_dir), 1, "int8")
-    from cgpt_jax.infer import Generator
+    from cgpt_jax.quantize import weight_bytes
     from cgpt_jax.serve.engine import Request
 
+    served = build(f"hf:{hf_dir}", max_batch=2, cache_len=16, tensor_parallel=1, scheme="int8")
+    generator = served.engine.generator
+    assert weight_bytes(generator.state)["quantized"] > 0
     prompt, new = [5, 9, 33, 2], 10
     events = []
     done = threading.Event()
@@ -327,4 +348,4 @@ def test_quantized_serving_equals_the_quantized_generator(hf_dir):
         assert done.wait(60)
     finally:
         served.engine.stop()
-    assert events == Generator(loaded.model).generate([prompt], max_new_tokens=new)[0]
+    assert events == generator.generate([prompt], max_new_tokens=new)[0]
