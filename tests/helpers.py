@@ -1,6 +1,8 @@
 """Shared test fixtures: a tiny model config and a one-call trainer for N steps on a given mesh."""
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 import numpy as np
@@ -9,6 +11,13 @@ from cgpt_jax.config import base_config, resolve
 from cgpt_jax.data import make_dataset
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.train.setup import build_run
+
+
+def one_device_env(**extra: str) -> dict[str, str]:
+    """The environment for a `python -m cgpt_jax...` subprocess that runs as a user's would, on one CPU
+    device: the 8 fake devices of conftest.py would only make it compile and run sharded, slower."""
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def tiny_config(**mesh) -> ml_collections.ConfigDict:
@@ -25,16 +34,24 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
 def train_steps(config: ml_collections.ConfigDict, n_steps: int, devices=None, compiler_options=None):
     """Run `n_steps` of the training run's own step (`build_run`); returns (losses, final state as host
     numpy arrays)."""
+    losses, _, final = train_steps_from_init(config, n_steps, devices, compiler_options)
+    return losses, final
+
+
+def train_steps_from_init(config: ml_collections.ConfigDict, n_steps: int, devices=None, compiler_options=None):
+    """`train_steps` that also returns the initial state: (losses, initial, final), states as host numpy
+    arrays, from one run (one compile of each program)."""
     devices = devices if devices is not None else jax.devices()[:1]
     run = build_run(config, make_mesh(config.mesh, devices), compiler_options=compiler_options)
     state = run.init_state()
+    initial = jax.tree.map(np.asarray, state)
     dataset = make_dataset(config.data, seq_len=config.train.seq_len,
                            global_batch_size=config.train.global_batch_size, seed=0, sharding=run.batch_sharding)
     losses = []
     for s in range(n_steps):
         state, metrics = run.train_step(state, dataset.train_batch(s))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.tree.map(np.asarray, state)
+    return np.array(losses), initial, jax.tree.map(np.asarray, state)
 
 
 def byte_bpe_tokenizer(vocab_size: int, text: str, repeats: int):

@@ -40,7 +40,7 @@ from cgpt_jax.config import resolve
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, state_shardings
 from cgpt_jax.train.param_table import PARAM_TABLE, param_table
 from cgpt_jax.train.setup import FAST_COMPILE
-from tests.helpers import tiny_config, train_steps
+from tests.helpers import one_device_env, tiny_config, train_steps_from_init
 
 BATCH, SEQ = 2, 16
 MESH_BATCH = 4  # one sequence per data shard
@@ -378,9 +378,8 @@ def check_trains(spec: str) -> None:
     for parameterization in ("sp", "mup"):
         config = train_config(spec, parameterization)
         rows = {row["param"] for row in param_table(config)["params"]}
-        _, initial = train_steps(config, 0)
         # The program that trains, compiled without XLA's slow backend passes: the suite compiles it per variant.
-        losses, final = train_steps(config, 2, compiler_options=FAST_COMPILE)
+        losses, initial, final = train_steps_from_init(config, 2, compiler_options=FAST_COMPILE)
         assert losses.shape == (2,) and np.all(np.isfinite(losses)), f"{parameterization}: losses {losses}"
         before = {"/".join(map(str, path)): p[...] for path, p in nnx.to_flat_state(initial.params)}
         after = {"/".join(map(str, path)): p[...] for path, p in nnx.to_flat_state(final.params)}
@@ -574,7 +573,8 @@ def test_documented_training_command_trains(tmp_path, mup):
     args = [f"--workdir={workdir}" if a.startswith("--workdir=") else
             a.replace("size=tiny", "size=tiny,mup=True") if mup and a.startswith("--config=") else a for a in args]
     process = subprocess.run([sys.executable, "-c", RUN_TRAINER_WITH_VARIANT, str(variant_file), *args,
-                              "--config.train.steps=3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                              "--config.train.steps=3"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                             env=one_device_env())
     assert process.returncode == 0, process.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 3

@@ -20,6 +20,7 @@ from cgpt_jax.finetune.predict import probabilities as probabilities_of
 from cgpt_jax.finetune.train import finetune
 from cgpt_jax.interop import hf
 from tests.test_finetune import _bytes_backbone, _config, _def_or_class_csv
+from tests.helpers import one_device_env
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_inputs_and_records(tmp_path):
 
 def _command(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cgpt_jax.classify", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=one_device_env())
 
 
 def test_command_reads_stdin_writes_csv_and_refuses_a_language_model(run_dir, tmp_path):

@@ -4,7 +4,6 @@ Also: text-level conventions, the offline task generators, bad input."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 from cgpt_jax.eval import tasks
 from cgpt_jax.eval.bench import random_hf_checkpoint
+from tests.helpers import one_device_env
 
 pytest.importorskip("lm_eval", reason="needs the [eval] extra (pip install 'cgpt_jax[eval]')")
 pytest.importorskip("transformers", reason="lm-eval's hf backend needs the [torch] extra")
@@ -44,8 +44,8 @@ def task_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def run_evaluate(args: list[str], home: pathlib.Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(home),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = one_device_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(home),
+                         TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen([sys.executable, "-m", "cgpt_jax.evaluate", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -1,9 +1,10 @@
 """End to end with the real trainer: a micro sweep of three models, then the analysis (about 40 s)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import one_device_env
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -11,9 +12,7 @@ EXPERIMENT = "tests/scaling_fixtures/micro_experiment.py"
 
 
 def test_micro_sweep_then_analysis(tmp_path):
-    # One CPU device per run: the 8 fake devices of conftest.py would only slow these runs down.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()}
+    env = one_device_env(PYTHONPATH=str(REPO))
     workdir = tmp_path / "sweep"
     sweep = [sys.executable, "-m", "cgpt_jax.sweep", f"--config={EXPERIMENT}", f"--workdir={workdir}"]
     out = subprocess.run(sweep, capture_output=True, text=True, check=False, env=env, cwd=REPO)
