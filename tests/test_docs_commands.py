@@ -96,6 +96,14 @@ COMMANDS = {
         skip("needs the ladder's d80l2 run; --init_from with LoRA runs in tests/test_peft_inputs.py"),
     f"{PY} -m cgpt_jax.finetune --config=experiments/peft_compare.py:init=runs/cpu_ladder/d80l2,method=adapter "
     "--workdir=runs/peft_compare/adapter": skip("needs the ladder's d80l2 run; 420 fine-tuning steps"),
+    f"{PY} -m cgpt_jax.serve --checkpoint=runs/tiny --max_batch=16 --cache_len=128":
+        skip("a server, up until stopped; tests/test_serve.py runs the command (SIGTERM drain) and its endpoints"),
+    "curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d "
+    "'{\"prompt\": [1, 2, 3], \"max_tokens\": 8, \"temperature\": 0}'": skip("needs the server above running"),
+    f"{PY} -m cgpt_jax.serve.loadtest --checkpoint=hf:runs/serve_d256l4 --config=experiments/cerebras_gpt.py:size=111m "
+    "--config.model.d_model=256 --config.model.n_layers=4 --config.model.n_heads=4 --config.model.d_ff=1024 "
+    "--requests=500 --concurrency=16,64 --cache_len=256 --output=runs/serve_d256l4.json":
+        skip("the load test of docs/serving.md, about 25 minutes on this CPU"),
 }
 
 
