@@ -329,23 +329,51 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(hf_dir, served):
     assert chunks[-1]["choices"][0]["finish_reason"] == ("stop" if expected[-1] in served.eos_ids else "length")
 
 
-def test_quantized_serving_equals_the_quantized_generator(hf_dir):
-    """--quantize=int8: the engine decodes the quantized model token for token as the offline generator."""
+@pytest.fixture(scope="module")
+def quantized(hf_dir):
     pytest.importorskip("cgpt_jax.quantize", reason="quantization (cgpt_jax/quantize) is not there")
-    from cgpt_jax.quantize import weight_bytes
+    served = build(f"hf:{hf_dir}", max_batch=2, cache_len=16, tensor_parallel=1, scheme="int8")
+    served.engine.start()
+    yield served
+    served.engine.stop()
+
+
+def _complete(engine, prompt: list[int], new: int) -> list[tuple]:
     from cgpt_jax.serve.engine import Request
 
-    served = build(f"hf:{hf_dir}", max_batch=2, cache_len=16, tensor_parallel=1, scheme="int8")
-    generator = served.engine.generator
+    events, done = [], threading.Event()
+    engine.submit(Request(prompt, new, lambda *event: (events.append(event), event[2] and done.set())))
+    assert done.wait(60)
+    return events
+
+
+def test_quantized_serving_equals_the_quantized_generator(quantized):
+    """--quantize=int8: the engine decodes the quantized model token for token as the offline generator."""
+    from cgpt_jax.quantize import weight_bytes
+
+    generator = quantized.engine.generator
     assert weight_bytes(generator.state)["quantized"] > 0
     prompt, new = [5, 9, 33, 2], 10
-    events = []
-    done = threading.Event()
-    request = Request(prompt, new, lambda token, logprob, reason: (events.append(token), reason and done.set()))
-    served.engine.start()
-    try:
-        served.engine.submit(request)
-        assert done.wait(60)
-    finally:
-        served.engine.stop()
-    assert events == generator.generate([prompt], max_new_tokens=new)[0]
+    tokens = [token for token, _, _ in _complete(quantized.engine, prompt, new)]
+    assert tokens == generator.generate([prompt], max_new_tokens=new)[0]
+
+
+def test_a_failed_engine_fails_its_requests_and_health(quantized):
+    engine = quantized.engine
+
+    def fail(*args):
+        raise RuntimeError("a failing program")
+
+    engine._step = fail
+    events = _complete(engine, [1, 2], 4)  # the first token comes from the prefill, then the step fails
+    assert len(events) == 2 and events[0][2] is None and events[1] == (-1, 0.0, "error")
+    assert isinstance(engine.failure, RuntimeError)
+    transport = httpx.ASGITransport(app=create_app(quantized, Settings(NAME)))
+
+    async def ask():
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return (await c.get("/health"),
+                    await c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4}))
+
+    health, completion = asyncio.run(ask())
+    assert health.status_code == 503 and completion.status_code == 503
