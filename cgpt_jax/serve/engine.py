@@ -16,8 +16,9 @@ the request path. A slot's results equal the prompt decoded on its own (`Generat
 same seed): rows of a batch never mix, and cache positions past a slot's own are never attended to.
 
 Requests receive events through their `emit` callback, called on the engine thread: (token, logprob,
-finish_reason or None); should a program fail, every request gets (-1, 0.0, ERROR) and the engine stops. `cancel` (a client that went away, a stop string matched by the caller) frees the
-slot at the next step. An idle slot keeps decoding a dummy token at position 0; its outputs are dropped.
+finish_reason or None); should a program fail, every request gets (-1, 0.0, ERROR) and the engine stops.
+`cancel` (a client that went away, a stop string matched by the caller) frees the slot at the next step.
+An idle slot keeps decoding whatever it holds (its position kept inside the cache); its outputs are dropped.
 """
 from __future__ import annotations
 

@@ -39,18 +39,21 @@ from absl import app, flags
 from cgpt_jax import cli, experiment_files
 from cgpt_jax.errors import InputError
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "hf:DIR or a run directory to serve.")
-_CONFIG = experiment_files.define_config_file("config", "Write a random model of this shape to DIR first.")
-_REQUESTS = flags.DEFINE_integer("requests", 500, "Requests per concurrency level.")
-_CONCURRENCY = flags.DEFINE_list("concurrency", ["16", "64"], "Concurrent clients, one run each.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "The server's decode slots.")
-_CACHE_LEN = flags.DEFINE_integer("cache_len", 256, "The server's positions per slot.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the requests.")
-_PROMPT_TOKENS = flags.DEFINE_list("prompt_tokens", ["4", "160"], "Prompt lengths: min,max.")
-_NEW_TOKENS = flags.DEFINE_list("new_tokens", ["8", "64"], "max_tokens: min,max.")
-_TIME_LIMIT = flags.DEFINE_float("time_limit", 900.0, "Seconds the whole test may take.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
-flags.mark_flag_as_required("checkpoint")
+
+def define_flags() -> None:
+    """Defined only when run as a command, so that importing this module defines no flags."""
+    flags.DEFINE_string("checkpoint", None, "hf:DIR or a run directory to serve.")
+    experiment_files.define_config_file("config", "Write a random model of this shape to DIR first.")
+    flags.DEFINE_integer("requests", 500, "Requests per concurrency level.")
+    flags.DEFINE_list("concurrency", ["16", "64"], "Concurrent clients, one run each.")
+    flags.DEFINE_integer("max_batch", 16, "The server's decode slots.")
+    flags.DEFINE_integer("cache_len", 256, "The server's positions per slot.")
+    flags.DEFINE_integer("seed", 0, "Seed of the requests.")
+    flags.DEFINE_list("prompt_tokens", ["4", "160"], "Prompt lengths: min,max.")
+    flags.DEFINE_list("new_tokens", ["8", "64"], "max_tokens: min,max.")
+    flags.DEFINE_float("time_limit", 900.0, "Seconds the whole test may take.")
+    flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
+    flags.mark_flag_as_required("checkpoint")
 
 
 def _write_random_model(config, directory: pathlib.Path) -> None:
@@ -145,9 +148,10 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def _serve(checkpoint: str) -> tuple[subprocess.Popen, str]:
+    given = flags.FLAGS
     command = [sys.executable, "-m", "cgpt_jax.serve", f"--checkpoint={checkpoint}", "--host=127.0.0.1", "--port=0",
-               f"--max_batch={_MAX_BATCH.value}", f"--cache_len={_CACHE_LEN.value}",
-               f"--max_queue={_REQUESTS.value}"]
+               f"--max_batch={given.max_batch}", f"--cache_len={given.cache_len}",
+               f"--max_queue={given.requests}"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     line = server.stdout.readline()
     found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
@@ -158,23 +162,25 @@ def _serve(checkpoint: str) -> tuple[subprocess.Popen, str]:
 
 
 def run(checkpoint: str) -> dict:
-    deadline = time.monotonic() + _TIME_LIMIT.value
-    prompt_range = tuple(int(v) for v in _PROMPT_TOKENS.value)
-    new_range = tuple(int(v) for v in _NEW_TOKENS.value)
-    if prompt_range[1] + new_range[1] > _CACHE_LEN.value:
+    given = flags.FLAGS
+    deadline = time.monotonic() + given.time_limit
+    prompt_range = tuple(int(v) for v in given.prompt_tokens)
+    new_range = tuple(int(v) for v in given.new_tokens)
+    if prompt_range[1] + new_range[1] > given.cache_len:
         raise InputError(f"--prompt_tokens up to {prompt_range[1]} plus --new_tokens up to {new_range[1]} do not "
-                         f"fit --cache_len={_CACHE_LEN.value} — raise --cache_len or lower them")
+                         f"fit --cache_len={given.cache_len} — raise --cache_len or lower them")
     from cgpt_jax import generate
     from cgpt_jax.infer import Generator
 
     loaded, mesh = generate.load(cli.resolve_path(checkpoint.removeprefix("hf:")))
     generator = Generator(loaded.model, mesh=mesh, rules=loaded.rules)
-    bodies = _requests(generator.vocab_size, _REQUESTS.value, _SEED.value, prompt_range, new_range)
+    bodies = _requests(generator.vocab_size, given.requests, given.seed, prompt_range, new_range)
     expected, baseline = _offline(generator, loaded.eos_ids, bodies)
     cfg = loaded.model.cfg
     del loaded, generator  # the server is a process of its own
     results = {"cpu": _cpu(), "model": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "vocab_size")},
-               "max_batch": _MAX_BATCH.value, "cache_len": _CACHE_LEN.value, "one_at_a_time": baseline, "runs": []}
+               "max_batch": given.max_batch, "cache_len": given.cache_len, "one_at_a_time": baseline,
+               "runs": []}
     server, url = _serve(checkpoint)
     memory: list[float] = []
     sampling = threading.Event()
@@ -187,7 +193,7 @@ def run(checkpoint: str) -> dict:
     try:
         memory.append(_rss_mib(server.pid))
         sampler.start()
-        for concurrency in (int(c) for c in _CONCURRENCY.value):
+        for concurrency in (int(c) for c in given.concurrency):
             before = len(memory)
             outcomes, seconds = asyncio.run(_load(url, bodies, concurrency, deadline))
             done = [o for o in outcomes if o["status"] == 200 and o["finish"] is not None]
@@ -198,7 +204,8 @@ def run(checkpoint: str) -> dict:
                 "lost": len(bodies) - len(done), "wrong": wrong, "seconds": seconds, "output_tokens": tokens,
                 "output_tokens_per_s": tokens / seconds,
                 "speedup_vs_one_at_a_time": tokens / seconds / baseline["output_tokens_per_s"],
-                "ttft_s": _percentiles([o["ttft"] for o in done]), "latency_s": _percentiles([o["latency"] for o in done]),
+                "ttft_s": _percentiles([o["ttft"] for o in done]),
+                "latency_s": _percentiles([o["latency"] for o in done]),
                 "server_rss_mib": {"start": memory[before - 1], "end": memory[-1], "max": max(memory[before - 1:])},
                 "errors": sorted({str(o["status"]) for o in outcomes if o["status"] != 200})[:5]})
     finally:
@@ -216,20 +223,23 @@ def _cpu() -> str:
 
 
 def main(argv: list[str]) -> None:
+    given = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    checkpoint = _CHECKPOINT.value
-    if _CONFIG.value is not None:
+    checkpoint = given.checkpoint
+    if given.config is not None:
         from cgpt_jax.config import resolve
-        _write_random_model(resolve(_CONFIG.value), pathlib.Path(cli.resolve_path(checkpoint.removeprefix("hf:"))))
+        directory = pathlib.Path(cli.resolve_path(checkpoint.removeprefix("hf:")))
+        _write_random_model(resolve(given.config), directory)
     results = run(checkpoint)
     text = json.dumps(results, indent=1)
     print(text)
-    if _OUTPUT.value:
-        pathlib.Path(cli.resolve_path(_OUTPUT.value)).write_text(text + "\n", encoding="utf-8")
+    if given.output:
+        pathlib.Path(cli.resolve_path(given.output)).write_text(text + "\n", encoding="utf-8")
     if any(r["lost"] or r["wrong"] for r in results["runs"]) or results["server_exit_status"] != 0:
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

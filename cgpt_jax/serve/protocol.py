@@ -151,7 +151,7 @@ def parse_completion(body: bytes, *, model_name: str, vocab_size: int, cache_len
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "stream_options must be an object with at most 'include_usage'", "stream_options")
     return Completion(ids, max_tokens, temperature, top_p, top_k, tuple(stop), seed, get("stream", False),
-                      bool(options.get("include_usage", False)), "logprobs" in fields and fields["logprobs"] is not None)
+                      bool(options.get("include_usage", False)), fields.get("logprobs") is not None)
 
 
 def parse_classify(body: bytes, *, model_name: str) -> list[str]:
