@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn, openai, httpx) is not installed")
+pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn, prometheus_client, openai, httpx) "
+                               "is not installed")
+pytest.importorskip("prometheus_client", reason="the [serve] extra is not installed")
 httpx = pytest.importorskip("httpx", reason="the [serve] extra is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
 
