@@ -78,6 +78,12 @@ COMMANDS = {
     "--tasks cgpt_stdlib_bpb,cgpt_stdlib_nextline,cgpt_stdlib_lastident --include_path runs/eval_tasks":
         skip("needs the ladder's runs; about 4 minutes"),
     f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.eval.bench": skip("a speed measurement, about 4 minutes"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cpu_ladder.py:size=d48l2 --workdir=runs/d48l2_tasks "
+    "--config.eval.tasks=cgpt_stdlib_nextline,cgpt_stdlib_lastident,cgpt_stdlib_bpb --config.eval.limit=100":
+        skip("a d48l2 rung with five task evaluations, minutes; tests/test_eval_during_training.py trains with a task"),
+    f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.evaluate --model cgpt_jax --model_args checkpoint=runs/d48l2_tasks "
+    "--tasks cgpt_stdlib_nextline,cgpt_stdlib_lastident,cgpt_stdlib_bpb --include_path runs/eval_tasks --limit 100 "
+    "--batch_size 32": skip("needs the run above; tests/test_eval_during_training.py scores a checkpoint the same way"),
     f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2 "
     "--workdir=runs/cls/pretrained": skip("needs the ladder's d80l2 run; fine-tuning runs in tests/test_finetune.py"),
     f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2,"

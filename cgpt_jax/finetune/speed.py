@@ -2,9 +2,12 @@
 timed in one process, taking turns round by round (so a slow spell of a shared machine hits both alike).
 
     python -m cgpt_jax.finetune.speed --backbone=runs/cpu_ladder/d80l2 [--batch=32 --seq_len=128 --rounds=9]
+    python -m cgpt_jax.finetune.speed --backbone=runs/cpu_ladder/d80l2 --compare=buckets
 
 Both steps come from `build_run` (the language-modelling objective, and the classification objective with
-8 labels); batches are random tokens (the classifier's with random lengths and labels).
+8 labels); batches are random tokens (the classifier's with random lengths and labels). `--compare=buckets`
+instead times the fine-tuning step on `stdlib_topics`' training batches in order, padded to their length
+buckets against padded to seq_len (finetune.length_buckets), each shape compiled before timing.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size of both steps.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Sequence length of both steps.")
 _ROUNDS = flags.DEFINE_integer("rounds", 9, "Timed rounds; each times both steps in turn.")
 _STEPS = flags.DEFINE_integer("steps_per_round", 10, "Steps per stepper per round.")
+_COMPARE = flags.DEFINE_enum("compare", "pretraining", ["pretraining", "buckets"], "What the fine-tuning step "
+                             "is timed against: the pretraining step, or itself on unbucketed batches.")
 flags.mark_flags_as_required(["backbone"])
 
 NUM_LABELS = 8
@@ -52,9 +57,57 @@ def stepper(name: str, config: ml_collections.ConfigDict, objective: Objective, 
     return Stepper(name, step, compile_s, 0.0, None, "", 0)
 
 
+def epoch_stepper(name: str, run, data) -> Stepper:
+    """Steps through `data`'s batches in training order, each of its shapes compiled first."""
+    state = run.init_state()
+    start = time.perf_counter()
+    epoch = data.epoch_batches(0)
+    for length in sorted({length for _, length in epoch}):
+        state, _ = run.train_step(state, data.train_batch(next(k for k, (_, n) in enumerate(epoch) if n == length)))
+    jax.block_until_ready(state)
+    compile_s, step_index = time.perf_counter() - start, 0
+
+    def step() -> float:
+        nonlocal state, step_index
+        state, metrics = run.train_step(state, data.train_batch(step_index))
+        step_index += 1
+        return float(metrics["loss"])  # waits for the step
+
+    return Stepper(name, step, compile_s, 0.0, None, "", 0)
+
+
+def bucket_steppers(backbone: str) -> list[Stepper]:
+    """The fine-tuning step on stdlib_topics' training batches, with and without length buckets."""
+    from cgpt_jax.finetune.data import ClassificationData
+    from cgpt_jax.finetune.train import prepare
+
+    config = base_config()
+    config.finetune.init, config.train.global_batch_size, config.train.seq_len = backbone, _BATCH.value, _SEQ_LEN.value
+    config, _, task, encoded = prepare(config, jax.device_count())
+    run = build_run(config, make_mesh(config.mesh, jax.devices()),
+                    objective=ClassificationObjective(len(task.label_names), "softmax"))
+    return [epoch_stepper(name, run, ClassificationData(encoded["train"], global_batch_size=_BATCH.value, seed=0,
+                                                       shardings=run.batch_shardings,
+                                                       vocab_size=config.model.vocab_size, description={},
+                                                       length_buckets=length_buckets))
+            for name, length_buckets in (("length buckets", True), ("max_len", False))]
+
+
+def compare_buckets(backbone: str) -> dict:
+    steppers = bucket_steppers(backbone)
+    times = time_alternately(steppers, _ROUNDS.value, _STEPS.value)
+    result = {s.name: {"seconds_per_step": statistics.mean(times[s.name]), "compile_s": s.compile_s}
+              for s in steppers}
+    result["speed_up"] = statistics.mean(times["max_len"]) / statistics.mean(times["length buckets"])
+    return result
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _COMPARE.value == "buckets":
+        print(json.dumps(compare_buckets(cli.resolve_path(_BACKBONE.value)), indent=2))
+        return
     raw = json.loads(open(run_dir.path(cli.resolve_path(_BACKBONE.value), run_dir.CONFIG)).read())
     config = base_config()  # the defaults of both runs, with the backbone's model
     config.model = ml_collections.ConfigDict(raw["model"])
