@@ -23,10 +23,12 @@ from absl import app, flags
 from cgpt_jax import cli, run_dir
 from cgpt_jax.bench.runners import Stepper, median_ratio, random_tokens, time_alternately
 from cgpt_jax.config import base_config, resolve
+from cgpt_jax.finetune.data import ClassificationData
 from cgpt_jax.finetune.objective import ClassificationObjective
+from cgpt_jax.finetune.train import prepare
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.train.objective import LANGUAGE_MODELING, Objective
-from cgpt_jax.train.setup import build_run
+from cgpt_jax.train.setup import Run, build_run
 
 _BACKBONE = flags.DEFINE_string("backbone", None, "A pretraining run directory (its config.json's model).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size of both steps.")
@@ -57,7 +59,7 @@ def stepper(name: str, config: ml_collections.ConfigDict, objective: Objective, 
     return Stepper(name, step, compile_s, 0.0, None, "", 0)
 
 
-def epoch_stepper(name: str, run, data) -> Stepper:
+def epoch_stepper(name: str, run: Run, data: ClassificationData) -> Stepper:
     """Steps through `data`'s batches in training order, each of its shapes compiled first."""
     state = run.init_state()
     start = time.perf_counter()
@@ -78,9 +80,6 @@ def epoch_stepper(name: str, run, data) -> Stepper:
 
 def bucket_steppers(backbone: str) -> list[Stepper]:
     """The fine-tuning step on stdlib_topics' training batches, with and without length buckets."""
-    from cgpt_jax.finetune.data import ClassificationData
-    from cgpt_jax.finetune.train import prepare
-
     config = base_config()
     config.finetune.init, config.train.global_batch_size, config.train.seq_len = backbone, _BATCH.value, _SEQ_LEN.value
     config, _, task, encoded = prepare(config, jax.device_count())
