@@ -20,7 +20,12 @@ from flax import nnx
 
 from cgpt_jax import cli, quantize
 from cgpt_jax.infer import Generator
-from cgpt_jax.infer.bench_decode import SHAPES, cpu_model, interleaved_medians, model_config
+from cgpt_jax.infer.bench_decode import (
+    SHAPES,
+    cpu_model,
+    interleaved_medians,
+    model_config,
+)
 from cgpt_jax.model import GPT
 
 
@@ -36,7 +41,7 @@ def main(argv: list[str]) -> None:
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()}
     for batch in (int(b) for b in args.batch):
         prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len)).tolist()
-        runs = {name: (lambda n, g=g: g.generate(prompts, max_new_tokens=n)) for name, g in generators.items()}
+        runs = {name: (lambda n, g=g, p=prompts: g.generate(p, max_new_tokens=n)) for name, g in generators.items()}
         load_start = os.getloadavg()
         medians = interleaved_medians(runs, (1, args.new_tokens), args.repeats)
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
