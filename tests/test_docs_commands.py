@@ -78,6 +78,12 @@ COMMANDS = {
     "--tasks cgpt_stdlib_bpb,cgpt_stdlib_nextline,cgpt_stdlib_lastident --include_path runs/eval_tasks":
         skip("needs the ladder's runs; about 4 minutes"),
     f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.eval.bench": skip("a speed measurement, about 4 minutes"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cpu_ladder.py:size=d48l2 --workdir=runs/d48l2_tasks "
+    "--config.eval.tasks=cgpt_stdlib_nextline,cgpt_stdlib_lastident,cgpt_stdlib_bpb --config.eval.limit=100":
+        skip("a d48l2 rung with five task evaluations, minutes; tests/test_eval_during_training.py trains with a task"),
+    f"HF_DATASETS_OFFLINE=1 {PY} -m cgpt_jax.evaluate --model cgpt_jax --model_args checkpoint=runs/d48l2_tasks "
+    "--tasks cgpt_stdlib_nextline,cgpt_stdlib_lastident,cgpt_stdlib_bpb --include_path runs/eval_tasks --limit 100 "
+    "--batch_size 32": skip("needs the run above; tests/test_eval_during_training.py scores a checkpoint the same way"),
     f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2 "
     "--workdir=runs/cls/pretrained": skip("needs the ladder's d80l2 run; fine-tuning runs in tests/test_finetune.py"),
     f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=stdlib_topics,init=runs/cpu_ladder/d80l2,"
@@ -96,6 +102,14 @@ COMMANDS = {
         skip("needs the ladder's d80l2 run; --init_from with LoRA runs in tests/test_peft_inputs.py"),
     f"{PY} -m cgpt_jax.finetune --config=experiments/peft_compare.py:init=runs/cpu_ladder/d80l2,method=adapter "
     "--workdir=runs/peft_compare/adapter": skip("needs the ladder's d80l2 run; 420 fine-tuning steps"),
+    f"{PY} -m cgpt_jax.serve --checkpoint=runs/tiny --max_batch=16 --cache_len=128":
+        skip("a server, up until stopped; tests/test_serve.py runs the command (SIGTERM drain) and its endpoints"),
+    "curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d "
+    "'{\"prompt\": [1, 2, 3], \"max_tokens\": 8, \"temperature\": 0}'": skip("needs the server above running"),
+    f"{PY} -m cgpt_jax.serve.loadtest --checkpoint=hf:runs/serve_d256l4 --config=experiments/cerebras_gpt.py:size=111m "
+    "--config.model.d_model=256 --config.model.n_layers=4 --config.model.n_heads=4 --config.model.d_ff=1024 "
+    "--requests=500 --concurrency=16,64 --cache_len=256 --output=runs/serve_d256l4.json":
+        skip("the load test of docs/serving.md, about 25 minutes on this CPU"),
     f"{PY} -m cgpt_jax.quantize --checkpoint=runs/cpu_ladder/d80l2 --scheme=int8 --output=runs/d80l2-int8":
         skip("needs the ladder's d80l2 run; quantized checkpoints are written and loaded in tests/test_quantize.py"),
     f"{PY} -m cgpt_jax.generate --checkpoint=runs/d80l2-int8 '--prompt=def main(' --max_new_tokens=40":
