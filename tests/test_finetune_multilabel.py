@@ -108,6 +108,7 @@ def test_multilabel_fine_tuning_learns_and_reports_multilabel_metrics(tmp_path):
     config = _config(_bytes_backbone(tmp_path), _multilabel_jsonl(tmp_path / "email.jsonl"), eval_every=60)
     config.finetune.from_scratch, config.finetune.loss = True, "sigmoid"
     config.finetune.length_buckets = False  # one train-step shape: fewer compiles (buckets: the tests above)
+    config.checkpoint.every_steps = 60  # one save
     workdir = tmp_path / "run"
     summary = finetune(config, str(workdir), show_progress=False)
     losses = [r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
