@@ -5,8 +5,10 @@
     some_command | python -m cgpt_jax.classify --checkpoint=RUN_DIR          (one text per line of stdin)
 
 Each text gets one record: the text, its predicted `label` and the `probabilities` of every label (a softmax,
-or each label's sigmoid for a run trained with finetune.loss=sigmoid). Records go to stdout as JSON lines, or
-to --output: FILE.jsonl (the same lines) or FILE.csv (text, label, then one prob_<label> column per label).
+or each label's sigmoid for a run trained with finetune.loss=sigmoid); a multi-label run's records have
+`labels` instead: every label with probability >= 0.5. Records go to stdout as JSON lines, or to --output:
+FILE.jsonl (the same lines) or FILE.csv (text, label (or labels, joined by '|'), then one prob_<label>
+column per label).
 --input is a .jsonl or .csv/.tsv file (the text in the field named by --text_field) or any other file with
 one text per line (blank lines skipped). The run's best checkpoint (DIR/best/) is used when it has one,
 else its newest; texts longer than the run's max_len are cut to their first max_len tokens, as in training.
@@ -25,7 +27,7 @@ from absl import app, flags, logging
 
 from cgpt_jax import cli, quantize
 from cgpt_jax.errors import InputError
-from cgpt_jax.finetune.data import read_texts
+from cgpt_jax.finetune.data import MULTI_LABEL_SEPARATOR, read_texts
 from cgpt_jax.finetune.predict import Classifier, load_classifier
 
 
@@ -75,18 +77,28 @@ def read_inputs(texts: list[str] | None, input_path: str | None, text_field: str
     return [text for text, _ in rows]
 
 
-def records(texts: list[str], probabilities_NxC: np.ndarray, label_names: list[str]) -> list[dict]:
-    return [{"text": text, "label": label_names[int(p_C.argmax())],
-             "probabilities": {name: float(p) for name, p in zip(label_names, p_C)}}
-            for text, p_C in zip(texts, probabilities_NxC)]
+def records(texts: list[str], probabilities_NxC: np.ndarray, label_names: list[str],
+            multi_label: bool = False) -> list[dict]:
+    """One record per text: its `label` (the most probable), or for a multi-label run its `labels` (every
+    label whose probability is >= 0.5, most probable first), and every label's probability."""
+    rows = []
+    for text, p_C in zip(texts, probabilities_NxC):
+        if multi_label:
+            chosen = {"labels": [label_names[i] for i in np.argsort(-p_C, kind="stable") if p_C[i] >= 0.5]}
+        else:
+            chosen = {"label": label_names[int(p_C.argmax())]}
+        rows.append({"text": text, **chosen, "probabilities": {name: float(p) for name, p in zip(label_names, p_C)}})
+    return rows
 
 
 def write_records(rows: list[dict], label_names: list[str], out: TextIO, kind: str) -> None:
     if kind == ".csv":
         writer = csv.writer(out)
-        writer.writerow(["text", "label", *(f"prob_{name}" for name in label_names)])
+        multi_label = bool(rows) and "labels" in rows[0]
+        writer.writerow(["text", "labels" if multi_label else "label", *(f"prob_{name}" for name in label_names)])
         for r in rows:
-            writer.writerow([r["text"], r["label"], *(r["probabilities"][name] for name in label_names)])
+            chosen = MULTI_LABEL_SEPARATOR.join(r["labels"]) if multi_label else r["label"]
+            writer.writerow([r["text"], chosen, *(r["probabilities"][name] for name in label_names)])
     else:
         for r in rows:
             out.write(json.dumps(r) + "\n")
@@ -96,7 +108,7 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
     probabilities_NxC, truncated = classifier.predict(texts, batch_size)
     if truncated:
         logging.info("%d of %d texts were cut to their first %d tokens", truncated, len(texts), classifier.max_len)
-    return records(texts, probabilities_NxC, classifier.label_names)
+    return records(texts, probabilities_NxC, classifier.label_names, classifier.multi_label)
 
 
 def main(argv: list[str]) -> None:

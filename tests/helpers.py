@@ -13,6 +13,11 @@ from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.train.setup import build_run
 
 
+# XLA's default backend optimisation level, which conftest.py lowers for the suite: for the few checks whose
+# subject is the numerics of XLA's own code at a user's settings.
+XLA_DEFAULT_BACKEND = {"xla_backend_optimization_level": 3}
+
+
 def one_device_env(**extra: str) -> dict[str, str]:
     """The environment for a `python -m cgpt_jax...` subprocess that runs as a user's would, on one CPU
     device: the 8 fake devices of conftest.py would only make it compile and run sharded, slower."""

@@ -40,7 +40,7 @@ from cgpt_jax.config import resolve
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, state_shardings
 from cgpt_jax.train.param_table import PARAM_TABLE, param_table
 from cgpt_jax.train.setup import FAST_COMPILE
-from tests.helpers import one_device_env, tiny_config, train_steps_from_init
+from tests.helpers import XLA_DEFAULT_BACKEND, one_device_env, tiny_config, train_steps_from_init
 
 BATCH, SEQ = 2, 16
 MESH_BATCH = 4  # one sequence per data shard
@@ -304,7 +304,9 @@ def check_gradients(spec: str) -> None:
         def loss(state, x):
             return (nnx.merge(graphdef, state)(x) * weights).sum()
 
-        grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(c.state, x)
+        # At XLA's default level: level 0 (conftest.py) gives NaN in the float64 gradient of
+        # alibi+blockwise that the same program computes finite, and equal to finite differences, at 3.
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=XLA_DEFAULT_BACKEND)(c.state, x)
         assert all(bool(np.isfinite(g).all()) for g in jax.tree.leaves(grads)), "gradients: not finite"
         analytic = sum(float((np.asarray(g) * d).sum()) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
 

@@ -1,6 +1,8 @@
 """Fine-tuning: length-bucketed training batches (bounded shapes, deterministic, every row once per epoch)
 and multi-label data (lists of labels, sigmoid loss, multi-label metrics against scikit-learn, refused
 mixed input)."""
+import csv
+import io
 import json
 import pathlib
 import sysconfig
@@ -8,10 +10,12 @@ import sysconfig
 import numpy as np
 import pytest
 
+from cgpt_jax import classify
 from cgpt_jax.errors import InputError
-from cgpt_jax.finetune.data import ClassificationData, Encoded, bucket_length
+from cgpt_jax.finetune.data import ClassificationData, Encoded, bucket_length, read_task
 from cgpt_jax.finetune.metrics import majority_baseline, multilabel_metrics
 from cgpt_jax.finetune.objective import classification_loss
+from cgpt_jax.finetune.predict import load_classifier
 from cgpt_jax.finetune.train import finetune
 
 from tests.test_finetune import _bytes_backbone, _config
@@ -118,6 +122,23 @@ def test_multilabel_fine_tuning_learns_and_reports_multilabel_metrics(tmp_path):
     assert test["micro_f1"] > 0.8 and test["exact_match"] > summary["majority_baseline_test"]["accuracy"] + 0.2
     description = json.loads((workdir / "config.json").read_text())["data_description"]
     assert description["multi_label"] and description["label_names"] == ["class", "method", "private"]
+
+    # classify gives each test text its label set (every label with probability >= 0.5), the sets the run's
+    # own test metrics were computed from.
+    classifier = load_classifier(str(workdir))
+    task = read_task(config.finetune)
+    rows = classify.classify(classifier, [e.text for e in task.splits["test"]], batch_size=16)
+    for row in rows:
+        p = row["probabilities"]
+        assert row["labels"] == sorted([n for n in p if p[n] >= 0.5], key=lambda n: -p[n]) and "label" not in row
+    predicted_NxC = np.array([[name in row["labels"] for name in task.label_names] for row in rows])
+    again = multilabel_metrics(task.label_ids("test"), predicted_NxC, task.label_names)
+    assert again["micro_f1"] == pytest.approx(test["micro_f1"], abs=1e-12)
+    assert again["exact_match"] == pytest.approx(test["exact_match"], abs=1e-12)
+    out = io.StringIO()
+    classify.write_records(rows, classifier.label_names, out, ".csv")
+    header, first, *_ = list(csv.reader(io.StringIO(out.getvalue())))
+    assert header[:2] == ["text", "labels"] and first[1] == "|".join(rows[0]["labels"])
 
 
 def test_mixed_or_softmax_multilabel_input_is_refused(tmp_path):

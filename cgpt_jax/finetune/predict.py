@@ -70,6 +70,7 @@ class Classifier:
     loss: str  # 'softmax' | 'sigmoid', as trained
     max_len: int  # longer texts are cut to their first max_len tokens (a run's train.seq_len)
     source: str  # the checkpoint ('DIR/checkpoints/STEP') or HF directory the parameters came from
+    multi_label: bool = False  # trained on label sets: each label whose sigmoid is >= 0.5 applies
 
     def forward(self, tokens_BxL: np.ndarray, lengths_B: np.ndarray) -> jax.Array:
         """Class logits [B, C]; jitted, so one compile per (B, L)."""
@@ -146,4 +147,5 @@ def _load_float_classifier(directory: pathlib.Path) -> Classifier:
     if model.peft is not None and peft.build(method).mergeable:
         model = peft_training.merge(model)  # LoRA folded in: the base model's forward pass and speed
     return Classifier(model, tokenizer, list(description["label_names"]), raw["finetune"]["loss"],
-                      raw["train"]["seq_len"], os.path.join(source.directory, str(source.step)))
+                      raw["train"]["seq_len"], os.path.join(source.directory, str(source.step)),
+                      multi_label=bool(description.get("multi_label", False)))
