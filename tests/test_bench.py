@@ -3,7 +3,6 @@ and the comparison CLI reports both frameworks."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from cgpt_jax.config import resolve
 from cgpt_jax.train.optimizer import make_optimizer
 from cgpt_jax.train.objective import LANGUAGE_MODELING
 from cgpt_jax.train.step import loss_and_grads
-from tests.helpers import tiny_config
+from tests.helpers import one_device_env, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +100,7 @@ def test_torch_reference_refuses_what_it_does_not_implement():
 
 def test_compare_cli_reports_both_frameworks(tmp_path):
     out = tmp_path / "bench.jsonl"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = one_device_env()
     command = [sys.executable, "-m", "cgpt_jax.bench", "--config=experiments/cpu_bench.py:size=d16l2",
                "--compare=torch", "--rounds=2", "--steps=1", "--label=d16l2", f"--out={out}"]
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
