@@ -226,9 +226,9 @@ def test_mesh_shards_the_cache_by_heads_and_matches_one_device(model, generator)
     assert sharded.generate(PROMPTS, max_new_tokens=NEW) == generator.generate(PROMPTS, max_new_tokens=NEW)
 
     prompts = np.zeros((4, 8), np.int32)
-    _, _, caches = sharded.prefill(sharded.state, sharded.layers, sharded._place(prompts, ("batch", "length")),
-                                   sharded._place(np.ones(4, np.int32), ("batch",)),
-                                   sharded._place(np.zeros(4, np.int32), ("batch",)), cache_len=16,
+    _, _, caches = sharded.prefill(sharded.state, sharded.layers, sharded.place(prompts, ("batch", "length")),
+                                   sharded.place(np.ones(4, np.int32), ("batch",)),
+                                   sharded.place(np.zeros(4, np.int32), ("batch",)), cache_len=16,
                                    sampling=Sampling())
     assert len(caches) == model.cfg.n_layers
     for array in (a for cache in caches for a in cache.values()):  # [batch, kv_heads, length, head_dim]

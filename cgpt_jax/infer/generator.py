@@ -72,13 +72,15 @@ class Generator:
 
     # --- the two compiled programs -----------------------------------------------------------------
 
-    def _sharding_context(self) -> contextlib.AbstractContextManager:
+    def sharding_context(self) -> contextlib.AbstractContextManager:
+        """The mesh's activation-sharding rules, under which the model's programs are traced."""
         return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
     def _unstack(self, state: nnx.State) -> list[nnx.State]:
         return [nnx.state(block) for block in nnx.merge(self.graphdef, state).layer_blocks()]
 
-    def _merge(self, state: nnx.State, layers: list[nnx.State]) -> tuple[GPT, list[Block]]:
+    def merge(self, state: nnx.State, layers: list[nnx.State]) -> tuple[GPT, list[Block]]:
+        """The model and its per-layer blocks from the weights the programs take as arguments."""
         return nnx.merge(self.graphdef, state), [nnx.merge(self.block_graphdef, layer) for layer in layers]
 
     def _prefill(self, state: nnx.State, layers: list[nnx.State], prompts_BxP: jax.Array, lengths_D: jax.Array,
@@ -86,9 +88,9 @@ class Generator:
                  ) -> tuple[jax.Array, jax.Array, list[Cache]]:
         """Right-padded prompts, B rows → (first new token [D], the logits it was chosen from [B, V], caches
         of D ≥ B rows). D is the decode batch (`batch_sizes`); rows B.. are padding, zeros in the cache."""
-        model, blocks = self._merge(state, layers)
+        model, blocks = self.merge(state, layers)
         batch, decode_batch = prompts_BxP.shape[0], lengths_D.shape[0]
-        with self._sharding_context():
+        with self.sharding_context():
             caches = model.init_layer_caches(batch, cache_len)
             x_BxPxD, caches = model.extend_layers(blocks, prompts_BxP, caches, jnp.zeros((batch,), jnp.int32),
                                                   prefill=True)
@@ -105,8 +107,8 @@ class Generator:
                 ) -> tuple[jax.Array, jax.Array, list[Cache]]:
         """Feed each sequence's new token number `index` (at position lengths_B + index) → (token number
         index + 1 [B], its logits [B, V], caches)."""
-        model, blocks = self._merge(state, layers)
-        with self._sharding_context():
+        model, blocks = self.merge(state, layers)
+        with self.sharding_context():
             x_Bx1xD, caches = model.extend_layers(blocks, tokens_B[:, None], caches, lengths_B + index)
             logits_BxV = model.head(x_Bx1xD)[:, 0]
         return choose(logits_BxV, seeds_B, index + 1, sampling), logits_BxV, caches
@@ -143,7 +145,8 @@ class Generator:
             checked.append(prompt)
         return checked
 
-    def _bucket(self, n: int) -> int:
+    def bucket(self, n: int) -> int:
+        """The compiled length for `n` positions: the next power of two, within [min_bucket, max_len]."""
         return min(self.max_len, max(self.min_bucket, _next_power_of_two(n)))
 
     def batch_sizes(self, batch: int) -> tuple[int, int]:
@@ -155,9 +158,10 @@ class Generator:
 
     def cache_len(self, longest_prompt: int, max_new_tokens: int) -> int:
         """Cache positions of a request whose longest prompt has `longest_prompt` tokens."""
-        return max(self._bucket(longest_prompt), self._bucket(longest_prompt + max_new_tokens))
+        return max(self.bucket(longest_prompt), self.bucket(longest_prompt + max_new_tokens))
 
-    def _place(self, array: np.ndarray, axes: tuple[str, ...]) -> jax.Array:
+    def place(self, array: np.ndarray, axes: tuple[str, ...]) -> jax.Array:
+        """`array` on the mesh, laid out by its logical `axes`."""
         if self.mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, NamedSharding(self.mesh, logical_to_spec(axes, self.rules)))
@@ -179,7 +183,7 @@ class Generator:
         if not 0 <= seed < 2**31 - decode_batch:
             raise ValueError(f"seed={seed} must be in [0, {2**31 - decode_batch}) (row b uses seed + b, an int32)")
         longest = max(len(p) for p in prompts)
-        prompt_len = self._bucket(longest)
+        prompt_len = self.bucket(longest)
         cache_len = self.cache_len(longest, max_new_tokens)
 
         prompts_BxP = np.zeros((padded_batch, prompt_len), np.int32)
@@ -188,10 +192,10 @@ class Generator:
             prompts_BxP[b, :len(prompt)] = prompt
             lengths_B[b] = len(prompt)
         seeds_B = (seed + np.arange(decode_batch)).astype(np.int32)
-        lengths = self._place(lengths_B, ("batch",))
-        seeds = self._place(seeds_B, ("batch",))
+        lengths = self.place(lengths_B, ("batch",))
+        seeds = self.place(seeds_B, ("batch",))
 
-        next_B, _, caches = self.prefill(self.state, self.layers, self._place(prompts_BxP, ("batch", "length")),
+        next_B, _, caches = self.prefill(self.state, self.layers, self.place(prompts_BxP, ("batch", "length")),
                                          lengths, seeds, cache_len=cache_len, sampling=sampling)
         active = [True] * batch
         for index in range(max_new_tokens):

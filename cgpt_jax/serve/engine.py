@@ -78,7 +78,7 @@ class Engine:
         self.generator = generator
         self.slots = slots
         self.prefill_batch = generator.batch_sizes(1)[0]
-        self.buckets = sorted({generator._bucket(n) for n in range(1, self.cache_len)})
+        self.buckets = sorted({generator.bucket(n) for n in range(1, self.cache_len)})
         model = nnx.merge(generator.graphdef, generator.state)
         self._cache_axes = {name: spec.logical_axes for name, spec in model.blocks.attn.cache_layout(1, 1).items()}
         self._insert = jax.jit(self._insert_program, donate_argnames=("caches", "state"))
@@ -96,8 +96,8 @@ class Engine:
 
     # The weights are arguments, never captured: a captured array would be compiled into the program.
     def _empty(self, weights: nnx.State, layers: list[nnx.State]) -> tuple[list[Cache], SlotState]:
-        model = self.generator._merge(weights, layers)[0]
-        with self.generator._sharding_context():
+        model = self.generator.merge(weights, layers)[0]
+        with self.generator.sharding_context():
             caches = model.init_layer_caches(self.slots, self.cache_len)
         zeros = jnp.zeros((self.slots,), jnp.int32)
         state = {"token": zeros, "position": zeros, "index": zeros, "seed": zeros, "top_k": zeros,
@@ -110,7 +110,7 @@ class Engine:
         logprob). `settings` holds the request's prompt length as 'position' and its sampling settings."""
         token_1, logprob_1 = choose_rows(logits_BxV[:1], settings["temperature"][None], settings["top_k"][None],
                                          settings["top_p"][None], settings["seed"][None], jnp.zeros((1,), jnp.int32))
-        with self.generator._sharding_context():
+        with self.generator.sharding_context():
             caches = [{name: constrain(jax.lax.dynamic_update_slice_in_dim(cache[name], new[name][:1], slot, axis=0),
                                        self._cache_axes[name]) for name in cache}
                       for cache, new in zip(caches, new_caches)]
@@ -121,8 +121,8 @@ class Engine:
     def _step_program(self, weights: nnx.State, layers: list[nnx.State], caches: list[Cache], state: SlotState
                       ) -> tuple[list[Cache], SlotState, jax.Array, jax.Array]:
         """Every slot feeds its token at its position → (caches, state, next tokens [S], their logprobs [S])."""
-        model, blocks = self.generator._merge(weights, layers)
-        with self.generator._sharding_context():
+        model, blocks = self.generator.merge(weights, layers)
+        with self.generator.sharding_context():
             x_Sx1xD, caches = model.extend_layers(blocks, state["token"][:, None], caches, state["position"])
             logits_SxV = model.head(x_Sx1xD)[:, 0]
         index_S = state["index"] + 1
@@ -230,12 +230,12 @@ class Engine:
     def _admit(self, request: Request, slot: int) -> None:
         generator = self.generator
         n = len(request.prompt)
-        prompts_BxP = np.zeros((self.prefill_batch, generator._bucket(n)), np.int32)
+        prompts_BxP = np.zeros((self.prefill_batch, generator.bucket(n)), np.int32)
         prompts_BxP[0, :n] = request.prompt
         lengths_B = np.full((self.prefill_batch,), n, np.int32)
         _, logits_BxV, new_caches = generator.prefill(
-            generator.state, generator.layers, generator._place(prompts_BxP, ("batch", "length")),
-            generator._place(lengths_B, ("batch",)), generator._place(np.zeros_like(lengths_B), ("batch",)),
+            generator.state, generator.layers, generator.place(prompts_BxP, ("batch", "length")),
+            generator.place(lengths_B, ("batch",)), generator.place(np.zeros_like(lengths_B), ("batch",)),
             cache_len=self.cache_len, sampling=Sampling())
         settings = {"position": np.int32(n), "seed": np.int32(request.seed), "top_k": np.int32(request.top_k),
                     "temperature": np.float32(request.temperature), "top_p": np.float32(request.top_p)}

@@ -84,7 +84,7 @@ def _offline(generator, eos_ids: tuple[int, ...], bodies: list[dict]) -> tuple[l
                                           stop_tokens=eos_ids)[0]
     shapes = {}
     for body in bodies:  # compile every shape first: the baseline times serving, not compiling
-        shapes.setdefault((generator._bucket(len(body["prompt"])),
+        shapes.setdefault((generator.bucket(len(body["prompt"])),
                            generator.cache_len(len(body["prompt"]), body["max_tokens"])), body)
     for body in shapes.values():
         run(body)
