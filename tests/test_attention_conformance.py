@@ -304,8 +304,9 @@ def check_gradients(spec: str) -> None:
         def loss(state, x):
             return (nnx.merge(graphdef, state)(x) * weights).sum()
 
-        # At XLA's default level: level 0 (conftest.py) gives NaN in the float64 gradient of
-        # alibi+blockwise that the same program computes finite, and equal to finite differences, at 3.
+        # At XLA's default level: level 0 (conftest.py) gives NaN in the float64 gradient of alibi+blockwise
+        # (only with its scan's checkpoint recomputation) that the same program computes finite, and equal to
+        # finite differences, at 3 (docs/performance.md).
         grads = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=XLA_DEFAULT_BACKEND)(c.state, x)
         assert all(bool(np.isfinite(g).all()) for g in jax.tree.leaves(grads)), "gradients: not finite"
         analytic = sum(float((np.asarray(g) * d).sum()) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
