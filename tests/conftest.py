@@ -28,16 +28,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes; runs only with --run-slow")
 
 
-# The files that take longest, scheduled first (`-n 2 --dist=loadfile` hands out files in collection order),
-# so that the run does not end with one worker busy on a long file while the other waits.
-LONGEST_FIRST = ("test_distributed.py", "test_attention_conformance.py", "test_docs_commands.py",
-                 "test_checkpoint.py", "test_finetune.py", "test_eval_harness.py", "test_scaling_e2e.py",
-                 "test_mup_coord.py", "test_plan.py", "test_bad_inputs.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
-               else len(LONGEST_FIRST))  # stable: every other file keeps its place
     if config.getoption("--run-slow"):
         return
     skip_slow = pytest.mark.skip(reason="slow: give --run-slow to run it")
