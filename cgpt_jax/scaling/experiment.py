@@ -6,6 +6,10 @@ dotted fields that run overrides; the optional key ``'config_arg'`` replaces `ar
 Cerebras-GPT sweep picks its sizes with ``'config_arg': 'size=111m'``). The training CLI reads the
 same file through absl's `config_flags`, so a run is launched as
 ``--config=file.py:arg --config.model.d_model=64 ...``.
+
+The trainer is `python -m cgpt_jax.train` unless the file names another module with a constant
+``TRAINER = "cgpt_jax.finetune"`` (any module with the same `--config`/`--workdir` command line and the
+run directory's contract, cgpt_jax/run_dir.py).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from cgpt_jax import experiment_files
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Types that absl's config_flags can parse back from one command-line value.
 _FLAG_TYPES = (bool, int, float, str, tuple)
-DEFAULT_TRAIN_ARGV = (sys.executable, "-m", "cgpt_jax.train")
+DEFAULT_TRAINER = "cgpt_jax.train"
 
 
 _RESERVED_KEYS = ("name", "config_arg")
@@ -59,6 +63,14 @@ class Experiment:
             raise TypeError(f"{self.path}: get_config({arg!r}) returned {type(config).__name__}, "
                             f"not an ml_collections.ConfigDict")
         return config
+
+    @property
+    def trainer(self) -> str:
+        """The module that trains a run (`python -m TRAINER`): the file's TRAINER, else cgpt_jax.train."""
+        return getattr(self.module, "TRAINER", DEFAULT_TRAINER)
+
+    def trainer_argv(self, python: str = sys.executable) -> tuple[str, ...]:
+        return (python, "-m", self.trainer)
 
     def run_arg(self, run: RunSpec) -> str | None:
         return self.arg if run.config_arg is None else run.config_arg
@@ -127,6 +139,10 @@ def load_experiment(spec: str) -> Experiment:
         if not callable(getattr(module, fn, None)):
             raise TypeError(f"{path} defines no {fn}(arg); an experiment file for cgpt_jax.sweep needs "
                             f"get_config(arg) -> ConfigDict and sweep(arg) -> list[dict]")
+    trainer = getattr(module, "TRAINER", DEFAULT_TRAINER)
+    if not isinstance(trainer, str) or importlib.util.find_spec(trainer) is None:
+        raise ValueError(f"{path}: TRAINER={trainer!r} is not an importable module; name the trainer's module, "
+                         f"e.g. TRAINER = 'cgpt_jax.finetune'")
     return Experiment(path=path, arg=arg, module=module)
 
 
@@ -171,6 +187,8 @@ def override_flags(run: RunSpec) -> list[str]:
 
 
 def train_command(experiment: Experiment, run: RunSpec, run_workdir: str,
-                  train_argv: tuple[str, ...] = DEFAULT_TRAIN_ARGV) -> list[str]:
-    """The argv that trains one run (the runner passes a test double as `train_argv` in tests)."""
-    return [*train_argv, f"--config={experiment.run_spec(run)}", *override_flags(run), f"--workdir={run_workdir}"]
+                  train_argv: tuple[str, ...] | None = None) -> list[str]:
+    """The argv that trains one run: the experiment's trainer (`train_argv` replaces it: a cluster's
+    interpreter, or a test double)."""
+    argv = experiment.trainer_argv() if train_argv is None else train_argv
+    return [*argv, f"--config={experiment.run_spec(run)}", *override_flags(run), f"--workdir={run_workdir}"]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cgpt_jax.config import run_differences
 from cgpt_jax.run_dir import SUMMARY, finished_summary
-from cgpt_jax.scaling.experiment import DEFAULT_TRAIN_ARGV, Experiment, RunSpec, train_command
+from cgpt_jax.scaling.experiment import Experiment, RunSpec, train_command
 
 SWEEP_TABLE = "sweep.json"
 RUN_RECORD = "sweep_run.json"
@@ -121,7 +121,7 @@ def _tail(path: Path, offset: int, lines: int) -> str:
 
 
 def run_local(experiment: Experiment, runs: list[RunSpec], workdir: Path, *,
-              train_argv: tuple[str, ...] = DEFAULT_TRAIN_ARGV, skip_failed: bool = False,
+              train_argv: tuple[str, ...] | None = None, skip_failed: bool = False,
               progress: bool = True) -> dict[str, str]:
     """Run every unfinished run one after another; returns {name: status} with status one of
     'finished', 'failed' (see its failure.json) or 'skipped_failed'."""
@@ -219,7 +219,7 @@ def write_launch_scripts(experiment: Experiment, runs: list[RunSpec], workdir: P
         run_dir = workdir / run.name
         if is_finished(run_dir):
             continue
-        argv = train_command(experiment, run, f"{remote_root}/{run.name}", (opts["python"], "-m", "cgpt_jax.train"))
+        argv = train_command(experiment, run, f"{remote_root}/{run.name}", experiment.trainer_argv(opts["python"]))
         command = shlex.join(argv)
         sbatch_extra = "\n".join(f"#SBATCH --{key}={opts[key]}" for key in ("partition", "account")
                                  if opts.get(key))
