@@ -4,7 +4,8 @@ Writes DIR/report.md, DIR/fit.json and DIR/scaling.png (or into --out); when run
 `python -m cgpt_jax.evaluate sweep DIR`, also DIR/downstream.md and DIR/downstream.png (zero-shot results
 against compute; with --reference=cerebras beside the published zero-shot table).
 `--group_by=model.attention` (any dotted config field) fits one L(C) per value of the field instead, and
-compares them in one plot and one table.
+compares them in one plot and one table. A sweep of classification fine-tuning runs (experiments/peft_compare.py)
+gets the methods' comparison instead (cgpt_jax/finetune/compare.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from absl import app, flags
 
 from cgpt_jax import cli
 from cgpt_jax.errors import InputError
+from cgpt_jax.finetune import compare
 from cgpt_jax.scaling import downstream
 from cgpt_jax.scaling.analysis import analyze
 from cgpt_jax.scaling.groups import analyze_groups
@@ -38,6 +40,10 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.analyze DIR [--reference=cerebras]")
     workdir = Path(cli.resolve_path(argv[1]))
+    if compare.is_comparison(workdir):  # fine-tuning methods side by side (experiments/peft_compare.py)
+        paths = compare.write_outputs(workdir, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
+        print(f"report: {paths['report']}\ntable:  {paths['table']}\nplot:   {paths['plot']}")
+        return
     if _GROUP_BY.value is not None:
         _main_grouped(workdir)
         return

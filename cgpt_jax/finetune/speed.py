@@ -42,21 +42,26 @@ flags.mark_flags_as_required(["backbone"])
 NUM_LABELS = 8
 
 
-def stepper(name: str, config: ml_collections.ConfigDict, objective: Objective, batch: dict[str, np.ndarray]
-            ) -> Stepper:
-    run = build_run(config, make_mesh(config.mesh, jax.devices()), objective=objective)
+def stepper(name: str, config: ml_collections.ConfigDict, objective: Objective, batch: dict[str, np.ndarray],
+            devices: list[jax.Device] | None = None) -> Stepper:
+    """The run's jitted train step on `batch`, compiled, with the memory XLA's buffer assignment reserves for it
+    (arguments + outputs + temporaries; XLA:CPU keeps no allocator statistics)."""
+    run = build_run(config, make_mesh(config.mesh, devices or jax.devices()), objective=objective)
     state = run.init_state()
     placed = {k: jax.device_put(v, run.batch_shardings[k]) for k, v in batch.items()}
     start = time.perf_counter()
     compiled = run.train_step.lower(state, placed).compile()
     compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
 
     def step() -> float:
         nonlocal state
         state, metrics = compiled(state, placed)
         return float(metrics["loss"])  # waits for the step
 
-    return Stepper(name, step, compile_s, 0.0, None, "", 0)
+    return Stepper(name, step, compile_s, 0.0, peak, "XLA buffer assignment", 0)
 
 
 def epoch_stepper(name: str, run: Run, data: ClassificationData) -> Stepper:
