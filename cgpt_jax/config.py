@@ -380,7 +380,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> None:
         errors.append(f"eval.tasks={config.eval.tasks!r} needs a tokenizer but data.source='synthetic' has none "
                       f"— train on a text source (e.g. data.source='stdlib') or leave eval.tasks empty")
     errors += validate_finetune(config.finetune)
-    errors += peft.validate_method(config.finetune.method, m)
+    errors += peft.validate_method(config.finetune.method, m, t.seq_len)
     if errors:
         raise InputError(f"invalid config ({len(errors)} problems):", *errors)
 

@@ -1,4 +1,4 @@
-"""config.finetune.method: bad input refused at config time, and language-model fine-tuning with LoRA
+"""config.finetune.method: bad input refused at config time (virtual tokens' count, slot and context included), and language-model fine-tuning with LoRA
 through the training loop's --init_from."""
 import jax
 import pytest
@@ -22,6 +22,12 @@ from tests.helpers import tiny_config
     ("lora(rnak=4)", r"PEFT method 'lora' has no argument\(s\) \['rnak'\]"),
     ("full+head_only", r"'full' and 'head_only' both claim the model's 'base'"),
     ("lora+lora(rank=2)", r"'lora' and 'lora' both claim the model's 'kernels'"),
+    ("prompt(tokens=0)", "tokens=0 must be a positive integer"),
+    ("prefix(tokens=2.5)", "tokens=2.5 must be a positive integer"),
+    ("prompt(tokens=2)+prompt", r"'prompt' and 'prompt' both claim the model's 'positions'"),
+    ("prompt(tokens=2)+prefix(tokens=2)", r"'prompt' and 'prefix' both claim the model's 'positions'"),
+    ("prefix(tokens=2)", (r"puts 2 virtual tokens before every sequence, so train.seq_len=16 needs 18 positions "
+                          r"but model.max_seq_len=16 — use train.seq_len <= 14")),
 ])
 def test_bad_method_is_refused_at_config_time(method, message):
     config = tiny_config()

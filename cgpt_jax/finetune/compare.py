@@ -31,7 +31,7 @@ from cgpt_jax import peft
 from cgpt_jax.bench.runners import median_ratio, time_alternately
 from cgpt_jax.config import base_config, resolve
 from cgpt_jax.finetune.objective import ClassificationObjective
-from cgpt_jax.finetune.speed import stepper
+from cgpt_jax.finetune.stepper import stepper
 from cgpt_jax.peft import training
 from cgpt_jax.run_dir import SUMMARY, finished_summary
 from cgpt_jax.scaling.results import collect_runs
@@ -137,8 +137,8 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def markdown(rows: list[Row], title: str) -> str:
     lines = [f"# {title}", "",
-             "| run | method | trainable | trainable % | test accuracy | test macro-F1 | step time vs full "
-             "| peak memory vs full | wall time (s) |",
+             ("| run | method | trainable | trainable % | test accuracy | test macro-F1 | step time vs full "
+              "| peak memory vs full | wall time (s) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r.name} | `{r.method}` | {r.trainable:,} | {r.trainable_percent:.2f}% | "

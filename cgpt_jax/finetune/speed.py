@@ -21,13 +21,19 @@ import numpy as np
 from absl import app, flags
 
 from cgpt_jax import cli, run_dir
-from cgpt_jax.bench.runners import Stepper, median_ratio, random_tokens, time_alternately
+from cgpt_jax.bench.runners import (
+    Stepper,
+    median_ratio,
+    random_tokens,
+    time_alternately,
+)
 from cgpt_jax.config import base_config, resolve
 from cgpt_jax.finetune.data import ClassificationData
 from cgpt_jax.finetune.objective import ClassificationObjective
+from cgpt_jax.finetune.stepper import stepper
 from cgpt_jax.finetune.train import prepare
 from cgpt_jax.parallel.mesh import make_mesh
-from cgpt_jax.train.objective import LANGUAGE_MODELING, Objective
+from cgpt_jax.train.objective import LANGUAGE_MODELING
 from cgpt_jax.train.setup import Run, build_run
 
 _BACKBONE = flags.DEFINE_string("backbone", None, "A pretraining run directory (its config.json's model).")
@@ -40,28 +46,6 @@ _COMPARE = flags.DEFINE_enum("compare", "pretraining", ["pretraining", "buckets"
 flags.mark_flags_as_required(["backbone"])
 
 NUM_LABELS = 8
-
-
-def stepper(name: str, config: ml_collections.ConfigDict, objective: Objective, batch: dict[str, np.ndarray],
-            devices: list[jax.Device] | None = None) -> Stepper:
-    """The run's jitted train step on `batch`, compiled, with the memory XLA's buffer assignment reserves for it
-    (arguments + outputs + temporaries; XLA:CPU keeps no allocator statistics)."""
-    run = build_run(config, make_mesh(config.mesh, devices or jax.devices()), objective=objective)
-    state = run.init_state()
-    placed = {k: jax.device_put(v, run.batch_shardings[k]) for k, v in batch.items()}
-    start = time.perf_counter()
-    compiled = run.train_step.lower(state, placed).compile()
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
-
-    def step() -> float:
-        nonlocal state
-        state, metrics = compiled(state, placed)
-        return float(metrics["loss"])  # waits for the step
-
-    return Stepper(name, step, compile_s, 0.0, peak, "XLA buffer assignment", 0)
 
 
 def epoch_stepper(name: str, run: Run, data: ClassificationData) -> Stepper:

@@ -51,7 +51,7 @@ class Generator:
     def __init__(self, model: GPT, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                  min_bucket: int = 16):
         self.vocab_size = model.cfg.vocab_size
-        self.max_len = model.cfg.max_seq_len
+        self.max_len = model.context_len  # the real tokens' room: a PEFT prompt/prefix takes the first positions
         self.min_bucket = min_bucket
         model.cache_layout(1, min(min_bucket, self.max_len))  # raises now for variants that cannot decode
         self.mesh = mesh

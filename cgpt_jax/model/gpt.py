@@ -41,6 +41,15 @@ The bandwidth-bound form of the same interface (what `cgpt_jax.infer.Generator` 
         training-pass core (the fused CPU kernel where it applies).
 
 `max_len` must not exceed `config.model.max_seq_len` with learned positions.
+
+Virtual tokens (the general hook of PEFT methods that add keys/values or input positions: `prompt`,
+`prefix`; cgpt_jax/peft/base.py). A method may put n = `model.virtual_tokens` positions before every
+sequence, as HF PEFT does: they hold positions 0..n-1 and a sequence's real token i sits at position n + i.
+Their keys and values in every layer are a function of the parameters alone (causal attention: they never
+see the input), `model.peft.virtual_cache(model)`, so they live in the KV cache: `init_cache` and
+`init_layer_caches` return caches of n + max_len slots whose first n hold them, `extend`'s start_B keeps
+counting real tokens, and the full forward pass runs as `extend` of the tokens over such a cache. Callers
+see real tokens only (features, logits, lengths); `model.context_len` is the room left for them.
 """
 from __future__ import annotations
 
@@ -129,10 +138,26 @@ class GPT(nnx.Module):
         """Token ids [B, L] → float32 logits [B, L, V_padded] (padding columns are -inf)."""
         return self._logits(self.features(tokens_BxL))
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions an attached PEFT method puts before every sequence (see the module docstring); 0 without."""
+        return 0 if self.peft is None else self.peft.virtual_tokens
+
+    @property
+    def context_len(self) -> int:
+        """Real tokens a sequence may hold: the context less the virtual tokens."""
+        return self.cfg.max_seq_len - self.virtual_tokens
+
     def features(self, tokens_BxL: jax.Array) -> jax.Array:
         """Token ids [B, L] → the final hidden states [B, L, D] after ln_f (what heads other than the LM
         head read, e.g. a sequence classifier)."""
         x_BxLxD = self._embed(tokens_BxL, None)
+        if self.virtual_tokens:
+            # The virtual tokens' keys and values are a cache's first slots: the tokens extend it.
+            batch, length = tokens_BxL.shape
+            x_BxLxD, _ = self._run_cached(x_BxLxD, self.init_cache(batch, length),
+                                          jnp.full((batch,), self.virtual_tokens, jnp.int32))
+            return self.ln_f(x_BxLxD)
 
         def apply_block(x_BxLxD: jax.Array, block: Block) -> jax.Array:
             return block(x_BxLxD)
@@ -159,31 +184,64 @@ class GPT(nnx.Module):
         return self.blocks if self.peft is None else self.peft.adapt_blocks(self.blocks)
 
     def cache_layout(self, batch_size: int, max_len: int) -> dict[str, CacheSpec]:
-        """The decode cache of all layers: each layer's arrays stacked on a leading 'layers' axis."""
+        """The decode cache of all layers for `max_len` real tokens (plus the virtual tokens' slots): each
+        layer's arrays stacked on a leading 'layers' axis."""
         attention.build(self.cfg.attention).check_decode()
-        if self.wpe is not None and max_len > self.cfg.max_seq_len:
-            raise ValueError(f"a cache of {max_len} positions is longer than the position table "
+        slots = self.virtual_tokens + max_len
+        if self.wpe is not None and slots > self.cfg.max_seq_len:
+            virtual = f" after {self.virtual_tokens} virtual tokens" if self.virtual_tokens else ""
+            raise ValueError(f"a cache of {max_len} positions{virtual} is longer than the position table "
                              f"model.max_seq_len={self.cfg.max_seq_len}")
-        layer = self.blocks.attn.cache_layout(batch_size, max_len)
+        return self._stacked_layout(batch_size, slots)
+
+    def _stacked_layout(self, batch_size: int, slots: int) -> dict[str, CacheSpec]:
+        layer = self.blocks.attn.cache_layout(batch_size, slots)
         return {name: CacheSpec((self.cfg.n_layers, *spec.shape), spec.dtype, ("layers", *spec.logical_axes))
                 for name, spec in layer.items()}
 
     def init_cache(self, batch_size: int, max_len: int) -> Cache:
-        return {name: spec.zeros() for name, spec in self.cache_layout(batch_size, max_len).items()}
+        """Zeros, except the virtual tokens' keys and values in the first slots."""
+        layout = self.cache_layout(batch_size, max_len)
+        if not self.virtual_tokens:
+            return {name: spec.zeros() for name, spec in layout.items()}
+        virtual = self.peft.virtual_cache(self)
+        cache = {}
+        for name, spec in layout.items():
+            batch_axis, length_axis = spec.logical_axes.index("batch"), spec.logical_axes.index("length")
+            head_shape = list(virtual[name].shape)
+            head_shape[batch_axis] = batch_size
+            tail_shape = list(spec.shape)
+            tail_shape[length_axis] = max_len
+            head = jnp.broadcast_to(virtual[name].astype(spec.dtype), head_shape)
+            cache[name] = constrain(jnp.concatenate([head, jnp.zeros(tail_shape, spec.dtype)], length_axis),
+                                    spec.logical_axes)
+        return cache
+
+    def encode_virtual(self, vectors_NxD: jax.Array) -> Cache:
+        """The stacked cache (batch 1, N slots) that N vectors fed in place of token embeddings, at positions
+        0..N-1, leave in every layer: what a PEFT method's virtual tokens hold (cgpt_jax/peft/prompt.py)."""
+        n = vectors_NxD.shape[0]
+        x_1xNxD = self._embed_vectors(vectors_NxD[None].astype(self.compute_dtype), None, 0)
+        cache = {name: spec.zeros() for name, spec in self._stacked_layout(1, n).items()}
+        _, cache = self._run_cached(x_1xNxD, cache, jnp.zeros((1,), jnp.int32))
+        return cache
 
     def extend(self, tokens_BxT: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
         """T new tokens per sequence at positions start_B + 0..T-1 → (float32 logits [B, T, V_padded],
         updated cache). See the module docstring."""
-        start_B = start_B.astype(jnp.int32)
-        x_BxTxD = self._embed(tokens_BxT, start_B[:, None] + jnp.arange(tokens_BxT.shape[1]))
-
-        def extend_block(x_BxTxD: jax.Array, block: Block, layer_cache: Cache) -> tuple[jax.Array, Cache]:
-            return block.extend(x_BxTxD, layer_cache, start_B)
-
-        x_BxTxD, cache = nnx.scan(extend_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-                                  transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
-                                  )(x_BxTxD, self.active_blocks(), cache)
+        slot_B = start_B.astype(jnp.int32) + self.virtual_tokens
+        x_BxTxD = self._embed(tokens_BxT, slot_B[:, None] + jnp.arange(tokens_BxT.shape[1]))
+        x_BxTxD, cache = self._run_cached(x_BxTxD, cache, slot_B)
         return self._logits(self.ln_f(x_BxTxD)), cache
+
+    def _run_cached(self, x_BxTxD: jax.Array, cache: Cache, slot_B: jax.Array) -> tuple[jax.Array, Cache]:
+        """The layers over embedded inputs written at cache slots (= positions) slot_B + 0..T-1, before ln_f."""
+        def extend_block(x_BxTxD: jax.Array, block: Block, layer_cache: Cache) -> tuple[jax.Array, Cache]:
+            return block.extend(x_BxTxD, layer_cache, slot_B)
+
+        return nnx.scan(extend_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                        transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+                        )(x_BxTxD, self.active_blocks(), cache)
 
     def layer_blocks(self) -> list[Block]:
         """Each layer's Block with its own parameter arrays (a copy); see the module docstring."""
@@ -191,6 +249,9 @@ class GPT(nnx.Module):
         return [nnx.merge(graphdef, jax.tree.map(lambda p: p[layer], stacked)) for layer in range(self.cfg.n_layers)]
 
     def init_layer_caches(self, batch_size: int, max_len: int) -> list[Cache]:
+        if self.virtual_tokens:
+            stacked = self.init_cache(batch_size, max_len)
+            return [{name: c[layer] for name, c in stacked.items()} for layer in range(self.cfg.n_layers)]
         self.cache_layout(batch_size, max_len)  # the same checks as the stacked cache
         layout = self.blocks.attn.cache_layout(batch_size, max_len)
         return [{name: spec.zeros() for name, spec in layout.items()} for _ in range(self.cfg.n_layers)]
@@ -198,7 +259,8 @@ class GPT(nnx.Module):
     def extend_layers(self, blocks: list[Block], tokens_BxT: jax.Array, caches: list[Cache], start_B: jax.Array,
                       prefill: bool = False) -> tuple[jax.Array, list[Cache]]:
         """`extend` over per-layer blocks and caches → (hidden states after ln_f [B, T, D], caches)."""
-        start_B = start_B.astype(jnp.int32)
+        start_B = start_B.astype(jnp.int32) + self.virtual_tokens
+        prefill = prefill and not self.virtual_tokens  # the virtual tokens fill the cache's first slots
         x_BxTxD = self._embed(tokens_BxT, None if prefill else start_B[:, None] + jnp.arange(tokens_BxT.shape[1]))
         new_caches = []
         for block, cache in zip(blocks, caches, strict=True):
@@ -211,11 +273,16 @@ class GPT(nnx.Module):
         return self._logits(x_BxTxD)
 
     def _embed(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None) -> jax.Array:
-        """(Token + position embeddings) · embedding multiplier; positions None: 0..T-1 for every sequence."""
+        """(Token + position embeddings) · embedding multiplier; positions None: n..n+T-1 for every sequence
+        (n: the virtual tokens)."""
+        return self._embed_vectors(take_rows(self.wte, tokens_BxT).astype(self.compute_dtype), positions_BxT,
+                                   self.virtual_tokens)
+
+    def _embed_vectors(self, x_BxTxD: jax.Array, positions_BxT: jax.Array | None, first: int) -> jax.Array:
+        """(Input vectors + position embeddings) · embedding multiplier; positions None: first..first+T-1."""
         dt = self.compute_dtype
-        x_BxTxD = take_rows(self.wte, tokens_BxT).astype(dt)
         if self.wpe is not None and positions_BxT is None:
-            x_BxTxD = x_BxTxD + self.wpe[:tokens_BxT.shape[1]].astype(dt)[None]
+            x_BxTxD = x_BxTxD + self.wpe[first:first + x_BxTxD.shape[1]].astype(dt)[None]
         elif self.wpe is not None:
             x_BxTxD = x_BxTxD + take_rows(self.wpe, positions_BxT).astype(dt)
         x_BxTxD = x_BxTxD * parameterization.embedding_multiplier(self.cfg)

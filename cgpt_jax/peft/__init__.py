@@ -3,7 +3,8 @@
 A method is one module in this folder that subclasses `base.Method` and decorates itself with
 `@register("name")`; modules here are imported automatically, so adding a file is the whole change. The
 config selects methods with call syntax, ``config.finetune.method = "full"`` (the default),
-``"head_only"``, ``"lora(rank=8, alpha=16, targets='qkv|out|up|down')"``; methods that change different
+``"head_only"``, ``"lora(rank=8, alpha=16, targets='qkv|out|up|down')"``, ``"adapter(bottleneck=64)"``,
+``"prompt(tokens=20)"``, ``"prefix(tokens=10)"``; methods that change different
 places of the model (their `slots`) combine with ``+``. `build` parses the string, with errors that list
 the registered methods. `training.py` turns a parsed method into what `train/setup.py:build_run` needs (the
 model with the added parameters, the trainable filter, the frozen loss); `checkpoint.py` saves and loads
@@ -79,12 +80,23 @@ class Recipe:
     def mergeable(self) -> bool:
         return all(type(c.method).mergeable for c in self.components)
 
-    def validate(self, model_cfg: ml_collections.ConfigDict) -> None:
+    def virtual_tokens(self) -> int:
+        return sum(type(c.method).virtual_tokens(**c.method.opts) for c in self.components)
+
+    def validate(self, model_cfg: ml_collections.ConfigDict, seq_len: int | None = None) -> None:
+        """ValueError when a method cannot serve the model, or when `seq_len` input tokens and the virtual
+        tokens do not fit the model's context."""
         for c in self.components:
             try:
                 type(c.method).validate(model_cfg, **c.method.opts)
             except ValueError as e:
                 raise ValueError(f"config.finetune.method={self.spec!r}: {c.name}: {e}") from None
+        n = self.virtual_tokens()
+        if seq_len is not None and n and seq_len + n > model_cfg.max_seq_len:
+            raise ValueError(f"config.finetune.method={self.spec!r} puts {n} virtual tokens before every sequence, "
+                             f"so train.seq_len={seq_len} needs {seq_len + n} positions but model.max_seq_len="
+                             f"{model_cfg.max_seq_len} — use train.seq_len <= {model_cfg.max_seq_len - n} (max_len "
+                             f"for classification) or fewer tokens")
 
 
 def _help() -> str:
@@ -119,10 +131,11 @@ def build(spec: str) -> Recipe:
     return Recipe(spec, components)
 
 
-def validate_method(spec: str, model_cfg: ml_collections.ConfigDict) -> list[str]:
-    """Config-time errors of config.finetune.method against the model (for cgpt_jax/config.py)."""
+def validate_method(spec: str, model_cfg: ml_collections.ConfigDict, seq_len: int | None = None) -> list[str]:
+    """Config-time errors of config.finetune.method against the model and the input length `seq_len`
+    (for cgpt_jax/config.py)."""
     try:
-        build(spec).validate(model_cfg)
+        build(spec).validate(model_cfg, seq_len)
     except ValueError as e:
         return [str(e)]
     return []

@@ -32,6 +32,15 @@ class Stack(Added):
                 setattr(self, c.name, added)
                 names.append(c.name)
         self.names = tuple(names)
+        # At most one method has virtual tokens: they claim the 'positions' slot.
+        self.virtual_ids = tuple(i for name in names for i in getattr(self, name).virtual_ids)
+
+    def virtual_cache(self, model: nnx.Module) -> dict[str, jax.Array] | None:
+        for name in self.names:
+            cache = getattr(self, name).virtual_cache(model)
+            if cache is not None:
+                return cache
+        return None
 
     def adapt_blocks(self, blocks: nnx.Module) -> nnx.Module:
         for name in self.names:

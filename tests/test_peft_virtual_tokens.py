@@ -1,0 +1,45 @@
+"""Virtual tokens (prompt, prefix) in generation: the Generator's prefill and decode steps over caches whose
+first slots hold the virtual tokens give the full forward pass's logits, with trained (non-initial) values."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cgpt_jax import peft
+from cgpt_jax.infer import Generator, Sampling
+from cgpt_jax.model import GPT
+from cgpt_jax.peft import training
+from tests.helpers import tiny_config
+
+VOCAB, N_VIRTUAL = 64, 3
+
+
+@pytest.mark.parametrize("method", [f"prompt(tokens={N_VIRTUAL})", f"prefix(tokens={N_VIRTUAL})"])
+def test_generator_with_virtual_tokens_equals_the_full_forward_pass(method):
+    cfg = tiny_config().model
+    cfg.max_seq_len = 16 + N_VIRTUAL  # a cache of 16 real positions fills the context exactly
+    model = training.attach(GPT(cfg, rngs=nnx.Rngs(3)), peft.build(method), cfg, nnx.Rngs(4))
+    rng = np.random.default_rng(0)
+    for path, v in nnx.to_flat_state(nnx.state(model.peft, nnx.Param)):  # trained-looking values, not zeros
+        v.set_value(jnp.asarray(rng.normal(0, 0.5, v.shape), v[...].dtype))
+    assert model.virtual_tokens == N_VIRTUAL and model.context_len == 16
+
+    generator = Generator(model, min_bucket=8)
+    sequences = rng.integers(0, VOCAB, (2, 16)).astype(np.int32)
+    lengths = np.array([5, 8], np.int32)
+    prompts = np.where(np.arange(8) < lengths[:, None], sequences[:, :8], 0).astype(np.int32)
+    full = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(sequences)))
+    seeds = jnp.zeros((2,), jnp.int32)
+    _, logits, caches = generator.prefill(generator.state, generator.layers, jnp.asarray(prompts),
+                                          jnp.asarray(lengths), seeds, cache_len=16, sampling=Sampling())
+    assert caches[0]["k"].shape[2] == N_VIRTUAL + 16
+    np.testing.assert_allclose(logits, full[np.arange(2), lengths - 1], atol=1e-5)
+    for i in range(3):
+        fed = jnp.asarray(sequences[np.arange(2), lengths + i])
+        _, logits, caches = generator.decode(generator.state, generator.layers, caches, fed, jnp.asarray(lengths),
+                                             seeds, i, sampling=Sampling())
+        np.testing.assert_allclose(logits, full[np.arange(2), lengths + i], atol=1e-5)
+    with pytest.raises(ValueError, match="needs 17 positions but the model's context is 16"):
+        generator.generate([[1] * 15], max_new_tokens=2)
