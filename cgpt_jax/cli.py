@@ -24,6 +24,7 @@ from typing import NoReturn
 from absl import app, flags
 from absl import logging as absl_logging
 
+from cgpt_jax import storage
 from cgpt_jax.errors import InputError
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -89,8 +90,9 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 def resolve_path(path: str) -> str:
     """A path the user gave (flag or argument) as an absolute path: `~` expanded, relative to the current
-    directory. Orbax refuses relative paths, and absolute ones stay valid in subprocesses and messages."""
-    return os.path.abspath(os.path.expanduser(path))
+    directory. Orbax refuses relative paths, and absolute ones stay valid in subprocesses and messages.
+    A gs:// or s3:// URL stays as given; a scheme no installed filesystem serves is refused."""
+    return str(storage.path(path))
 
 
 def resolve_optional_path(path: str | None) -> str | None:

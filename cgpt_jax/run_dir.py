@@ -12,16 +12,17 @@
     DIR/downstream.json    zero-shot results of the final checkpoint (python -m cgpt_jax.evaluate sweep)
 
 Every reader (the sweep runner, the scaling analysis, generation, the chaos test) takes the names from here.
+DIR may be a local directory, gs://BUCKET/... or s3://BUCKET/... (cgpt_jax/storage.py says how each file
+stays whole when a process is killed mid-write).
 """
 from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
 
 from absl import logging
 
+from cgpt_jax import storage
 from cgpt_jax.config import run_differences
 from cgpt_jax.errors import InputError
 from cgpt_jax.flops import CONVENTIONS as FLOP_CONVENTIONS  # one `flops_<convention>` summary key each
@@ -45,26 +46,23 @@ SUMMARY_KEYS = ("status", "step", "final_eval_loss", "final_train_loss", "skippe
 
 
 def path(workdir: str, name: str) -> str:
-    return os.path.join(workdir, name)
+    """DIR/name as a string: a local path, or a gs:// / s3:// URL."""
+    return str(storage.path(workdir, name))
 
 
 def write_json_atomically(file_path: str, data: dict) -> None:
-    """Write then rename, so a kill mid-write never leaves a truncated file for the next reader."""
-    tmp = f"{file_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2))
-    os.replace(tmp, file_path)
+    """A kill mid-write never leaves a truncated file for the next reader (storage.write_atomically)."""
+    storage.write_atomically(file_path, json.dumps(data, indent=2))
 
 
 def read_json(file_path: str) -> dict:
-    with open(file_path) as f:
-        return json.load(f)
+    return json.loads(storage.path(file_path).read_text())
 
 
 def finished_summary(workdir: str) -> dict | None:
     """The summary of a finished run in `workdir`, else None."""
     file_path = path(workdir, SUMMARY)
-    if not os.path.isfile(file_path):
+    if not storage.path(file_path).is_file():
         return None
     summary = read_json(file_path)
     return summary if summary.get("status") == FINISHED else None
@@ -79,7 +77,7 @@ def prepare(workdir: str, config_dict: dict, overwrite: bool, *, writer: bool = 
     `writer` (process 0) changes files, and the others must wait for it before they read the workdir.
     """
     config_path = path(workdir, CONFIG)
-    if os.path.exists(config_path):
+    if storage.path(config_path).exists():
         diffs = run_differences(read_json(config_path), config_dict)
         if diffs:
             if not overwrite:
@@ -90,26 +88,25 @@ def prepare(workdir: str, config_dict: dict, overwrite: bool, *, writer: bool = 
                 return
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             aside = f"{workdir.rstrip('/')}.replaced-{stamp}"
-            shutil.move(workdir, aside)
+            storage.move(workdir, aside)
             logging.warning("moved the previous run in %s aside to %s", workdir, aside)
     if writer:
-        os.makedirs(workdir, exist_ok=True)
+        storage.path(workdir).mkdir(parents=True, exist_ok=True)
         write_json_atomically(config_path, config_dict)
 
 
 def is_same_finished_run(workdir: str, config_dict: dict) -> bool:
     """True when `workdir` holds a finished run of this config (re-running it has nothing to do)."""
-    return (finished_summary(workdir) is not None and os.path.isfile(path(workdir, CONFIG))
+    return (finished_summary(workdir) is not None and storage.path(workdir, CONFIG).is_file()
             and not run_differences(read_json(path(workdir, CONFIG)), config_dict))
 
 
-def drop_metrics_from(workdir: str, first_step: int) -> None:
-    """Keep only metric lines before `first_step`, so a restarted run logs each step once."""
-    file_path = path(workdir, METRICS)
-    if not os.path.exists(file_path):
-        return
-    with open(file_path) as f:
-        lines = [line for line in f if line.strip()]
+def drop_metrics_from(workdir: str, first_step: int) -> list[str]:
+    """Keep only metric lines before `first_step`, so a restarted run logs each step once; returns them."""
+    file_path = storage.path(workdir, METRICS)
+    if not file_path.exists():
+        return []
+    lines = [line for line in file_path.read_text().splitlines(keepends=True) if line.strip()]
     kept = []
     for i, line in enumerate(lines):
         try:
@@ -120,7 +117,5 @@ def drop_metrics_from(workdir: str, first_step: int) -> None:
             raise ValueError(f"{file_path}: line {i + 1} is not JSON: {line[:200]!r}") from None
         if record["step"] < first_step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{file_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("".join(kept))
-    os.replace(tmp, file_path)
+    storage.write_atomically(file_path, "".join(kept))
+    return kept

@@ -1,7 +1,12 @@
 """Shared test fixtures: a tiny model config and a one-call trainer for N steps on a given mesh."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import ml_collections
@@ -69,3 +74,39 @@ def byte_bpe_tokenizer(vocab_size: int, text: str, repeats: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
     tokenizer.train_from_iterator([text] * repeats, trainer=trainer)
     return tokenizer
+
+
+@contextlib.contextmanager
+def s3_emulator(*buckets: str):
+    """A local S3 server (moto) on 127.0.0.1 with `buckets`, stopped on exit; yields the environment that
+    points the AWS SDKs (boto3, s3fs, and TensorStore through cgpt_jax) at it with dummy credentials."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the S3 emulator did not start"
+                time.sleep(0.1)
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                              aws_secret_access_key="test", region_name="us-east-1")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,8 @@
 `initialize` calls `jax.distributed.initialize` when there is more than one process: with explicit
 coordinator / process count / process id, or auto-detected on Cloud TPU pods and SLURM (JAX's own
 cluster detection). `preflight` then checks that every process runs the same package versions and
-config and sees the expected devices, and that a cross-host collective completes. `Watchdog` makes a
+config and sees the expected devices, and that a cross-host collective completes; `check_shared_workdir`
+that every process sees the same run directory. `Watchdog` makes a
 stalled step, save or collective end the process with a non-zero code instead of hanging.
 """
 from __future__ import annotations
@@ -16,11 +17,13 @@ import socket
 import sys
 import threading
 import time
+import uuid
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cgpt_jax import storage
 from cgpt_jax.errors import InputError
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "cgpt_jax")
@@ -129,6 +132,33 @@ def preflight(config_dict: dict, expected_devices: int) -> None:
     total = multihost_utils.process_allgather(np.array([jax.local_device_count()])).sum()
     if int(total) != jax.device_count():
         raise RuntimeError(f"cross-host collective returned {int(total)} devices, expected {jax.device_count()}")
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Refuse a run directory that some process cannot see, e.g. a local path on several hosts.
+
+    Process 0 writes a random token into the workdir; every process reads it back. Only process 0 writes
+    the run directory's shared files (config, metrics, summary) and every process reads them, so a process
+    that saw another directory would resume or evaluate something else."""
+    token = uuid.uuid4().hex.encode() if jax.process_index() == 0 else b"\0" * 32
+    token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8)))).decode()
+    probe = storage.path(workdir, f".cgpt_jax-shared-{token}")
+    if jax.process_index() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    barrier("cgpt_jax:shared_workdir_written")
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    everyone = np.asarray(multihost_utils.process_allgather(np.array([seen]))).reshape(-1)
+    if jax.process_index() == 0:
+        probe.unlink()
+    blind = [i for i, ok in enumerate(everyone) if not ok]
+    if blind:
+        raise InputError(f"--workdir={workdir}: process(es) {blind} do not see the file process 0 wrote there, so "
+                         f"the processes do not share this run directory — use a bucket (gs://BUCKET/run, "
+                         f"s3://BUCKET/run) or a filesystem mounted on every host")
 
 
 class Watchdog:

@@ -11,6 +11,10 @@ directory carries no temporary suffix), its files read back, and the restored st
 taken when it was saved. Restoring walks back from the newest step past damaged ones, warning for each and
 moving it to ``<workdir>/checkpoints_rejected/``: a checkpoint is never deleted for being unreadable.
 Restoring goes through the target shardings, so a checkpoint written on one mesh restores onto another.
+
+On an object store (gs://, s3://) there is no rename: a step is written in place and Orbax writes its commit
+marker last (Orbax's commit-file mode), so the marker alone says the step is complete; a killed save leaves
+a step without it, which is moved aside like any damaged one.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import logging as std_logging
 import math
 import os
 import shutil
+import uuid
 from typing import Any
 
 import jax
@@ -28,10 +33,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cgpt_jax import run_dir
+from cgpt_jax import run_dir, storage
 from cgpt_jax.config import field_errors
 from cgpt_jax.errors import InputError
 from cgpt_jax.parallel import distributed
+from cgpt_jax.train import orbax_s3
 from cgpt_jax.train.state import TrainState
 from cgpt_jax.treepath import path_name
 
@@ -109,7 +115,10 @@ def state_nbytes(tree: Any) -> int:
 
 
 def check_storage(workdir: str, checkpoint_nbytes: int) -> None:
-    """Fail before any write when the workdir cannot be created or written, or cannot hold a checkpoint."""
+    """Fail before any write when the workdir cannot be created or written, or cannot hold a checkpoint
+    (a bucket was probed by storage.check_workdir, and has no free-space limit to check)."""
+    if storage.is_remote(workdir):
+        return
     existing = os.path.abspath(workdir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -124,14 +133,11 @@ def check_storage(workdir: str, checkpoint_nbytes: int) -> None:
                          f"--workdir.")
 
 
-def _probe_write(directory: str) -> None:
-    probe = os.path.join(directory, f".write-probe-{jax.process_index()}")
+def _probe_write(directory: storage.Path) -> None:
+    probe = directory / f".write-probe-{jax.process_index()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(probe, "w") as f:
-            f.write("probe")
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
+        probe.write_text("probe")
+        probe.unlink()
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoints to {directory}: {e}") from e
 
@@ -141,14 +147,15 @@ def _probe_write(directory: str) -> None:
 def scan(directory: str) -> tuple[list[int], list[tuple[str, str]]]:
     """The committed steps in `directory`, and (path, reason) for each entry left by an unfinished save."""
     steps, unfinished = [], []
-    if not os.path.isdir(directory):
+    root = storage.path(directory)
+    if not root.is_dir():
         return steps, unfinished
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
+    for entry in root.iterdir():
+        name, path = entry.name, str(entry)
         if _TMP_SUFFIX in name:
             unfinished.append((path, "an unfinished save (Orbax temporary directory)"))
-        elif name.isdigit() and os.path.isdir(path):
-            if os.path.exists(os.path.join(path, COMMIT_MARKER)):
+        elif name.isdigit() and entry.is_dir():
+            if (entry / COMMIT_MARKER).exists():
                 steps.append(int(name))
             else:
                 unfinished.append((path, f"incomplete: it has no commit marker {COMMIT_MARKER}"))
@@ -159,13 +166,13 @@ class RunCheckpoints:
     """This run's checkpoints in <workdir>/checkpoints, written and pruned by an Orbax CheckpointManager."""
 
     def __init__(self, workdir: str, ck: ml_collections.ConfigDict):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-        self.rejected_directory = os.path.abspath(os.path.join(workdir, REJECTED_DIR))
+        self.directory = str(storage.path(workdir, CHECKPOINT_DIR))
+        self.rejected_directory = str(storage.path(workdir, REJECTED_DIR))
         if jax.process_index() == 0:
-            os.makedirs(self.directory, exist_ok=True)
-            _probe_write(self.directory)
+            storage.path(self.directory).mkdir(parents=True, exist_ok=True)
+            _probe_write(storage.path(self.directory))
             for path, reason in scan(self.directory)[1]:
-                if _TMP_SUFFIX in os.path.basename(path):
+                if _TMP_SUFFIX in storage.path(path).name:
                     logging.warning("skipping checkpoint %s: %s; Orbax removes it", path, reason)
                 else:
                     self._reject(path, reason)
@@ -176,16 +183,15 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=ck.async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
-            cleanup_tmp_directories=True)
+            cleanup_tmp_directories=True, atomicity_options=_atomicity(self.directory))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # step of a save whose outcome has not been checked yet
 
     def _reject(self, path: str, reason: str) -> None:
         """Move a damaged step out of the way (so Orbax neither lists nor prunes it), keeping its files."""
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        target = os.path.join(self.rejected_directory, f"{os.path.basename(path)}-{stamp}")
-        os.makedirs(self.rejected_directory, exist_ok=True)
-        shutil.move(path, target)
+        target = str(storage.path(self.rejected_directory, f"{storage.path(path).name}-{stamp}"))
+        storage.move(path, target)
         logging.warning("skipping checkpoint %s: %s; moved it to %s", path, reason, target)
 
     def _last_good(self) -> str:
@@ -202,7 +208,7 @@ class RunCheckpoints:
         expected = tensor_specs(like)
         rejected = []
         for step in reversed(self.manager.all_steps()):
-            path = os.path.join(self.directory, str(step))
+            path = str(storage.path(self.directory, str(step)))
             try:
                 meta = _read_meta(self.manager, step)
                 differences = _spec_differences(meta["tensors"], expected)
@@ -271,7 +277,7 @@ class RunCheckpoints:
         DIR/best/ may hold a state of the lost steps after it, which the resumed run will evaluate again."""
         for newer in [s for s in scan(self.directory)[0] if s > step]:
             if jax.process_index() == 0:
-                self._reject(os.path.join(self.directory, str(newer)), f"newer than the resumed step {step}")
+                self._reject(str(storage.path(self.directory, str(newer))), f"newer than the resumed step {step}")
             distributed.barrier(f"cgpt_jax:set_aside_{newer}")
         self.manager.reload()
 
@@ -286,6 +292,17 @@ class RunCheckpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _atomicity(directory: str) -> ocp.options.AtomicityOptions | None:
+    """On a filesystem, Orbax's own choice (a finished step is renamed into place); on an object store, which
+    has no rename, a step is written in place with its commit marker last. Orbax cannot write arrays to
+    s3:// by itself (orbax_s3)."""
+    if not storage.is_remote(directory):
+        return None
+    if storage.scheme(directory) == "s3":
+        orbax_s3.enable()
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -308,7 +325,8 @@ class _NotReadOnlyNotice(std_logging.Filter):
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:
     """A manager that only reads another run's checkpoints. The options read_only implies are given, and
     Orbax's notice that the directory is read-only is dropped: both would only tell the user what we asked."""
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                           atomicity_options=_atomicity(directory))
     notice = _NotReadOnlyNotice()
     absl_logger = std_logging.getLogger("absl")  # Orbax logs through absl
     absl_logger.addFilter(notice)
@@ -331,11 +349,12 @@ def find_init_source(run_dir: str, params_specs: dict[str, list], flag: str = "-
     """Check `--init_from` (or the caller's `flag`) before anything is written: the directory exists, holds a
     complete checkpoint, and its parameters have this model's names, shapes and dtypes. `params_specs` come
     from `tensor_specs(params, prefix="params/")`."""
-    if not os.path.isdir(run_dir):
+    storage.check_scheme(run_dir, flag)
+    if not storage.path(run_dir).is_dir():
         raise ValueError(f"{flag}={run_dir}: no such directory.")
-    directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))  # Orbax takes absolute paths only
-    if not os.path.isdir(directory):
-        directory = os.path.abspath(run_dir)  # a checkpoints directory given directly
+    directory = str(storage.path(run_dir, CHECKPOINT_DIR))  # absolute: Orbax takes absolute paths only
+    if not storage.path(directory).is_dir():
+        directory = str(storage.path(run_dir))  # a checkpoints directory given directly
     steps, _ = scan(directory)
     if not steps:
         raise ValueError(f"{flag}={run_dir}: no complete checkpoint in {directory}; point it at a run "

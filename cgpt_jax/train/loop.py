@@ -28,7 +28,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from cgpt_jax import flops, run_dir
+from cgpt_jax import flops, run_dir, storage
 from cgpt_jax.config import resolve, validate
 from cgpt_jax.data import Dataset, make_dataset
 from cgpt_jax.devices import device_peak_flops
@@ -216,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     # --- set-up: every check before anything is written or compiled ---
     devices = devices if devices is not None else jax.devices()
     validate(config, len(devices))
+    storage.check_workdir(workdir)  # a bucket that is missing or refuses these credentials: before any work
     checkpoint.validate_checkpoint_config(config.checkpoint)
     mesh = make_mesh(config.mesh, devices)
     if dataset is None:
@@ -224,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     tasks = language_model_tasks(config, dataset, mesh, evaluation)
     if jax.process_count() > 1:
         distributed.preflight(config_dict, expected_devices=len(devices))
+        distributed.check_shared_workdir(workdir)
     if not overwrite and run_dir.is_same_finished_run(workdir, config_dict):
         logging.info("run in %s already finished; nothing to do", workdir)
         return run_dir.read_json(run_dir.path(workdir, run_dir.SUMMARY))
@@ -261,9 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                  t.steps, tokens_per_step, dict(mesh.shape))
 
     # --- the loop ---
-    if jax.process_index() == 0:
-        run_dir.drop_metrics_from(workdir, start_step)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, first_step=start_step)
     nonfinite = NonFiniteSteps(ck, skipped=counters.get("skipped_steps", 0))
     throughput = Throughput()
     train_loss = _float_or_nan(counters.get("train_loss"))
@@ -298,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         bad = nonfinite_tensors(state)
         if bad:
             raise NonFiniteError(f"not saving checkpoint {steps_done}: non-finite tensors {bad[:12]}")
+        writer.flush()  # every step before a checkpoint is in metrics.jsonl before the checkpoint exists
         checkpoints.save(steps_done, state, {"config": config_dict, "mesh": dict(mesh.shape),
                                              "skipped_steps": nonfinite.skipped, "train_loss": train_loss,
                                              "eval_loss": eval_loss, "best_value": best_value}, wait=wait)
