@@ -9,36 +9,21 @@
 // largest scaled logit and the reciprocal of its softmax denominator, saved by the forward pass so the
 // backward pass recomputes exactly the forward probabilities without a second softmax (FlashAttention
 // keeps the log-sum-exp instead, which rounds to the precision of the largest logit).
-//
-// Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register, two AVX2 registers or
-// four NEON registers, chosen by the compiler for the machine (-march=native).
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t W = 16;  // floats per vector
-constexpr int R = 8;       // query rows per block: each key/value load serves R rows
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+using namespace cgpt;
 
-inline vf splat(float x) { return x - vf{}; }  // x - 0 is exact for every x, so this folds to a broadcast
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
+constexpr int R = 8;  // query rows per block: each key/value load serves R rows
+
 inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = std::max(m, v[i]); return m; }
-inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
 
 // Lanes of the key block starting at key j0 that query i sees (key <= query).
 inline vi visible(int64_t j0, int64_t i) {
@@ -70,24 +55,6 @@ struct Dims {
   Dims(int64_t b, int64_t l, int64_t h, int64_t k) : B(b), L(l), H(h), K(k), Lp(round_up(l)), Kp(round_up(k)) {}
   int64_t row(int64_t b, int64_t i, int64_t h) const { return ((b * L + i) * H + h) * K; }  // q[b, i, h, :]
 };
-
-// Runs body(i) for i in [0, n) on the calling thread and XLA:CPU's intra-op thread pool. An atomic
-// counter hands out the work, so the caller never waits for a task that has not started.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& body) {
-  struct Shared { std::atomic<int64_t> next{0}, done{0}; };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &body] {
-    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
-      body(i);
-      shared->done.fetch_add(1);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (shared->done.load() < n) std::this_thread::yield();
-}
 
 // One (batch, head) pair's working set, in thread-local memory that grows on demand.
 struct Workspace {

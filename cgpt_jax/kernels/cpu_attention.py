@@ -9,123 +9,37 @@ Against float64, its values and gradients are as accurate as `base.attend`'s in 
 its error, ≈1x at most shapes), also where one key dominates a row (tests/test_cpu_attention.py): the
 backward pass recomputes the forward probabilities exactly and takes the softmax row term as Σ p·dL/dp.
 
-The kernel is compiled for this machine (`-march=native`) on first use by the C++ compiler in `$CXX`
-(default `c++`) against the XLA FFI headers that jaxlib ships, and cached under
-`$CGPT_JAX_CACHE` (default `~/.cache/cgpt_jax`)/kernels, keyed by the source, the compiler and its
-version, the flags, jaxlib's version and the CPU. `build()` and `load()` raise `KernelUnavailable` with the reason when that fails (no compiler, a
-compile error); `fused` attention then runs JAX's XLA implementation instead.
+The kernel is compiled for this machine on first use and cached (`cgpt_jax/kernels/build.py`); `build()`
+and `load()` raise `KernelUnavailable` with the reason when that fails (no compiler, a compile error);
+`fused` attention then runs JAX's XLA implementation instead.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from cgpt_jax.kernels import build as kernel_build
+from cgpt_jax.kernels.build import KernelUnavailable, compiler
+
+__all__ = ["KernelUnavailable", "applies", "build", "causal_attention", "compiler", "load"]
+
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-COMPILE_TIMEOUT_S = 300
 FORWARD_TARGET, BACKWARD_TARGET = "cgpt_causal_attention_forward", "cgpt_causal_attention_backward"
-
-
-class KernelUnavailable(RuntimeError):
-    """The CPU kernel cannot be built or loaded on this machine; the message says why."""
-
-
-def cache_dir() -> pathlib.Path:
-    root = os.environ.get("CGPT_JAX_CACHE") or pathlib.Path.home() / ".cache" / "cgpt_jax"
-    return pathlib.Path(root) / "kernels"
-
-
-def _cpu_fingerprint() -> str:
-    """What -march=native compiles for: the CPU's feature flags where Linux lists them."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def _compiler_version(compiler: str) -> str:
-    try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise KernelUnavailable(f"running {compiler} --version failed: {error}") from error
-
-
-def library_path(compiler: str) -> pathlib.Path:
-    key = "\n".join([SOURCE.read_text(), compiler, _compiler_version(compiler), *FLAGS, jaxlib.__version__,
-                     _cpu_fingerprint()])
-    return cache_dir() / f"cpu_attention_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-
-
-def _compile(compiler: str, target: pathlib.Path) -> None:
-    # Compile next to the target and rename: processes that build at the same time never load a
-    # half-written library.
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
-    except OSError as error:
-        raise KernelUnavailable(f"cannot write the kernel cache {target.parent} ({error}); set $CGPT_JAX_CACHE "
-                                "to a writable directory") from error
-    os.close(fd)
-    try:
-        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(command)}): {error}") from error
-        if result.returncode != 0:
-            raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o755 & ~umask)  # mkstemp made it private; a shared cache serves every user
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
-def compiler() -> str | None:
-    """The C++ compiler that builds the kernel: `$CXX` (default `c++`) on PATH, or None."""
-    return shutil.which(os.environ.get("CXX", "c++"))
 
 
 def build() -> pathlib.Path:
     """The kernel's shared library for this machine: compiled on first use, then taken from the cache."""
-    compiler_path = compiler()
-    if compiler_path is None:
-        raise KernelUnavailable(f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH "
-                                "(install g++ or clang, or set $CXX)")
-    path = library_path(compiler_path)
-    if not path.exists():
-        _compile(compiler_path, path)
-    return path
+    return kernel_build.build(SOURCE)
 
 
-@functools.cache
 def load() -> pathlib.Path:
     """Build the kernel and register it with XLA:CPU, once per process; returns the library's path."""
-    path = build()
-    try:
-        library = ctypes.cdll.LoadLibrary(str(path))
-    except OSError as error:
-        raise KernelUnavailable(f"loading {path} failed: {error}") from error
-    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.CausalAttentionForward), platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(library.CausalAttentionBackward), platform="cpu")
-    return path
+    return kernel_build.load(SOURCE, ((FORWARD_TARGET, "CausalAttentionForward"),
+                                      (BACKWARD_TARGET, "CausalAttentionBackward")))
 
 
 def applies(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array) -> bool:
