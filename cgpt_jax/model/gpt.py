@@ -60,7 +60,7 @@ from flax import nnx
 
 from cgpt_jax.model import attention, parameterization
 from cgpt_jax.model.attention.base import Cache, CacheSpec
-from cgpt_jax.model.layers import MLP, LayerNorm, logits_rows, take_rows, weight_param
+from cgpt_jax.model.layers import MLP, LayerNorm, take_rows, tied_logits, weight_param
 from cgpt_jax.parallel.sharding import constrain
 
 # jax.checkpoint policies selectable by config.model.remat ('none' = keep every activation).
@@ -290,7 +290,7 @@ class GPT(nnx.Module):
 
     def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
         """Final hidden states (after ln_f) → the tied LM head's logits."""
-        logits_BxTxV = logits_rows(x_BxTxD, self.wte[...].astype(self.compute_dtype))
+        logits_BxTxV = tied_logits(x_BxTxD, self.wte, self.compute_dtype)
         logits_BxTxV = logits_BxTxV * parameterization.output_logits_multiplier(self.cfg)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
         if logits_BxTxV.shape[-1] != self.cfg.vocab_size:

@@ -49,6 +49,16 @@ def matmul_rows(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
     return (x_BxLxI.reshape(batch * length, -1) @ w_IxO).reshape(batch, length, -1)
 
 
+def project(x_BxLxI: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
+    """x @ kernel over x's last axis and the kernel's leading axes (their product is I), its other axes
+    flattened: `matmul_rows`. A quantized kernel (cgpt_jax/quantize) multiplies its integers without
+    writing out the float weight where it can."""
+    value = kernel.get_value()
+    if hasattr(value, "matmul_rows"):
+        return value.matmul_rows(x_BxLxI.astype(dtype)).astype(dtype)
+    return matmul_rows(x_BxLxI.astype(dtype), kernel[...].astype(dtype).reshape(x_BxLxI.shape[-1], -1))
+
+
 def take_rows(table: nnx.Variable, ids: jax.Array) -> jax.Array:
     """table[ids] along the first axis (an embedding lookup). A quantized table (cgpt_jax/quantize) gathers
     its integer rows and dequantizes only those, instead of the whole table."""
@@ -70,6 +80,15 @@ def logits_rows(x_BxLxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
     x_NxD = x_BxLxD.reshape(batch * length, d_model)
     head = _cpu_oriented_head if jax.default_backend() == "cpu" else _head
     return head(x_NxD, w_VxD).reshape(batch, length, -1)
+
+
+def tied_logits(x_BxLxD: jax.Array, table: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
+    """`logits_rows` against the token table; a quantized table (cgpt_jax/quantize) multiplies its integers
+    without writing out the float table where it can."""
+    value = table.get_value()
+    if hasattr(value, "matmul_rows"):
+        return value.matmul_rows(x_BxLxD.astype(dtype))
+    return logits_rows(x_BxLxD, table[...].astype(dtype))
 
 
 def _head(x_NxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
@@ -166,8 +185,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.compute_dtype
-        h_BxLxF = matmul_rows(x_BxLxD.astype(dt), self.up_kernel[...].astype(dt))
+        h_BxLxF = project(x_BxLxD, self.up_kernel, dt)
         h_BxLxF = gelu(h_BxLxF + self.up_bias[...].astype(dt))
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
-        y_BxLxD = matmul_rows(h_BxLxF, self.down_kernel[...].astype(dt))
+        y_BxLxD = project(h_BxLxF, self.down_kernel, dt)
         return y_BxLxD + self.down_bias[...].astype(dt)

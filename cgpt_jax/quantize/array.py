@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cgpt_jax.quantize import matmul
 from cgpt_jax.quantize.scheme import Scheme
 
 
@@ -58,6 +59,11 @@ class QuantizedArray:
     def __getitem__(self, key: Any) -> jax.Array:
         # How the model reads a parameter (`self.kernel[...]`, `self.wte[...]`).
         return dequantize(self)[key]
+
+    def matmul_rows(self, x_BxLxI: jax.Array) -> jax.Array:
+        """x @ W over x's last axis and W's input axes → float32 [B, L, N], N the other axes flattened
+        (`cgpt_jax/quantize/matmul.py`: a C++ kernel on CPU for few rows, without the float weight)."""
+        return matmul.matmul_rows(self, x_BxLxI)
 
     def take_rows(self, ids: jax.Array) -> jax.Array:
         """dequantize(self)[ids] along the first axis, dequantizing only the gathered rows (an embedding

@@ -26,7 +26,7 @@ from flax import nnx
 from cgpt_jax.model import parameterization
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, write_cache
-from cgpt_jax.model.layers import bias_param, matmul_rows, weight_param
+from cgpt_jax.model.layers import bias_param, project, weight_param
 from cgpt_jax.parallel.sharding import constrain
 
 
@@ -66,9 +66,8 @@ class DenseAttention(Attention):
     def project(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x → q [B, T, H, K], k and v [B, T, G, K] (G = kv_heads)."""
         dt = self.compute_dtype
-        batch, length, d_model = x_BxTxD.shape
-        qkv_kernel_Dx3HK = self.qkv_kernel[...].astype(dt).reshape(d_model, -1)
-        qkv_BxTx3HK = matmul_rows(x_BxTxD.astype(dt), qkv_kernel_Dx3HK) + self.qkv_bias[...].astype(dt).reshape(-1)
+        batch, length, _ = x_BxTxD.shape
+        qkv_BxTx3HK = project(x_BxTxD, self.qkv_kernel, dt) + self.qkv_bias[...].astype(dt).reshape(-1)
         qkv_BxTx3xHxK = qkv_BxTx3HK.reshape(batch, length, 3, self.n_heads, self.head_dim)
         q, k, v = (constrain(qkv_BxTx3xHxK[:, :, i], ("batch", "length", "act_heads", None)) for i in range(3))
         return q, k, v
@@ -119,8 +118,7 @@ class DenseAttention(Attention):
     def output(self, y_BxTxHxK: jax.Array) -> jax.Array:
         dt = self.compute_dtype
         batch, length, heads, head_dim = y_BxTxHxK.shape
-        out_kernel_HKxD = self.out_kernel[...].astype(dt).reshape(heads * head_dim, -1)
-        y_BxTxD = matmul_rows(y_BxTxHxK.reshape(batch, length, heads * head_dim), out_kernel_HKxD)
+        y_BxTxD = project(y_BxTxHxK.reshape(batch, length, heads * head_dim), self.out_kernel, dt)
         return y_BxTxD + self.out_bias[...].astype(dt)
 
     # --- the interface ---------------------------------------------------------------------------
