@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 from absl import app, flags
 
-from cgpt_jax import cli
+from cgpt_jax import cli, storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.scaling import runner
 from cgpt_jax.scaling.experiment import load_experiment, train_command
@@ -32,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    workdir = Path(cli.resolve_path(_WORKDIR.value))
+    workdir = storage.path(cli.resolve_path(_WORKDIR.value))  # a local directory, gs:// or s3://
     try:
         experiment = load_experiment(_CONFIG.value)
         runs = experiment.runs()
@@ -41,6 +40,7 @@ def main(argv: list[str]) -> None:
                 print(shlex.join(train_command(experiment, run, str(workdir / run.name))))
             return
         if _LAUNCHER.value == "local":
+            storage.check_workdir(str(workdir))
             try:
                 statuses = runner.run_local(experiment, runs, workdir, skip_failed=_SKIP_FAILED.value)
             except KeyboardInterrupt:

@@ -79,8 +79,10 @@ def byte_bpe_tokenizer(vocab_size: int, text: str, repeats: int):
 @contextlib.contextmanager
 def s3_emulator(*buckets: str):
     """A local S3 server (moto) on 127.0.0.1 with `buckets`, stopped on exit; yields the environment that
-    points the AWS SDKs (boto3, s3fs, and TensorStore through cgpt_jax) at it with dummy credentials."""
+    points the AWS SDKs (boto3, s3fs, and TensorStore through cgpt_jax) at it with dummy credentials, and
+    applies it to this process while it runs."""
     import boto3
+    import pytest
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -100,10 +102,24 @@ def s3_emulator(*buckets: str):
                               aws_secret_access_key="test", region_name="us-east-1")
         for bucket in buckets:
             client.create_bucket(Bucket=bucket)
-        yield env
+        with pytest.MonkeyPatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            forget_s3_clients()
+            yield env
     finally:
+        forget_s3_clients()
         server.terminate()
         server.wait(timeout=30)
+
+
+def forget_s3_clients() -> None:
+    """Drop s3fs's cached clients, which keep the endpoint and credentials they were created with."""
+    import s3fs
+    from etils import epath
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def free_port() -> int:

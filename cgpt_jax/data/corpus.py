@@ -27,6 +27,7 @@ from typing import Counter, Iterator
 
 import tensorflow_datasets as tfds
 
+from cgpt_jax import storage
 from cgpt_jax.errors import InputError
 
 SPLITS = ("train", "validation")
@@ -258,7 +259,7 @@ class TfdsSource:
         if not name:
             raise CorpusError("config.data.tfds_name is empty; set it to a TFDS name such as 'lm1b'")
         self.name = name
-        self.data_dir = str(pathlib.Path(data_dir).expanduser().resolve()) if data_dir else None
+        self.data_dir = str(storage.path(data_dir)) if data_dir else None  # TFDS reads gs:// itself
         self.text_key = text_key
         self.splits = {"train": train_split, "validation": eval_split}
         self.download = download

@@ -14,6 +14,11 @@ seq_len+1 tokens is one slice, whichever process reads it.
 A store is built in a temporary sibling directory and renamed into place when complete, so a
 directory with a manifest is always whole. It is reused when its manifest's identity matches the
 config; on a mismatch (e.g. the corpus changed) building stops with an error and nothing is deleted.
+
+`cache_dir` may be a bucket (gs://, s3://). The token files are memory-mapped, so a bucket's store is read
+through a local copy under $CGPT_JAX_STORE_MIRROR (default ~/.cache/cgpt_jax/token_stores), downloaded once
+per host and checked against the manifest's sizes and hashes. A store is built locally and uploaded with its
+manifest last: an object store has no rename, so there the manifest is the commit marker.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import numpy as np
 import tokenizers
 import tqdm
 
+from cgpt_jax import storage
 from cgpt_jax.data.corpus import SPLITS
 from cgpt_jax.data.tokenizer import TextTokenizer, build_tokenizer, load_tokenizer, parse_spec, tokenizer_from_file
 
@@ -133,8 +139,9 @@ def _file_diffs(old: dict[str, str], new: dict[str, str], limit: int = 5) -> lis
             for what, paths in (("added", added), ("removed", removed), ("changed", changed)) if paths]
 
 
-def _check_reusable(path: pathlib.Path, want: dict, source: Source) -> None:
-    manifest = open_store(path).manifest
+def _check_reusable(path: pathlib.Path | storage.Path, want: dict, source: Source,
+                    manifest: dict | None = None) -> None:
+    manifest = manifest if manifest is not None else open_store(path).manifest
     diffs = _identity_diffs(manifest, want)
     if not diffs:
         return
@@ -214,6 +221,8 @@ def build_or_reuse(source: Source, tokenizer_spec: str, cache_dir: str | pathlib
 
     Every input check (tokenizer spec and files, corpus scan) runs before anything is written.
     """
+    if storage.is_remote(cache_dir):
+        return _build_or_reuse_in_bucket(source, tokenizer_spec, str(cache_dir))
     spec = parse_spec(tokenizer_spec)
     cache_dir = pathlib.Path(cache_dir).expanduser().resolve()
     final = cache_dir / f"{source.slug}__{spec.slug}"
@@ -244,3 +253,67 @@ def build_or_reuse(source: Source, tokenizer_spec: str, cache_dir: str | pathlib
         if work.exists():
             shutil.rmtree(work)  # only this call's own unfinished (or duplicate) work
     return open_store(final)
+
+
+def _mirror(remote: storage.Path) -> pathlib.Path:
+    """Where this host keeps its copy of the bucket's store `remote`."""
+    root = pathlib.Path(os.environ.get("CGPT_JAX_STORE_MIRROR", "~/.cache/cgpt_jax/token_stores")).expanduser()
+    return root / storage.scheme(remote) / str(remote).split("://", 1)[1]
+
+
+def _files(directory: storage.Path) -> Iterator[storage.Path]:
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            yield from _files(entry)
+        else:
+            yield entry
+
+
+def _download(remote: storage.Path, local: pathlib.Path) -> TokenStore:
+    """The local copy of the bucket's store: reused while its manifest is the bucket's, else fetched anew
+    (into a temporary sibling, checked against the manifest's sizes and hashes, then renamed into place)."""
+    manifest_bytes = (remote / MANIFEST).read_bytes()
+    if (local / MANIFEST).exists() and (local / MANIFEST).read_bytes() == manifest_bytes:
+        return open_store(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{local.name}.download-", dir=local.parent))
+    try:
+        for file in _files(remote):
+            target = work / str(file)[len(str(remote)) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.read_bytes())
+        store = open_store(work)  # sizes
+        for info in store.manifest["splits"].values():
+            if hashlib.sha256((work / info["file"]).read_bytes()).hexdigest() != info["sha256"]:
+                raise StoreError(f"{remote / info['file']} differs from its manifest's sha256: the store in the "
+                                 f"bucket is damaged. It is left as it is; build a new one under another "
+                                 f"config.data.cache_dir")
+        if local.exists():
+            shutil.rmtree(local)  # a copy of an older manifest: the bucket's store was replaced
+        os.rename(work, local)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    log.info("downloaded token store %s to %s", remote, local)
+    return open_store(local)
+
+
+def _build_or_reuse_in_bucket(source: Source, tokenizer_spec: str, cache_dir: str) -> TokenStore:
+    spec = parse_spec(tokenizer_spec)
+    storage.check_workdir(cache_dir, "config.data.cache_dir")
+    remote = storage.path(cache_dir, f"{source.slug}__{spec.slug}")
+    want = {"format": FORMAT, "source": source.identity(), "tokenizer": _tokenizer_identity(spec.canonical)}
+    local = _mirror(remote)
+    if not (remote / MANIFEST).exists():
+        if remote.exists():
+            raise StoreError(f"{remote} exists but has no {MANIFEST}, so it is not a complete store (an upload "
+                             "was interrupted); it is left as it is: move it away or set config.data.cache_dir "
+                             "to another place")
+        built = build_or_reuse(source, tokenizer_spec, local.parent)  # locally, then uploaded
+        for file in sorted(built.path.rglob("*"), key=lambda f: f.name == MANIFEST):  # the manifest last
+            if file.is_file():
+                target = remote / file.relative_to(built.path).as_posix()
+                target.write_bytes(file.read_bytes())
+        log.info("uploaded token store %s to %s", built.path, remote)
+    _check_reusable(remote, want, source, json.loads((remote / MANIFEST).read_text()))
+    return _download(remote, local)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
-from cgpt_jax import run_dir
+from cgpt_jax import run_dir, storage
 from cgpt_jax.run_dir import FLOP_CONVENTIONS, SUMMARY
 from cgpt_jax.scaling.runner import FAILURE, RUN_RECORD, SWEEP_TABLE, read_json
 
@@ -23,7 +22,7 @@ FITTED_SUMMARY_KEYS = ("final_eval_loss", "n_params", "n_params_non_embedding", 
 @dataclasses.dataclass
 class Run:
     name: str
-    path: Path
+    path: storage.Path
     status: str  # 'finished' | 'unfinished' | 'failed' | 'pending' (listed in sweep.json, never started)
     group: str  # the experiment spec of the sweep that made the run; runs of one group share a recipe
     problems: list[str] = dataclasses.field(default_factory=list)  # why it is not fitted
@@ -48,7 +47,7 @@ def _group(record: dict | None) -> str:
     return NO_PROVENANCE if record is None else str(record.get("experiment"))
 
 
-def _metrics_problems(path: Path, final_loss: float) -> list[str]:
+def _metrics_problems(path: storage.Path, final_loss: float) -> list[str]:
     """Divergence evidence in metrics.jsonl: non-finite losses, a late blow-up, ending above the start."""
     if not path.is_file():
         return []
@@ -67,7 +66,7 @@ def _metrics_problems(path: Path, final_loss: float) -> list[str]:
     return []
 
 
-def _read_run(path: Path) -> Run:
+def _read_run(path: storage.Path) -> Run:
     record = read_json(path / RUN_RECORD) if (path / RUN_RECORD).is_file() else None
     run = Run(name=path.name, path=path, status="unfinished", group=_group(record),
               planned_config=None if record is None else record.get("config"))
@@ -103,8 +102,10 @@ def _read_run(path: Path) -> Run:
     return run
 
 
-def collect_runs(workdir: Path) -> list[Run]:
-    """Every run directory under `workdir` (plus runs sweep.json lists that never started)."""
+def collect_runs(workdir: str | storage.Path) -> list[Run]:
+    """Every run directory under `workdir`, a local directory or a bucket (plus runs sweep.json lists that
+    never started)."""
+    workdir = storage.path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir a sweep wrote to")
     runs = [_read_run(p) for p in sorted(workdir.iterdir())

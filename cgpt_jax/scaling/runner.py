@@ -10,22 +10,30 @@ Layout of a sweep workdir DIR:
 Each run is a subprocess, so a crash (or an OOM kill) is recorded as a failure and the sweep goes on.
 Re-running the sweep skips finished runs and re-launches the rest with the same command, which the
 trainer resumes from its own checkpoint.
+
+DIR may be a bucket (gs://, s3://; cgpt_jax/storage.py). An object store has no append, so there a run's
+train.log/.err are written to local temporary files while it runs and appended to the bucket's copies
+(one upload each) when it exits; launch scripts, which the cluster's submit command runs, need a local DIR.
 """
 from __future__ import annotations
 
 import datetime
 import importlib.resources
 import json
+import os
 import re
 import shlex
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
+from cgpt_jax import storage
 from cgpt_jax.config import run_differences
+from cgpt_jax.errors import InputError
 from cgpt_jax.run_dir import SUMMARY, finished_summary
 from cgpt_jax.scaling.experiment import Experiment, RunSpec, train_command
 
@@ -54,19 +62,16 @@ LAUNCHERS: dict[str, dict[str, Any]] = {
 }
 
 
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: storage.Path) -> dict:
+    return json.loads(storage.path(path).read_text())
 
 
-def write_json(path: Path, data: dict) -> None:
-    # Write then rename, so an interrupted sweep never leaves half a status file.
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+def write_json(path: storage.Path, data: dict) -> None:
+    # Atomically, so an interrupted sweep never leaves half a status file.
+    storage.write_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def is_finished(run_path: Path) -> bool:
+def is_finished(run_path: storage.Path) -> bool:
     return finished_summary(str(run_path)) is not None
 
 
@@ -78,7 +83,7 @@ def _jsonable(overrides: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(overrides))  # tuples become lists, as they will be when read back
 
 
-def open_sweep(experiment: Experiment, runs: list[RunSpec], workdir: Path, launcher: str) -> dict:
+def open_sweep(experiment: Experiment, runs: list[RunSpec], workdir: storage.Path, launcher: str) -> dict:
     """Check that `workdir` holds nothing of another sweep or config, record each run's provenance, and
     return the sweep table. Fails before any run starts, naming the directory that conflicts."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -114,13 +119,42 @@ def open_sweep(experiment: Experiment, runs: list[RunSpec], workdir: Path, launc
     return table
 
 
-def _tail(path: Path, offset: int, lines: int) -> str:
+def _tail(path: str, offset: int, lines: int) -> str:
     with open(path, errors="replace") as f:
         f.seek(offset)
         return "".join(f.read().splitlines(keepends=True)[-lines:])
 
 
-def run_local(experiment: Experiment, runs: list[RunSpec], workdir: Path, *,
+class _Logs:
+    """A run's stdout and stderr files for one attempt: the run directory's own train.log/.err, appended to
+    as the trainer writes; in a bucket, local temporary files appended to the bucket's copies on `close`."""
+
+    def __init__(self, run_dir: storage.Path):
+        self.targets = (run_dir / STDOUT_LOG, run_dir / STDERR_LOG)
+        self.remote = storage.is_remote(run_dir)
+        if self.remote:
+            self.local = tuple(tempfile.mkstemp(prefix=f"cgpt_jax-{name.name}-")[1] for name in self.targets)
+        else:
+            self.local = tuple(str(target) for target in self.targets)
+        err = self.local[1]
+        self.err_offset = os.path.getsize(err) if os.path.exists(err) and not self.remote else 0
+        self.files: tuple[IO, IO] = tuple(open(path, "a") for path in self.local)
+
+    def close(self) -> None:
+        """Close the files, keeping the end of this attempt's stderr in `stderr_tail`."""
+        for f in self.files:
+            f.close()
+        self.stderr_tail = _tail(self.local[1], self.err_offset, _STDERR_TAIL_LINES)
+        if self.remote:
+            for path, target in zip(self.local, self.targets):
+                with open(path, "rb") as f:
+                    new = f.read()
+                old = target.read_bytes() if target.exists() else b""
+                storage.write_atomically(target, old + new)
+                os.remove(path)
+
+
+def run_local(experiment: Experiment, runs: list[RunSpec], workdir: storage.Path, *,
               train_argv: tuple[str, ...] | None = None, skip_failed: bool = False,
               progress: bool = True) -> dict[str, str]:
     """Run every unfinished run one after another; returns {name: status} with status one of
@@ -145,11 +179,10 @@ def run_local(experiment: Experiment, runs: list[RunSpec], workdir: Path, *,
         entry.update(status="running", command=command, started=_now())
         write_json(workdir / SWEEP_TABLE, table)
 
-        err_path = run_dir / STDERR_LOG
-        err_offset = err_path.stat().st_size if err_path.exists() else 0
+        logs = _Logs(run_dir)
         start = time.monotonic()
-        with open(run_dir / STDOUT_LOG, "a") as out, open(err_path, "a") as err:
-            process = subprocess.Popen(command, stdout=out, stderr=err)
+        try:
+            process = subprocess.Popen(command, stdout=logs.files[0], stderr=logs.files[1])
             try:
                 returncode = process.wait()
             except KeyboardInterrupt:
@@ -164,6 +197,8 @@ def run_local(experiment: Experiment, runs: list[RunSpec], workdir: Path, *,
                 entry["status"] = "interrupted"
                 write_json(workdir / SWEEP_TABLE, table)
                 raise
+        finally:
+            logs.close()
         wall = time.monotonic() - start
         entry.update(wall_time_s=round(wall, 1), returncode=returncode)
 
@@ -175,9 +210,9 @@ def run_local(experiment: Experiment, runs: list[RunSpec], workdir: Path, *,
                       else f"exited with code 0 but wrote no finished {SUMMARY}")
             write_json(run_dir / FAILURE, {
                 "returncode": returncode, "reason": reason, "command": command, "wall_time_s": round(wall, 1),
-                "time": _now(), "stderr_tail": _tail(err_path, err_offset, _STDERR_TAIL_LINES)})
+                "time": _now(), "stderr_tail": logs.stderr_tail})
             statuses[run.name] = entry["status"] = "failed"
-            bar.write(f"{run.name}: FAILED ({reason}); see {run_dir / FAILURE} and {err_path}")
+            bar.write(f"{run.name}: FAILED ({reason}); see {run_dir / FAILURE} and {run_dir / STDERR_LOG}")
         write_json(workdir / SWEEP_TABLE, table)
     return statuses
 
@@ -209,6 +244,11 @@ def fill_template(text: str, values: dict[str, str]) -> str:
 def write_launch_scripts(experiment: Experiment, runs: list[RunSpec], workdir: Path, launcher: str,
                          opts: dict[str, str]) -> list[Path]:
     """One script per unfinished run plus DIR/submit_all.sh; returns the per-run scripts."""
+    if storage.is_remote(workdir):
+        raise InputError(f"--workdir={workdir}: launch scripts are run by the cluster's submit command, so they "
+                         f"are written to a local --workdir — give the bucket the runs write to as "
+                         f"--launcher_opts=workdir={workdir}")
+    workdir = Path(workdir)
     spec = LAUNCHERS[launcher]
     template = (TEMPLATES / spec["template"]).read_text()
     table = open_sweep(experiment, runs, workdir, launcher)

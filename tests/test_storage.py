@@ -1,0 +1,178 @@
+"""Run directories on an object store, against a local S3 server (moto) started for this module: a run killed
+with SIGKILL resumes exactly from its checkpoints in the bucket, and a bad bucket, credentials or scheme is
+refused before anything is written. (The 2-process run on a bucket is in tests/test_distributed.py.)"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cgpt_jax import storage
+from cgpt_jax.errors import InputError
+from tests.helpers import forget_s3_clients, one_device_env, s3_emulator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CLI = ("--config=experiments/cerebras_gpt.py:size=tiny", "--config.model.d_model=32",
+            "--config.model.n_layers=1", "--config.model.n_heads=2", "--config.model.d_ff=64",
+            "--config.model.max_seq_len=32", "--config.train.seq_len=32", "--config.train.global_batch_size=8",
+            "--config.data.synthetic_vocab_size=64", "--config.train.warmup_steps=5", "--config.train.log_every=1",
+            "--config.train.steps=32", "--config.train.eval_every=16", "--config.checkpoint.every_steps=8")
+COMPARED = ("loss", "grad_norm", "lr", "eval_loss")
+
+
+@pytest.fixture(scope="module")
+def bucket_env(tmp_path_factory):
+    """The emulator's environment for `python -m` subprocesses (it is applied to this process too)."""
+    with s3_emulator("bkt") as env:
+        cache = str(tmp_path_factory.mktemp("jax_cache"))  # the subprocesses compile the same model
+        yield one_device_env(**env, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=cache,
+                             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _train(workdir: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cgpt_jax.train", *TINY_CLI, f"--workdir={workdir}"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _train_here(workdir: str) -> dict:
+    """TINY_CLI's run in this process, on one device as the subprocesses."""
+    import jax
+
+    from cgpt_jax.train.loop import train_and_evaluate
+    from experiments.cerebras_gpt import get_config
+
+    config = get_config(TINY_CLI[0].split(":", 1)[1])
+    for flag in TINY_CLI[1:]:
+        name, value = flag.removeprefix("--config.").split("=")
+        section, field = name.split(".")
+        config[section][field] = type(config[section][field])(value)
+    return train_and_evaluate(config, workdir, devices=jax.devices()[:1], show_progress=False)
+
+
+def _curve(workdir: str) -> list[tuple]:
+    lines = storage.path(workdir, "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], {k: r[k] for k in COMPARED if k in r}) for r in map(json.loads, lines)]
+
+
+def test_run_on_a_bucket_killed_with_sigkill_resumes_exactly(tmp_path, bucket_env, caplog):
+    run = "s3://bkt/run"
+    killed = _train(run, bucket_env)
+    # Killed once checkpoint 8 is committed and checkpoint 16 has begun: mid-save or just after.
+    for seen in (storage.path(run, "checkpoints", "8", "commit_success.txt"), storage.path(run, "checkpoints", "16")):
+        deadline = time.monotonic() + 180
+        while not seen.exists():
+            assert killed.poll() is None, killed.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert not storage.path(run, "summary.json").exists()
+    assert [s for s, _ in _curve(run)][:8] == list(range(8))  # flushed before checkpoint 8 was saved
+
+    with caplog.at_level("INFO"):
+        summary = _train_here(run)  # the same command again (here: in this process)
+    assert "resuming from checkpoint s3://bkt/run/checkpoints/" in caplog.text
+    reference = _train_here(str(tmp_path / "reference"))  # uninterrupted, on the local disk
+    assert _curve(run) == _curve(str(tmp_path / "reference"))  # every step once, bit-identical values
+    assert json.loads(storage.path(run, "summary.json").read_text())["final_train_loss"] == \
+        summary["final_train_loss"] == reference["final_train_loss"]
+    assert storage.path(run, "checkpoints", "32", "commit_success.txt").exists()
+    assert storage.path(run, "tensorboard").is_dir() and storage.path(run, "config.json").is_file()
+    assert not os.path.exists(os.path.join(REPO, "s3:"))  # the old bug: a local folder named after the URL
+
+
+def test_bad_bucket_credentials_and_schemes_are_refused_before_anything_is_written(tmp_path, bucket_env,
+                                                                                   monkeypatch):
+    from cgpt_jax.train.loop import train_and_evaluate
+    from tests.helpers import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="bucket no-such-bucket does not exist .* create it, or fix the bucket"):
+        train_and_evaluate(tiny_config(), "s3://no-such-bucket/run", show_progress=False)
+    with pytest.raises(InputError, match=r"no filesystem for 'hdfs://' — use a local path, gs://"):
+        storage.check_workdir("hdfs://namenode/run")
+    monkeypatch.setitem(storage.REMOTE_SCHEMES, "gs", "no_such_gcs_package")
+    with pytest.raises(InputError, match=r"needs the no_such_gcs_package package.*pip install 'cgpt_jax\[cloud\]'"):
+        storage.check_workdir("gs://bkt/run")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    forget_s3_clients()
+    try:
+        with pytest.raises(InputError, match=r"NoCredentialsError.*check the credentials \(AWS_ACCESS_KEY_ID"):
+            storage.check_workdir("s3://bkt/run")
+    finally:
+        forget_s3_clients()
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_atomically_and_move_on_a_bucket(bucket_env):
+    target = storage.path("s3://bkt/files/a.json")
+    storage.write_atomically(target, '{"a": 1}')
+    storage.write_atomically(target, b'{"a": 2}')
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["a.json"]  # no temporary left behind
+    storage.move("s3://bkt/files", "s3://bkt/moved/files")
+    assert not target.exists() and storage.path("s3://bkt/moved/files/a.json").read_bytes() == b'{"a": 2}'
+
+
+def test_sweep_in_a_bucket_runs_resumes_and_is_read_back(bucket_env, tmp_path):
+    """The local runner and the analysis's reader over a bucket, with tests/scaling_fixtures/fake_train.py
+    (the real trainer's flags, no JAX) as the trainer."""
+    from cgpt_jax.scaling import analysis, results, runner
+    from cgpt_jax.scaling.experiment import load_experiment
+
+    fixtures = os.path.join(REPO, "tests", "scaling_fixtures")
+    experiment = load_experiment(os.path.join(fixtures, "fake_experiment.py"))
+    fake_train = (sys.executable, os.path.join(fixtures, "fake_train.py"))
+    workdir = storage.path("s3://bkt/sweep")
+    first = runner.run_local(experiment, experiment.runs(), workdir, train_argv=fake_train, progress=False)
+    assert first == {"d8": "finished", "d16": "finished", "crash": "failed", "flaky": "failed"}
+    failure = json.loads((workdir / "crash" / runner.FAILURE).read_text())
+    assert "boom" in failure["stderr_tail"] and "boom" in (workdir / "crash" / runner.STDERR_LOG).read_text()
+    second = runner.run_local(experiment, experiment.runs(), workdir, train_argv=fake_train, progress=False)
+    assert second == {"d8": "finished", "d16": "finished", "crash": "failed", "flaky": "finished"}
+    assert (workdir / "flaky" / "calls.txt").read_text().count("call") == 2  # resumed, not restarted
+    assert (workdir / "crash" / runner.STDERR_LOG).read_text().count("boom") == 2  # appended across attempts
+
+    runs = {r.name: r for r in results.collect_runs("s3://bkt/sweep")}
+    assert {name: r.status for name, r in runs.items()} == second
+    for name in ("d8", "d16", "flaky"):
+        assert runs[name].loss == json.loads((workdir / name / "summary.json").read_text())["final_eval_loss"]
+    fitted = analysis.analyze("s3://bkt/sweep", n_bootstrap=10)
+    assert sorted(r.name for r in fitted.runs if r.usable) == ["d16", "d8", "flaky"]
+    with pytest.raises(InputError, match="launch scripts .* written to a local --workdir"):
+        runner.write_launch_scripts(experiment, experiment.runs(), workdir, "slurm", runner.LAUNCHERS["slurm"]["opts"])
+
+
+def test_token_store_in_a_bucket_is_built_once_uploaded_and_read_through_a_checked_copy(bucket_env, tmp_path,
+                                                                                         monkeypatch):
+    from cgpt_jax.data import store as token_store
+    from cgpt_jax.data.prepare import prepare
+    from tests.test_data_store import text_config, write_corpus
+
+    monkeypatch.setenv("CGPT_JAX_STORE_MIRROR", str(tmp_path / "mirror"))
+    cfg = text_config(write_corpus(tmp_path / "corpus"), "s3://bkt/stores")
+    local = prepare(text_config(tmp_path / "corpus", tmp_path / "local"))  # the same store on the local disk
+    built = prepare(cfg)
+    remote = storage.path("s3://bkt/stores", local.path.name)
+    for name in ("train.bin", "validation.bin", "tokenizer.json", token_store.MANIFEST):
+        assert (remote / name).read_bytes() == (built.path / name).read_bytes()
+    for split in ("train", "validation"):
+        assert (built.path / f"{split}.bin").read_bytes() == (local.path / f"{split}.bin").read_bytes()
+
+    # Another host: no local copy yet; it downloads the store and checks it against the manifest.
+    monkeypatch.setenv("CGPT_JAX_STORE_MIRROR", str(tmp_path / "host2"))
+    again = prepare(cfg)
+    assert again.path != built.path and again.manifest == built.manifest
+    assert (again.path / "train.bin").read_bytes() == (built.path / "train.bin").read_bytes()
+    monkeypatch.setenv("CGPT_JAX_STORE_MIRROR", str(tmp_path / "host3"))
+    (remote / "validation.bin").write_bytes(b"\0" * len((remote / "validation.bin").read_bytes()))
+    with pytest.raises(token_store.StoreError, match="differs from its manifest's sha256"):
+        prepare(cfg)
