@@ -1,9 +1,10 @@
 // y = x · dequantize(W) for a weight-only quantized W, as an XLA FFI handler for XLA:CPU.
 //
 // Why: XLA:CPU does not fuse the dequantization into a matmul of more than one row; it writes the float32
-// weight out and reads it back for its GEMM, so a decode step reads more bytes than in float32. Here each
-// tile of the weight is read once as integers, dequantized into a small float buffer that stays in
-// cache, and every row of x runs over it: the weight crosses the memory bus as int8 or int4.
+// weight out and reads it back for its GEMM, so a decode step reads more bytes than in float32. Here the
+// weight is read once as integers and each piece of it is dequantized once and used by every row of x:
+// KN in registers, strip by strip of T columns, for RKN rows at a time (a strip is re-read from cache for
+// more rows); NK row by row into a buffer in cache, C rows at a time, each x row a dot product with them.
 //
 // Layouts (row-major): x [M, K] float32, y [M, N] float32. The weight is either
 //   KN (a projection, W [K, N]): q [K, N] int8 or [K, N/2] uint8, scale [G, N];
@@ -36,7 +37,7 @@ struct Problem {
   const float* scale;
 };
 
-// W[k, n] dequantized, one element at a time (tails of strips and rows).
+// W[k, n] dequantized, one element at a time (the last strip, rows' tails, groups shorter than a vector).
 inline float dequantize_one(const Problem& p, int64_t k, int64_t n) {
   const int64_t index = p.nk ? n * p.K + k : k * p.N + n;  // in the unpacked stored weight
   int value;
@@ -66,81 +67,123 @@ inline void int4_to_float(const void* bytes, vf& first, vf& second) {
   second = __builtin_shufflevector(low, high, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
 }
 
-// KN: dequantizes columns n0..n0+T-1 of W into tile [K, T] (zero past N), then y[:, n0..] = x · tile.
-void kn_strip(const Problem& p, const float* x, int64_t n0, float* y) {
-  thread_local std::vector<float> memory;
-  if ((int64_t)memory.size() < p.K * T) memory.resize(p.K * T);
-  float* tile = memory.data();
-  const int64_t width = std::min(T, p.N - n0);
-  if (width == T) {
-    for (int64_t k = 0; k < p.K; ++k) {
-      const float* s = p.scale + (k / p.g) * p.N + n0;
-      vf w0, w1;
-      if (p.bits == 8) {
-        const int8_t* row = static_cast<const int8_t*>(p.q) + k * p.N + n0;
-        w0 = int8_to_float(row);
-        w1 = int8_to_float(row + W);
-      } else {
-        int4_to_float(static_cast<const int8_t*>(p.q) + (k * p.N + n0) / 2, w0, w1);
-      }
-      store(tile + k * T, w0 * load(s));
-      store(tile + k * T + W, w1 * load(s + W));
-    }
+// KN: W[k, n0..n0+T-1] as two vectors of integers converted to float.
+inline void kn_columns(const Problem& p, int64_t k, int64_t n0, vf& w0, vf& w1) {
+  const int8_t* q = static_cast<const int8_t*>(p.q);
+  if (p.bits == 8) {
+    w0 = int8_to_float(q + k * p.N + n0);
+    w1 = int8_to_float(q + k * p.N + n0 + W);
   } else {
-    for (int64_t k = 0; k < p.K; ++k)
-      for (int64_t c = 0; c < T; ++c) tile[k * T + c] = c < width ? dequantize_one(p, k, n0 + c) : 0.0f;
+    int4_to_float(q + (k * p.N + n0) / 2, w0, w1);
   }
-  for (int64_t r0 = 0; r0 < p.M; r0 += RKN) {  // x has whole blocks of rows (zero-padded)
-    vf acc[RKN][2] = {};
-    for (int64_t k = 0; k < p.K; ++k) {
-      const vf w0 = load(tile + k * T), w1 = load(tile + k * T + W);
-      for (int r = 0; r < RKN; ++r) {
+}
+
+// KN: y[r0..r0+R-1, n0..n0+T-1] = x[r0.., :] · W[:, n0..]. Each weight row of the strip is converted and
+// scaled once, in registers, and serves the R rows of x.
+template <int R>
+void kn_rows(const Problem& p, const float* x, int64_t r0, int64_t n0, float* y) {
+  vf acc[R][2] = {};
+  for (int64_t group = 0; group < p.G; ++group) {
+    const vf s0 = load(p.scale + group * p.N + n0), s1 = load(p.scale + group * p.N + n0 + W);
+    for (int64_t k = group * p.g; k < (group + 1) * p.g; ++k) {
+      vf w0, w1;
+      kn_columns(p, k, n0, w0, w1);
+      w0 *= s0;
+      w1 *= s1;
+      for (int r = 0; r < R; ++r) {
         const vf xr = splat(x[(r0 + r) * p.K + k]);
         acc[r][0] += xr * w0;
         acc[r][1] += xr * w1;
       }
     }
-    for (int r = 0; r < RKN && r0 + r < p.M; ++r) {
-      float* out = y + (r0 + r) * p.N + n0;
-      if (width == T) {
-        store(out, acc[r][0]);
-        store(out + W, acc[r][1]);
-      } else {
-        for (int64_t c = 0; c < width; ++c) out[c] = acc[r][c / W][c % W];
-      }
-    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store(y + (r0 + r) * p.N + n0, acc[r][0]);
+    store(y + (r0 + r) * p.N + n0 + W, acc[r][1]);
   }
 }
 
-// The scale vector for inputs k0, k0+1, ..., k0+W-1 of stored row `scale_row` (NK layout).
-inline vf scales_along_k(const Problem& p, const float* scale_row, int64_t k0) {
-  if (k0 / p.g == (k0 + W - 1) / p.g) return splat(scale_row[k0 / p.g]);
-  vf s;
-  for (int l = 0; l < W; ++l) s[l] = scale_row[(k0 + l) / p.g];
-  return s;
+// By the number of rows left (1..RKN): the accumulators stay in registers for every count.
+using KnRows = void (*)(const Problem&, const float*, int64_t, int64_t, float*);
+constexpr KnRows KN_ROWS[] = {nullptr, kn_rows<1>, kn_rows<2>, kn_rows<3>, kn_rows<4>,
+                              kn_rows<5>, kn_rows<6>, kn_rows<7>, kn_rows<8>};
+
+// KN: columns n0..n0+T-1 of y, or of the last, narrower strip element by element.
+void kn_strip(const Problem& p, const float* x, int64_t n0, float* y) {
+  if (n0 + T <= p.N) {
+    for (int64_t r0 = 0; r0 < p.M; r0 += RKN) KN_ROWS[std::min<int64_t>(RKN, p.M - r0)](p, x, r0, n0, y);
+    return;
+  }
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t n = n0; n < p.N; ++n) {
+      float sum = 0;
+      for (int64_t k = 0; k < p.K; ++k) sum += x[m * p.K + k] * dequantize_one(p, k, n);
+      y[m * p.N + n] = sum;
+    }
 }
 
-// NK: row n of the stored weight dequantized into row [Kp] (zero past K).
+// NK: row n of the stored weight dequantized into row [Kp] (zero past K). Where the group size is a whole
+// number of vectors, each vector has one scale.
 void nk_dequantize_row(const Problem& p, int64_t n, int64_t Kp, float* row) {
   const float* scale_row = p.scale + n * p.G;
+  const int8_t* q = static_cast<const int8_t*>(p.q) + n * p.K / (p.bits == 4 ? 2 : 1);
   int64_t k = 0;
-  if (p.bits == 8) {
-    const int8_t* q = static_cast<const int8_t*>(p.q) + n * p.K;
-    for (; k + W <= p.K; k += W) store(row + k, int8_to_float(q + k) * scales_along_k(p, scale_row, k));
-  } else {
-    const int8_t* q = static_cast<const int8_t*>(p.q) + n * p.K / 2;
-    for (; k + 2 * W <= p.K; k += 2 * W) {
-      vf w0, w1;
-      int4_to_float(q + k / 2, w0, w1);
-      store(row + k, w0 * scales_along_k(p, scale_row, k));
-      store(row + k + W, w1 * scales_along_k(p, scale_row, k + W));
+  if (p.g % W == 0) {
+    int64_t group = 0, group_end = p.g;  // the group of input k, followed without a division per vector
+    auto scale_at = [&](int64_t input) {
+      for (; input >= group_end; group_end += p.g) ++group;
+      return splat(scale_row[group]);
+    };
+    if (p.bits == 8) {
+      for (; k + W <= p.K; k += W) store(row + k, int8_to_float(q + k) * scale_at(k));
+    } else {
+      for (; k + 2 * W <= p.K; k += 2 * W) {
+        vf w0, w1;
+        int4_to_float(q + k / 2, w0, w1);
+        store(row + k, w0 * scale_at(k));
+        store(row + k + W, w1 * scale_at(k + W));
+      }
     }
   }
   for (; k < p.K; ++k) row[k] = dequantize_one(p, k, n);
   std::fill(row + p.K, row + Kp, 0.0f);
 }
 
-// NK: y[:, n0..n0+C-1] = x · (stored rows n0..n0+C-1)ᵀ; x is [M rounded up to RNK, Kp], zero-padded.
+// The sums of the lanes of a, b, c and d, as lanes 0, 4, 8 and 12: halving additions, 3 shuffles each.
+inline vf hsum4(vf a, vf b, vf c, vf d) {
+  const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf abcd = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const vf pairs = abcd + __builtin_shufflevector(abcd, abcd, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return pairs + __builtin_shufflevector(pairs, pairs, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+}
+
+// NK: y[r0..r0+R-1, n0..n0+count-1] = x[r0.., :] · rowsᵀ, rows [C, Kp]; x is [M, Kp], zero-padded.
+template <int R>
+void nk_rows(const Problem& p, const float* rows, const float* x, int64_t Kp, int64_t r0, int64_t n0, int64_t count,
+             float* y) {
+  vf acc[R][C] = {};
+  for (int64_t k = 0; k < Kp; k += W) {
+    vf w[C];
+    for (int c = 0; c < C; ++c) w[c] = load(rows + c * Kp + k);
+    for (int r = 0; r < R; ++r) {
+      const vf xr = load(x + (r0 + r) * Kp + k);
+      for (int c = 0; c < C; ++c) acc[r][c] += xr * w[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const vf sums = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    for (int64_t c = 0; c < count; ++c) y[(r0 + r) * p.N + n0 + c] = sums[4 * c];
+  }
+}
+
+using NkRows = void (*)(const Problem&, const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
+constexpr NkRows NK_ROWS[] = {nullptr, nk_rows<1>, nk_rows<2>, nk_rows<3>, nk_rows<4>};
+
+// NK: y[:, n0..n0+C-1] = x · (stored rows n0..n0+C-1)ᵀ; x is [M, Kp], zero-padded along K.
 void nk_block(const Problem& p, const float* x, int64_t Kp, int64_t n0, float* y) {
   thread_local std::vector<float> memory;
   if ((int64_t)memory.size() < C * Kp) memory.resize(C * Kp);
@@ -150,19 +193,7 @@ void nk_block(const Problem& p, const float* x, int64_t Kp, int64_t n0, float* y
     if (c < count) nk_dequantize_row(p, n0 + c, Kp, rows + c * Kp);
     else std::fill(rows + c * Kp, rows + (c + 1) * Kp, 0.0f);
   }
-  for (int64_t r0 = 0; r0 < p.M; r0 += RNK) {
-    vf acc[RNK][C] = {};
-    for (int64_t k = 0; k < Kp; k += W) {
-      vf w[C];
-      for (int c = 0; c < C; ++c) w[c] = load(rows + c * Kp + k);
-      for (int r = 0; r < RNK; ++r) {
-        const vf xr = load(x + (r0 + r) * Kp + k);
-        for (int c = 0; c < C; ++c) acc[r][c] += xr * w[c];
-      }
-    }
-    for (int r = 0; r < RNK && r0 + r < p.M; ++r)
-      for (int64_t c = 0; c < count; ++c) y[(r0 + r) * p.N + n0 + c] = hsum(acc[r][c]);
-  }
+  for (int64_t r0 = 0; r0 < p.M; r0 += RNK) NK_ROWS[std::min<int64_t>(RNK, p.M - r0)](p, rows, x, Kp, r0, n0, count, y);
 }
 
 using Matrix = ffi::Buffer<ffi::F32, 2>;  // aliases: the handler macros below split a comma in a template
@@ -195,15 +226,13 @@ ffi::Error Matmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer q, Matrix scale
     std::fill(out, out + p.M * p.N, 0.0f);
     return ffi::Error::Success();
   }
-  // x with whole blocks of rows (and, for NK, whole vectors along K), zero-padded.
-  const int64_t rows = p.nk ? RNK : RKN, Mp = (p.M + rows - 1) / rows * rows;
-  const int64_t Kp = p.nk ? round_up(p.K) : p.K;
-  std::vector<float> xp(Mp * Kp, 0.0f);
-  for (int64_t m = 0; m < p.M; ++m) std::memcpy(xp.data() + m * Kp, x.typed_data() + m * p.K, p.K * sizeof(float));
-  if (p.nk) {
+  if (p.nk) {  // x with whole vectors along K, zero-padded
+    const int64_t Kp = round_up(p.K);
+    std::vector<float> xp(p.M * Kp, 0.0f);
+    for (int64_t m = 0; m < p.M; ++m) std::memcpy(xp.data() + m * Kp, x.typed_data() + m * p.K, p.K * sizeof(float));
     parallel_for(pool, (p.N + C - 1) / C, [&](int64_t block) { nk_block(p, xp.data(), Kp, block * C, out); });
   } else {
-    parallel_for(pool, (p.N + T - 1) / T, [&](int64_t strip) { kn_strip(p, xp.data(), strip * T, out); });
+    parallel_for(pool, (p.N + T - 1) / T, [&](int64_t strip) { kn_strip(p, x.typed_data(), strip * T, out); });
   }
   return ffi::Error::Success();
 }

@@ -1,15 +1,21 @@
 """Weight bytes and KV-cache decode speed of a model in float32 and quantized, in one process.
 
     python -m cgpt_jax.quantize.bench [--shape=111m|d256l4] [--schemes=int8,int4] [--batch=1,16]
-        [--prompt_len=128] [--new_tokens=32] [--repeats=3]
+        [--prompt_len=128] [--new_tokens=32] [--repeats=3] [--xla_baseline]
 
 The model is `cgpt_jax.infer.bench_decode`'s shape with random weights; each scheme quantizes the same
-float model. For each batch size every variant decodes greedily from the same random prompts with the
-`Generator`, the variants alternating (`bench_decode.interleaved_medians`); decode rate = batch ·
-(new_tokens − 1) / (t(new_tokens) − t(1)), as in bench_decode. Prints one JSON object per batch size.
+float model. Each quantized model runs as the package runs it (on CPU, its few-row matmuls through the
+C++ kernel, `quantize/matmul.py`) and, with `--xla_baseline`, also as `SCHEME-xla`: every matmul through
+XLA's dequantize-then-matmul (`matmul.xla_only`). For each batch size every variant decodes greedily
+from the same random prompts with the `Generator`, the variants alternating
+(`bench_decode.interleaved_medians`); decode rate = batch · (new_tokens − 1) / (t(new_tokens) − t(1)),
+as in bench_decode. `decode_step_weight_mb` is what a decode step must read of the weights: all of them
+but the position table, of which one row. Prints one JSON object per batch size.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 
@@ -19,6 +25,7 @@ from absl import app, flags
 from flax import nnx
 
 from cgpt_jax import cli, quantize
+from cgpt_jax.quantize import matmul
 from cgpt_jax.infer import Generator
 from cgpt_jax.infer.bench_decode import (
     SHAPES,
@@ -36,12 +43,15 @@ def main(argv: list[str]) -> None:
     schemes = {spec: quantize.parse(spec) for spec in args.schemes}
     model = nnx.jit(lambda: GPT(model_config(args.shape), rngs=nnx.Rngs(0)))()
     models = {"float32": model, **{spec: quantize.apply(model, scheme) for spec, scheme in schemes.items()}}
+    if args.xla_baseline:
+        models.update({f"{spec}-xla": models[spec] for spec in schemes})
     generators = {name: Generator(m) for name, m in models.items()}
     weight_bytes = {name: quantize.weight_bytes(nnx.state(m))["total"] for name, m in models.items()}
+    step_bytes = {name: weight_bytes[name] - m.wpe.get_value().nbytes for name, m in models.items()}
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()}
     for batch in (int(b) for b in args.batch):
         prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len)).tolist()
-        runs = {name: (lambda n, g=g, p=prompts: g.generate(p, max_new_tokens=n)) for name, g in generators.items()}
+        runs = {name: functools.partial(_generate, g, prompts, name.endswith("-xla")) for name, g in generators.items()}
         load_start = os.getloadavg()
         medians = interleaved_medians(runs, (1, args.new_tokens), args.repeats)
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -52,12 +62,18 @@ def main(argv: list[str]) -> None:
             result[name] = {
                 "weight_mb": round(weight_bytes[name] / 1e6, 2),
                 "smaller_than_float32": round(weight_bytes["float32"] / weight_bytes[name], 2),
+                "decode_step_weight_mb": round(step_bytes[name] / 1e6, 2),
                 "prefill_tokens_per_s": round(batch * args.prompt_len / first, 1),
                 "decode_tokens_per_s": round(batch * (args.new_tokens - 1) / (full - first), 2),
                 "greedy_tokens_equal_to_float32": float(np.mean(np.asarray(run(args.new_tokens)) ==
                                                                 np.asarray(reference)))}
         result["load_average_end"] = os.getloadavg()
         print(json.dumps(result), flush=True)
+
+
+def _generate(generator: Generator, prompts: list[list[int]], xla_only: bool, n: int) -> list[list[int]]:
+    with matmul.xla_only() if xla_only else contextlib.nullcontext():  # decides only while tracing
+        return generator.generate(prompts, max_new_tokens=n)
 
 
 if __name__ == "__main__":
@@ -67,5 +83,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
     flags.DEFINE_integer("new_tokens", 32, "Tokens generated per prompt (the rate is measured between 1 and this).",
                          lower_bound=2)
+    flags.DEFINE_bool("xla_baseline", False, "Also run each scheme with every matmul through XLA's dequantization.")
     flags.DEFINE_integer("repeats", 3, "Timed runs per variant and length; the median is kept.")
     cli.run(main)
