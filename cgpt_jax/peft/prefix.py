@@ -23,8 +23,8 @@ from flax import nnx
 from cgpt_jax.model import parameterization
 from cgpt_jax.model.layers import take_rows
 from cgpt_jax.peft import register
-from cgpt_jax.peft.base import Added, Method
-from cgpt_jax.peft.prompt import validate_tokens, vocabulary_ids
+from cgpt_jax.peft.base import Added
+from cgpt_jax.peft.prompt import VirtualTokensMethod, vocabulary_ids
 
 
 class PrefixKV(Added):
@@ -55,18 +55,8 @@ class PrefixKV(Added):
 
 
 @register("prefix")
-class Prefix(Method):
+class Prefix(VirtualTokensMethod):
     options: ClassVar[dict[str, Any]] = {"tokens": 10}
-    slots: ClassVar[tuple[str, ...]] = ("positions",)
-    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"tokens": 4},)
-
-    @classmethod
-    def validate(cls, model_cfg: ml_collections.ConfigDict, **options: Any) -> None:
-        validate_tokens(model_cfg, options["tokens"])
-
-    @classmethod
-    def virtual_tokens(cls, **options: Any) -> int:
-        return options["tokens"]
 
     def make(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> PrefixKV:
         return PrefixKV(model_cfg, self.opts["tokens"])

@@ -35,13 +35,24 @@ def vocabulary_ids(vocab_size: int, tokens: int) -> tuple[int, ...]:
     return tuple(int(i) for i in rng.choice(vocab_size, tokens, replace=tokens > vocab_size))
 
 
-def validate_tokens(model_cfg: ml_collections.ConfigDict, tokens: Any) -> None:
-    """The checks `prompt` and `prefix` share: a positive count, and an attention that has a KV cache."""
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
-        raise ValueError(f"tokens={tokens!r} must be a positive integer, e.g. tokens=20")
-    if not attention.build(model_cfg.attention).supports_decode:
-        raise ValueError(f"the virtual tokens' keys and values live in the KV cache, and attention "
-                         f"{model_cfg.attention!r} has none — use a variant that decodes (e.g. 'dense')")
+class VirtualTokensMethod(Method):
+    """What `prompt` and `prefix` share: `tokens` virtual positions before every sequence."""
+
+    slots: ClassVar[tuple[str, ...]] = ("positions",)
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"tokens": 4},)
+
+    @classmethod
+    def validate(cls, model_cfg: ml_collections.ConfigDict, **options: Any) -> None:
+        tokens = options["tokens"]
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+            raise ValueError(f"tokens={tokens!r} must be a positive integer, e.g. tokens=20")
+        if not attention.build(model_cfg.attention).supports_decode:
+            raise ValueError(f"the virtual tokens' keys and values live in the KV cache, and attention "
+                             f"{model_cfg.attention!r} has none — use a variant that decodes (e.g. 'dense')")
+
+    @classmethod
+    def virtual_tokens(cls, **options: Any) -> int:
+        return options["tokens"]
 
 
 class SoftPrompt(Added):
@@ -59,18 +70,8 @@ class SoftPrompt(Added):
 
 
 @register("prompt")
-class Prompt(Method):
+class Prompt(VirtualTokensMethod):
     options: ClassVar[dict[str, Any]] = {"tokens": 20}
-    slots: ClassVar[tuple[str, ...]] = ("positions",)
-    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"tokens": 4},)
-
-    @classmethod
-    def validate(cls, model_cfg: ml_collections.ConfigDict, **options: Any) -> None:
-        validate_tokens(model_cfg, options["tokens"])
-
-    @classmethod
-    def virtual_tokens(cls, **options: Any) -> int:
-        return options["tokens"]
 
     def make(self, model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SoftPrompt:
         return SoftPrompt(model_cfg, self.opts["tokens"])
