@@ -4,8 +4,9 @@ Orbax 0.12.8 hands gs:// array paths to TensorStore's `gcs` driver, but turns an
 file path (`tensorstore_utils._normalize_path` collapses 's3://' to 's3:/'), so its array writes fail while
 its JSON and metadata writes (etils.epath, fsspec) already reach the bucket. `enable()` routes s3:// array
 paths to TensorStore's `s3` kvstore, with the endpoint and region of the AWS SDK's environment variables
-(TensorStore does not read AWS_ENDPOINT_URL itself). It wraps three private Orbax functions, so it checks
-that they still exist and does nothing once Orbax handles s3:// on its own.
+(TensorStore does not read AWS_ENDPOINT_URL itself). It wraps three private Orbax functions: it does
+nothing once Orbax handles s3:// on its own, and an Orbax that renamed them fails at the first s3:// save
+with an AttributeError naming the function, rather than writing to a wrong place.
 """
 from __future__ import annotations
 
