@@ -1,52 +1,63 @@
-"""IsoFLOP sweep at CPU size, for the Chinchilla fit L(N, D) = E + A/N^alpha + B/D^beta.
+"""IsoFLOP sweep at CPU size: which tokens per parameter is compute-optimal (Chinchilla approaches 2 and 3).
 
     python -m cgpt_jax.sweep --config=experiments/cpu_isoflop.py --workdir=runs/cpu_isoflop
-    python -m cgpt_jax.analyze runs/cpu_isoflop
+    python -m cgpt_jax.analyze runs/cpu_isoflop --params=total
+    bash launch/local.sh isoflop                   # both, into runs/cpu_isoflop
 
-Not yet run end to end on this machine (an estimated 15 minutes for the 12 runs).
-
-Three compute budgets, four model sizes each, spanning about 5 to 100 tokens per (total) parameter
-around the 20 tokens/param point; every run spends its budget exactly, in the Cerebras FLOP convention of
-cgpt_jax.flops (the compute axis of the analysis). The recipe and corpus are the CPU ladder's
+Four compute budgets a factor of 3 apart; at each, the SIZES_PER_BUDGET ladder widths whose tokens per
+(total) parameter lie nearest 20 on a log scale, which spans about 4 to 100 tokens per parameter around
+the 20 tokens/param point. Every run spends its budget exactly, in the Cerebras FLOP convention of
+cgpt_jax.flops (the compute axis of the analysis), with the CPU ladder's recipe, corpus and batch rule
 (experiments/cpu_ladder.py), so the two sweeps' losses are comparable.
-`--config=experiments/cpu_isoflop.py:size=d48l2,budget=1.2e12` trains one run.
+`--config=experiments/cpu_isoflop.py:size=d48l2,budget=1.8e12` trains one run.
 """
 from __future__ import annotations
+
+import math
 
 import ml_collections
 
 from cgpt_jax import flops
 from cgpt_jax.config import parse_arg
 from cgpt_jax.errors import InputError
-from cgpt_jax.experiments.cpu_ladder import BATCH, SEQ_LEN, SIZES, WARMUP_FRACTION, cpu_base_config
+from cgpt_jax.experiments import cpu_ladder
+from cgpt_jax.model import params_count
 
-SIZES = {**SIZES, "d64l3": (64, 3, 4), "d80l3": (80, 3, 5)}  # (d_model, n_layers, n_heads)
-# budget (training FLOPs, Cerebras convention) -> the sizes trained at it
-BUDGETS = {
-    4e11: ("d16l2", "d24l2", "d32l2", "d48l2"),
-    1.2e12: ("d24l2", "d32l2", "d48l2", "d64l2"),
-    3.6e12: ("d48l2", "d64l2", "d64l3", "d80l3"),
-}
+SIZES = cpu_ladder.SIZES  # widths at depth 2
+BUDGETS = (2e11, 6e11, 1.8e12, 5.4e12)  # training FLOPs, Cerebras convention
+SIZES_PER_BUDGET = 5
+CENTRE_TOKENS_PER_PARAM = 20.0
 MIN_STEPS = 50  # fewer steps than this is not a training run worth fitting
 
 
+def tokens_at(config: ml_collections.ConfigDict, budget: float) -> float:
+    """Tokens a model of `config` trains on to spend `budget` FLOPs (Cerebras convention)."""
+    shape = flops.Shape.from_model_config(config.model, cpu_ladder.SEQ_LEN)
+    return budget / flops.flops_per_token(shape, "cerebras")
+
+
+def sizes_at(budget: float) -> list[str]:
+    """The SIZES_PER_BUDGET sizes whose tokens per parameter at `budget` are nearest 20 (log scale)."""
+    def distance(size: str) -> float:
+        config = cpu_ladder.cpu_base_config(size)
+        return abs(math.log(tokens_at(config, budget) / params_count(config.model) / CENTRE_TOKENS_PER_PARAM))
+    nearest = sorted(SIZES, key=distance)[:SIZES_PER_BUDGET]
+    return [size for size in SIZES if size in nearest]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, size="d32l2", budget=1.2e12)
-    if args.size not in SIZES:
-        raise InputError(f"unknown size {args.size!r}; choose one of {sorted(SIZES)}")
-    d_model, n_layers, n_heads = SIZES[args.size]
-    config = cpu_base_config("d32l2")
-    m, t = config.model, config.train
-    m.d_model, m.n_layers, m.n_heads, m.d_ff = d_model, n_layers, n_heads, 4 * d_model
-    flops_per_step = flops.flops_per_token(flops.Shape.from_model_config(m, SEQ_LEN), "cerebras") * BATCH * SEQ_LEN
-    t.steps = round(args.budget / flops_per_step)
+    args = parse_arg(arg, size="d32l2", budget=BUDGETS[1])
+    if args.budget <= 0:
+        raise InputError(f"budget={args.budget:g} must be a positive number of training FLOPs")
+    config = cpu_ladder.cpu_base_config(args.size)
+    cpu_ladder.set_budget(config, tokens_at(config, args.budget))
+    t = config.train
     if t.steps < MIN_STEPS:
-        raise InputError(f"budget={args.budget:g} buys {t.steps} steps of {args.size}; use a budget of at least "
-                         f"{MIN_STEPS * flops_per_step:.3g} FLOPs or a smaller size")
-    t.warmup_steps = max(1, round(WARMUP_FRACTION * t.steps))
+        raise InputError(f"budget={args.budget:g} buys {t.steps} steps of {args.size}; use a larger budget or a "
+                         f"smaller size")
     return config
 
 
 def sweep(arg: str | None = None) -> list[dict]:
     return [{"name": f"c{budget:.1e}_{size}".replace("+", ""), "config_arg": f"size={size},budget={budget:g}"}
-            for budget, sizes in BUDGETS.items() for size in sizes]
+            for budget in BUDGETS for size in sizes_at(budget)]

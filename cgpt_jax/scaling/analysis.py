@@ -14,7 +14,12 @@ from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS, Run, collec
 
 # A sweep "varies D" when its tokens-per-parameter ratios spread wider than this factor.
 _RATIO_SPREAD = 1.25
-BUDGET_MULTIPLES = (1, 10, 100, 1000)  # budgets reported, as multiples of the largest run's compute
+# Runs of one isoFLOP budget spend it to within the rounding of their step counts; budgets lie further apart.
+_BUDGET_SPREAD = 1.1
+BUDGET_MULTIPLES = (1, 10, 100, 1000)
+# Huber's delta above every log-residual: the fit is then plain least squares, the objective that reproduces
+# the published Eq. 1's residuals (docs/scaling.md).
+LEAST_SQUARES_DELTA = 1.0  # budgets reported, as multiples of the largest run's compute
 
 
 @dataclasses.dataclass
@@ -37,11 +42,14 @@ class Analysis:
     params: str  # 'non_embedding' | 'total'
     compute_law: LawFit | None
     chinchilla_law: LawFit | None
+    isoflop: fits.IsoflopFit | None  # approach 2: the loss minimum of each compute budget
+    allocation: dict | None  # compute-optimal N, D and D/N by approaches 2 and 3 (isoFLOP sweeps)
     notes: list[str]  # why a law was not fitted, how points were chosen
     monotonic: dict  # does the loss fall with compute along the L(C) points
     budgets: list[dict]
     reference: CerebrasReference | None
     reference_fit: fits.FitResult | None  # our fitter on the published points
+    reference_ls_fit: fits.FitResult | None  # the same points by least squares on log-loss (Huber delta = 1)
 
     @property
     def usable(self) -> list[Run]:
@@ -73,6 +81,58 @@ def _backtest(fit_fn, inputs: list[np.ndarray], loss: np.ndarray, compute: np.nd
             "rel_error": (predicted - float(loss[held])) / float(loss[held]), "constants": fit.constants}
 
 
+def isoflop_budgets(runs: list[Run], flops: str) -> list[list[Run]]:
+    """Runs grouped by compute budget: sorted by compute, a new budget where compute jumps by > 10%."""
+    budgets: list[list[Run]] = []
+    for run in sorted(runs, key=lambda r: r.flops[flops]):
+        if budgets and run.flops[flops] <= _BUDGET_SPREAD * budgets[-1][0].flops[flops]:
+            budgets[-1].append(run)
+        else:
+            budgets.append([run])
+    return budgets
+
+
+def _isoflop_fit(usable: list[Run], flops: str, params: str, n_bootstrap: int, seed: int,
+                 notes: list[str]) -> fits.IsoflopFit | None:
+    budgets = [b for b in isoflop_budgets(usable, flops) if len(b) >= 3]
+    if len(budgets) < 2:
+        notes.append("Approach 2 (a parabola per compute budget) needs at least 2 budgets of 3 or more runs "
+                     f"of equal compute ({len(budgets)} found).")
+        return None
+    arrays = [(np.array([r.flops[flops] for r in b]), np.array([r.params(params) for r in b]),
+               np.array([r.tokens for r in b]), np.array([r.loss for r in b])) for b in budgets]
+    return fits.fit_isoflop_minima(arrays, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def _allocation(usable: list[Run], flops: str, params: str, isoflop: fits.IsoflopFit | None,
+                chinchilla_law: LawFit | None) -> dict | None:
+    """Compute-optimal tokens per parameter at the sweep's budgets: approach 2 (the parabolas' minima) and
+    approach 3 (the optimum of L(N, D) under C = kappa·N·D), each with its 95% bootstrap interval."""
+    if isoflop is None:
+        return None
+    out = {"approach2": isoflop.summary(), "approach3": None}
+    if chinchilla_law is None:
+        return out
+    kappa = float(np.median([r.flops[flops] / (r.params(params) * r.tokens) for r in usable]))
+    fit = chinchilla_law.fit
+    keys = list(fit.constants)
+    samples = [fit.constants] + ([dict(zip(keys, s)) for s in fit.samples] if fit.samples is not None else [])
+    log_ratio = np.array([np.log(d / n) for n, d in (fits.chinchilla_optimum(k, isoflop.compute, kappa)
+                                                      for k in samples)])  # [1 + n_bootstrap, K]
+    exponents = np.array([k["beta"] / (k["alpha"] + k["beta"]) for k in samples])
+    approach3 = {"kappa": kappa, "n_exponent": float(exponents[0]),
+                 "tokens_per_param": float(np.exp(log_ratio[0].mean())),
+                 "budgets": [{"compute": float(c), "tokens_per_param": float(np.exp(log_ratio[0, k]))}
+                             for k, c in enumerate(isoflop.compute)]}
+    if fit.samples is not None:
+        approach3["n_exponent_ci95"] = fits.interval(exponents[1:])
+        approach3["tokens_per_param_ci95"] = fits.interval(np.exp(log_ratio[1:].mean(axis=1)))
+        for k, row in enumerate(approach3["budgets"]):
+            row["tokens_per_param_ci95"] = fits.interval(np.exp(log_ratio[1:, k]))
+    out["approach3"] = approach3
+    return out
+
+
 def _monotonic(runs: list[Run], flops: str) -> dict:
     ordered = sorted(runs, key=lambda r: r.flops[flops])
     violations = [f"{b.name} ({b.loss:.4g}) is not below {a.name} ({a.loss:.4g})"
@@ -99,6 +159,7 @@ def analyze(workdir: Path, *, experiment: str | None = None, flops: str = "cereb
     if ref is not None:
         analysis.reference = ref
         analysis.reference_fit = fits.fit_compute_law(ref.flops, ref.loss, n_bootstrap=n_bootstrap, seed=seed)
+        analysis.reference_ls_fit = fits.fit_compute_law(ref.flops, ref.loss, n_bootstrap=0, delta=LEAST_SQUARES_DELTA)
     return analysis
 
 
@@ -148,7 +209,8 @@ def fit_runs(workdir: Path, runs: list[Run], flops: str, params: str, n_bootstra
                                                    fits.predict_chinchilla_law))
     elif varies_d:
         notes.append(f"L(N, D) has 5 constants and needs at least 5 runs ({len(usable)} available).")
-    if compute_law is None and chinchilla_law is None:
+    isoflop = _isoflop_fit(usable, flops, params, n_bootstrap, seed, notes) if varies_d else None
+    if compute_law is None and chinchilla_law is None and isoflop is None:
         raise ValueError(f"{workdir}: too few usable runs to fit any law ({len(usable)} usable of {len(runs)}). "
                          + " ".join(notes))
 
@@ -160,10 +222,11 @@ def fit_runs(workdir: Path, runs: list[Run], flops: str, params: str, n_bootstra
             law.note += f" Constants {law.fit.at_bound} ended on a bound of the search: not identified by these runs."
 
     return Analysis(workdir=workdir, group=runs[0].group, runs=runs, flops=flops, params=params,
-                    compute_law=compute_law, chinchilla_law=chinchilla_law, notes=notes,
+                    compute_law=compute_law, chinchilla_law=chinchilla_law, isoflop=isoflop,
+                    allocation=_allocation(usable, flops, params, isoflop, chinchilla_law), notes=notes,
                     monotonic=_monotonic(compute_runs, flops),
                     budgets=_budgets(usable, compute_runs, flops, params, compute_law, chinchilla_law),
-                    reference=None, reference_fit=None)
+                    reference=None, reference_fit=None, reference_ls_fit=None)
 
 
 def _budgets(usable: list[Run], compute_runs: list[Run], flops: str, params: str, compute_law: LawFit | None,

@@ -38,6 +38,7 @@ class GroupedAnalysis:
     groups: list[Group]  # sorted by value
     common_compute: float  # the largest compute every group with an L(C) fit reaches
     comparison: list[dict]  # one row per group, in the order of `groups`
+    notes: list[str] = dataclasses.field(default_factory=list)  # how the runs were chosen, for the report
 
 
 def _label(value) -> str:
@@ -60,8 +61,10 @@ def _comparison_row(group: Group, common_compute: float, flops: str) -> dict:
         return row
     usable = group.analysis.usable
     nearest = min(usable, key=lambda r: abs(math.log(r.flops[flops] / common_compute)))
+    backtest = group.analysis.compute_law.backtest
     row.update(b=fit.constants["b"], b_ci95=None if fit.ci is None else list(fit.ci["b"]), r2=fit.r2,
-               constants=fit.constants, measured_run=nearest.name, measured_compute=nearest.flops[flops],
+               rel_residual_std=fit.rel_residual_std,
+               backtest_rel_error=None if backtest is None else backtest["rel_error"], constants=fit.constants, measured_run=nearest.name, measured_compute=nearest.flops[flops],
                measured_loss=nearest.loss,
                fitted_loss=float(fits.predict_compute_law(fit.constants, common_compute)), fitted_loss_ci95=None)
     if fit.samples is not None:
@@ -84,7 +87,12 @@ def analyze_groups(workdir: Path, group_by: str, *, experiment: str | None = Non
     by_value: dict[str, list[Run]] = {}
     for run in runs:
         by_value.setdefault(_label(values[run.name]), []).append(run)
+    return compare_groups(workdir, runs[0].group, group_by, by_value, flops, params, n_bootstrap, seed)
 
+
+def compare_groups(workdir: Path, experiment: str, group_by: str, by_value: dict[str, list[Run]], flops: str,
+                   params: str, n_bootstrap: int, seed: int) -> GroupedAnalysis:
+    """Fit each value's runs as one sweep and compare the fits at their largest common compute."""
     groups = []
     for value in sorted(by_value):
         members = by_value[value]
@@ -100,6 +108,6 @@ def analyze_groups(workdir: Path, group_by: str, *, experiment: str | None = Non
         listing = "\n".join(f"  {group_by}={g.value}: {g.problem}" for g in groups)
         raise ValueError(f"{workdir}: no group has enough usable runs to fit L(C):\n{listing}")
     common = min(max(r.flops[flops] for r in g.analysis.usable) for g in fitted)
-    return GroupedAnalysis(workdir=workdir, experiment=runs[0].group, group_by=group_by, flops=flops,
+    return GroupedAnalysis(workdir=workdir, experiment=experiment, group_by=group_by, flops=flops,
                            params=params, groups=groups, common_compute=common,
                            comparison=[_comparison_row(g, common, flops) for g in groups])

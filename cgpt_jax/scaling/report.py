@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
 from cgpt_jax.scaling import fits
-from cgpt_jax.scaling.analysis import Analysis
+from cgpt_jax.scaling.analysis import LEAST_SQUARES_DELTA, Analysis, isoflop_budgets
 from cgpt_jax.scaling.groups import GroupedAnalysis
 
 
@@ -38,9 +38,11 @@ def fit_json(analysis: Analysis) -> dict:
                  for r in a.runs],
         "excluded": {r.name: r.problems for r in a.runs if not r.usable},
         "fits": {law.fit.law: law.summary() for law in (a.compute_law, a.chinchilla_law) if law is not None},
-        "notes": a.notes, "monotonic": a.monotonic, "budgets": a.budgets,
+        "notes": a.notes, "monotonic": a.monotonic, "budgets": a.budgets, "compute_optimal": a.allocation,
         "reference": None if a.reference is None else {
-            **a.reference.summary(), "our_fit_to_published_points": a.reference_fit.summary()},
+            **a.reference.summary(), "our_fit_to_published_points": a.reference_fit.summary(),
+            "least_squares_fit_to_published_points": a.reference_ls_fit.summary(),
+            "residuals": _reference_residuals(a)},
     })
 
 
@@ -61,6 +63,71 @@ def _constants_table(fit: fits.FitResult, published: dict[str, float] | None = N
             row += f" {_fmt(published.get(name))} |"
         lines.append(row)
     return lines
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "—"
+
+
+def _reference_residuals(a: Analysis) -> dict[str, dict[str, float]]:
+    """Relative residual (prediction - loss) / loss of each published point under Eq. 1 and the two refits."""
+    laws = {"eq1": a.reference.law, "huber": a.reference_fit.constants, "least_squares": a.reference_ls_fit.constants}
+    loss = np.array(a.reference.loss)
+    return {name: dict(zip(a.reference.names, (fits.predict_compute_law(k, a.reference.flops) - loss) / loss))
+            for name, k in laws.items()}
+
+
+def _reference_residuals_md(a: Analysis) -> list[str]:
+    res = _reference_residuals(a)
+    ls = a.reference_ls_fit.constants
+    out = [(f"The objectives differ. This fitter minimises a Huber loss with delta = {a.reference_fit.huber_delta:g} "
+            f"on log-loss residuals (Besiroglu et al. 2024); residuals of about 1% are far beyond delta, so it "
+            f"behaves as least absolute deviations: it passes (almost) through some points and leaves the misfit "
+            f"on a few. Eq. 1 spreads its misfit over all seven points as least squares does: least squares on "
+            f"log-loss (delta = {LEAST_SQUARES_DELTA:g}) reproduces its residuals, with a = {ls['a']:.3g}, "
+            f"b = {ls['b']:.4g}, c = {ls['c']:.3g}. Residuals (prediction - loss) / loss:"), "",
+           "| model | Pile loss | Eq. 1 | this fitter (Huber) | least squares |", "|---|---|---|---|---|"]
+    for name, loss in zip(a.reference.names, a.reference.loss):
+        out.append(f"| {name} | {loss:.4g} | " + " | ".join(_percent(res[k][name]) for k in res) + " |")
+    out.append("| max abs. | | " + " | ".join(f"{100 * max(abs(v) for v in res[k].values()):.2f}%" for k in res)
+               + " |")
+    return out
+
+
+def _percent(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.2f}%"
+
+
+def _allocation_md(a: Analysis) -> list[str]:
+    """The compute-optimal tokens per parameter by Chinchilla's approaches 2 and 3, set against 20."""
+    two, three = a.allocation["approach2"], a.allocation["approach3"]
+    out = ["## Compute-optimal allocation (Chinchilla approaches 2 and 3)", "",
+           (f"Approach 2: at each compute budget a parabola of loss in log N through its runs; its vertex is "
+            f"N_opt, and D_opt lies on the budget's own N-D line. Approach 3: the optimum of the L(N, D) fit under "
+            f"C = kappa·N·D. N counts {a.params.replace('_', '-')} parameters. 95% intervals from residual-"
+            f"bootstrap refits. Cerebras-GPT (after Chinchilla) trains at 20 tokens per parameter."), "",
+           "| budget C | runs | N_opt (2) | N_opt 95% CI | D_opt/N_opt (2) | 95% CI | vertex inside the sizes | "
+           "D_opt/N_opt (3) | 95% CI |", "|---|---|---|---|---|---|---|---|---|"]
+    for k, row in enumerate(two["budgets"]):
+        row3 = three["budgets"][k] if three else {}
+        out.append(f"| {_fmt(row['compute'])} | {row['runs']} | {_fmt(row['n_opt'])} | "
+                   f"{_interval(row.get('n_opt_ci95'))} | {_fmt(row['tokens_per_param'])} | "
+                   f"{_interval(row.get('tokens_per_param_ci95'))} | {'yes' if row['inside'] else '**no**'} | "
+                   f"{_fmt(row3.get('tokens_per_param'))} | {_interval(row3.get('tokens_per_param_ci95'))} |")
+    out += ["", (f"Compute-optimal tokens per parameter over these budgets (geometric mean): approach 2 "
+                 f"{_fmt(two['tokens_per_param'])} {_interval(two.get('tokens_per_param_ci95'))}"
+                 + (f", approach 3 {_fmt(three['tokens_per_param'])} {_interval(three.get('tokens_per_param_ci95'))}"
+                    if three else "") + "; the published rule: 20."),
+            (f"N_opt ∝ C^a: approach 2 a = {_fmt(two['n_exponent'])} {_interval(two.get('n_exponent_ci95'))}"
+             + (f", approach 3 a = beta/(alpha+beta) = {_fmt(three['n_exponent'])} "
+                f"{_interval(three.get('n_exponent_ci95'))}" if three else "")
+             + " (Chinchilla: about 0.5, so that D/N stays constant).")]
+    if two.get("no_minimum_fraction"):
+        out.append(f"{100 * two['no_minimum_fraction']:.1f}% of the bootstrap parabolas opened downward (no minimum); "
+                   f"the intervals are over the others.")
+    if not all(row["inside"] for row in two["budgets"]):
+        out.append("A vertex outside its budget's sizes is an extrapolation: add sizes on that side.")
+    return out + [""]
 
 
 def report_md(analysis: Analysis) -> str:
@@ -103,6 +170,8 @@ def report_md(analysis: Analysis) -> str:
                          f"{100 * bt['rel_error']:+.2f}%.")]
         out.append("")
 
+    if a.allocation is not None:
+        out += _allocation_md(a)
     out += ["## Budgets", "", f"N and D: {a.budgets[0]['allocation']}.", "",
             "| compute C | × largest run | L(C) | L(C) 95% CI | N | D | L(N,D) at N, D |", "|---|---|---|---|---|---|---|"]
     for row in a.budgets:
@@ -119,7 +188,8 @@ def report_md(analysis: Analysis) -> str:
         out += _constants_table(rfit, ref.law)
         inside = [k for k, v in ref.law.items() if rfit.ci and rfit.ci[k][0] <= v <= rfit.ci[k][1]]
         out += ["", (f"Published constants inside our 95% intervals: {len(inside)} of 3 ({', '.join(inside)}). "
-                     f"R² = {rfit.r2:.4f}.")]
+                     f"R² = {rfit.r2:.4f}."), ""]
+        out += _reference_residuals_md(a)
         if a.compute_law is not None:
             b, ci = a.compute_law.fit.constants["b"], a.compute_law.fit.ci
             out += ["", f"Exponent b of this sweep: {b:.4g}"
@@ -196,12 +266,58 @@ def scaling_plot(analysis: Analysis, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def isoflop_plot(analysis: Analysis, path: Path) -> None:
+    """Left: loss against N per budget with its parabola and vertex. Right: D_opt/N_opt against compute."""
+    a = analysis
+    fig = Figure(figsize=(12, 5))
+    ax, ax_r = fig.subplots(1, 2)
+    two, three = a.allocation["approach2"], a.allocation["approach3"]
+    budgets = [b for b in isoflop_budgets(a.usable, a.flops) if len(b) >= 3]
+    for k, (runs, row) in enumerate(zip(budgets, two["budgets"])):
+        n = np.array([r.params(a.params) for r in runs])
+        loss = np.array([r.loss for r in runs])
+        xs = np.linspace(np.log(n.min()) - 0.3, np.log(n.max()) + 0.3, 100)
+        ax.scatter(n, loss, color=f"C{k}", zorder=3, label=f"C = {row['compute']:.2g}")
+        ax.plot(np.exp(xs), np.polyval(np.polyfit(np.log(n), loss, 2), xs), color=f"C{k}", linewidth=1)
+        if math.isfinite(row["n_opt"]):
+            ax.plot([row["n_opt"]], [row["loss_opt"]], "*", color=f"C{k}", markersize=13, markeredgecolor="k")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"N ({a.params.replace('_', '-')} parameters)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("approach 2: a parabola per budget, its vertex (star) is N_opt", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+
+    compute = np.array([row["compute"] for row in two["budgets"]])
+    ratio = np.array([row["tokens_per_param"] for row in two["budgets"]])
+    cis = [row.get("tokens_per_param_ci95") or [r, r] for row, r in zip(two["budgets"], ratio)]
+    err = np.abs(np.array(cis).T - ratio)
+    ax_r.errorbar(compute, ratio, yerr=err, fmt="o", color="C0", capsize=4, label="approach 2 (95% CI)")
+    if three is not None:
+        xs = np.logspace(math.log10(compute.min() / 2), math.log10(compute.max() * 2), 50)
+        chin = a.chinchilla_law.fit.constants
+        n_opt, d_opt = fits.chinchilla_optimum(chin, xs, three["kappa"])
+        ax_r.plot(xs, d_opt / n_opt, color="C2", label="approach 3: optimum of L(N, D)")
+    ax_r.axhline(20, color="C1", linestyle=":", label="20 tokens/parameter (Cerebras-GPT, Chinchilla)")
+    ax_r.set_xscale("log")
+    ax_r.set_yscale("log")
+    ax_r.set_xlabel(f"training FLOPs ({a.flops} convention)")
+    ax_r.set_ylabel("compute-optimal tokens per parameter")
+    ax_r.legend(fontsize=8)
+    ax_r.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"fit": out_dir / "fit.json", "report": out_dir / "report.md", "plot": out_dir / "scaling.png"}
     paths["fit"].write_text(json.dumps(fit_json(analysis), indent=1) + "\n")
     paths["report"].write_text(report_md(analysis))
     scaling_plot(analysis, paths["plot"])
+    if analysis.allocation is not None:
+        paths["isoflop_plot"] = out_dir / "isoflop.png"
+        isoflop_plot(analysis, paths["isoflop_plot"])
     return paths
 
 
@@ -209,15 +325,11 @@ def grouped_fit_json(grouped: GroupedAnalysis) -> dict:
     g = grouped
     return _clean({
         "workdir": str(g.workdir), "group": g.experiment, "group_by": g.group_by, "flops_convention": g.flops,
-        "param_count": g.params, "common_compute": g.common_compute, "comparison": g.comparison,
+        "param_count": g.params, "common_compute": g.common_compute, "comparison": g.comparison, "notes": g.notes,
         "groups": {group.value: (fit_json(group.analysis) if group.analysis is not None else
                                  {"runs": [r.name for r in group.runs], "problem": group.problem})
                    for group in g.groups},
     })
-
-
-def _interval(ci: list[float] | None) -> str:
-    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "—"
 
 
 def grouped_report_md(grouped: GroupedAnalysis) -> str:
@@ -232,17 +344,23 @@ def grouped_report_md(grouped: GroupedAnalysis) -> str:
            (f"C* = {_fmt(g.common_compute)} FLOPs is the largest compute every fitted group reaches (the smallest "
             f"of the groups' largest runs). Measured: the group's run nearest C*; fitted: its L(C) at C*. "
             f"tokens/s: mean training throughput of the group's finished runs (summary.json)."), "",
-           (f"| {g.group_by} | runs fitted | b | b 95% CI | R² | measured loss (run, C) | L(C*) | L(C*) 95% CI "
-            f"| tokens/s |"), "|---|---|---|---|---|---|---|---|---|"]
+           (f"| {g.group_by} | runs fitted | b | b 95% CI | R² | residual spread | backtest | measured loss (run, C) "
+            f"| L(C*) | L(C*) 95% CI | tokens/s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in g.comparison:
         speed = "—" if row["tokens_per_sec_mean"] is None else f"{row['tokens_per_sec_mean']:,.0f}"
         if "problem" in row:
-            out.append(f"| {row['group']} | {row['fitted_runs']} of {row['runs']} | — | — | — | — | — | — | {speed} |")
+            out.append(f"| {row['group']} | {row['fitted_runs']} of {row['runs']} | — | — | — | — | — | — | — | — "
+                       f"| {speed} |")
             continue
         out.append(f"| {row['group']} | {row['fitted_runs']} of {row['runs']} | {_fmt(row['b'])} | "
-                   f"{_interval(row['b_ci95'])} | {row['r2']:.4f} | {row['measured_loss']:.4f} "
+                   f"{_interval(row['b_ci95'])} | {row['r2']:.4f} | {100 * row['rel_residual_std']:.2f}% | "
+                   f"{_percent(row['backtest_rel_error'])} | {row['measured_loss']:.4f} "
                    f"({row['measured_run']}, {_fmt(row['measured_compute'])}) | {row['fitted_loss']:.4f} | "
                    f"{_interval(row['fitted_loss_ci95'])} | {speed} |")
+    out += ["", ("Residual spread: the relative residuals' standard deviation. Backtest: the law fitted without "
+                 "the group's largest run, its error on that run.")]
+    if g.notes:
+        out += [""] + g.notes
     unfitted = [row for row in g.comparison if "problem" in row]
     if unfitted:
         out += ["", "Not fitted:"] + [f"- {row['group']}: {row['problem']}" for row in unfitted]
