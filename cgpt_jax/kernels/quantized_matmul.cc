@@ -183,12 +183,60 @@ void nk_rows(const Problem& p, const float* rows, const float* x, int64_t Kp, in
 using NkRows = void (*)(const Problem&, const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
 constexpr NkRows NK_ROWS[] = {nullptr, nk_rows<1>, nk_rows<2>, nk_rows<3>, nk_rows<4>};
 
-// NK: y[:, n0..n0+C-1] = x · (stored rows n0..n0+C-1)ᵀ; x is [M, Kp], zero-padded along K.
+// NK, where K and the group size are whole numbers of `nk_step` inputs: y[0..R-1, n0..n0+C-1] = x ·
+// (stored rows n0..n0+C-1)ᵀ for all R <= RNK rows of x, the weights converted and scaled in registers.
+inline int64_t nk_step(const Problem& p) { return p.bits == 8 ? W : 2 * W; }
+
+template <int R>
+void nk_rows_in_registers(const Problem& p, const float* x, int64_t n0, float* y) {
+  const int8_t* q = static_cast<const int8_t*>(p.q);
+  vf acc[R][C] = {};
+  for (int64_t group = 0; group < p.G; ++group) {
+    vf s[C];
+    for (int c = 0; c < C; ++c) s[c] = splat(p.scale[(n0 + c) * p.G + group]);
+    for (int64_t k = group * p.g; k < (group + 1) * p.g; k += nk_step(p)) {
+      if (p.bits == 8) {
+        vf xr[R];
+        for (int r = 0; r < R; ++r) xr[r] = load(x + r * p.K + k);
+        for (int c = 0; c < C; ++c) {
+          const vf w = int8_to_float(q + (n0 + c) * p.K + k) * s[c];
+          for (int r = 0; r < R; ++r) acc[r][c] += xr[r] * w;
+        }
+      } else {
+        vf xr[R][2];
+        for (int r = 0; r < R; ++r) xr[r][0] = load(x + r * p.K + k), xr[r][1] = load(x + r * p.K + k + W);
+        for (int c = 0; c < C; ++c) {
+          vf w0, w1;
+          int4_to_float(q + ((n0 + c) * p.K + k) / 2, w0, w1);
+          w0 *= s[c];
+          w1 *= s[c];
+          for (int r = 0; r < R; ++r) acc[r][c] += xr[r][0] * w0 + xr[r][1] * w1;
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const vf sums = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    for (int c = 0; c < C; ++c) y[r * p.N + n0 + c] = sums[4 * c];
+  }
+}
+
+using NkRowsInRegisters = void (*)(const Problem&, const float*, int64_t, float*);
+constexpr NkRowsInRegisters NK_ROWS_IN_REGISTERS[] = {nullptr, nk_rows_in_registers<1>, nk_rows_in_registers<2>,
+                                                      nk_rows_in_registers<3>, nk_rows_in_registers<4>};
+
+// NK: y[:, n0..n0+C-1] = x · (stored rows n0..n0+C-1)ᵀ; x is [M, Kp], zero-padded along K. Up to RNK rows
+// of x against a whole block of aligned weight rows run in registers; otherwise (more rows would convert
+// each weight again per block of rows) the weight rows are dequantized into a buffer first.
 void nk_block(const Problem& p, const float* x, int64_t Kp, int64_t n0, float* y) {
   thread_local std::vector<float> memory;
   if ((int64_t)memory.size() < C * Kp) memory.resize(C * Kp);
   float* rows = memory.data();
   const int64_t count = std::min<int64_t>(C, p.N - n0);
+  if (p.M <= RNK && count == C && p.K % nk_step(p) == 0 && p.g % nk_step(p) == 0) {  // then Kp = K
+    NK_ROWS_IN_REGISTERS[p.M](p, x, n0, y);
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     if (c < count) nk_dequantize_row(p, n0 + c, Kp, rows + c * Kp);
     else std::fill(rows + c * Kp, rows + (c + 1) * Kp, 0.0f);

@@ -31,7 +31,7 @@ from cgpt_jax.parallel.sharding import fits_shards, map_shards
 if TYPE_CHECKING:
     from cgpt_jax.quantize.array import QuantizedArray
 
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = 32
 ROW_AXES = ("batch", "length", None)
 _switch = threading.local()
 
