@@ -5,8 +5,8 @@ file path (`tensorstore_utils._normalize_path` collapses 's3://' to 's3:/'), so 
 its JSON and metadata writes (etils.epath, fsspec) already reach the bucket. `enable()` routes s3:// array
 paths to TensorStore's `s3` kvstore, with the endpoint and region of the AWS SDK's environment variables
 (TensorStore does not read AWS_ENDPOINT_URL itself). It wraps three private Orbax functions: it does
-nothing once Orbax handles s3:// on its own, and an Orbax that renamed them fails at the first s3:// save
-with an AttributeError naming the function, rather than writing to a wrong place.
+nothing once Orbax handles s3:// on its own, and an Orbax that renamed them fails when the first s3://
+checkpoint directory is opened, with an AttributeError naming the function, rather than writing elsewhere.
 """
 from __future__ import annotations
 
