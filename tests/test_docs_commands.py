@@ -100,8 +100,19 @@ COMMANDS = {
     f"{PY} -m cgpt_jax.train --config=experiments/cpu_ladder.py:size=d80l2 --workdir=runs/lm_lora "
     "--init_from=runs/cpu_ladder/d80l2 '--config.finetune.method=lora(rank=4)'":
         skip("needs the ladder's d80l2 run; --init_from with LoRA runs in tests/test_peft_inputs.py"),
-    f"{PY} -m cgpt_jax.finetune --config=experiments/peft_compare.py:init=runs/cpu_ladder/d80l2,method=adapter "
-    "--workdir=runs/peft_compare/adapter": skip("needs the ladder's d80l2 run; 420 fine-tuning steps"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cpu_ladder.py:size=d80l2 --workdir=runs/lm_prefix "
+    "--init_from=runs/cpu_ladder/d80l2 '--config.finetune.method=prefix(tokens=10)' --config.train.seq_len=118":
+        skip("needs the ladder's d80l2 run; prefix training and decoding run in tests/test_peft_conformance.py"),
+    f"{PY} -m cgpt_jax.generate --checkpoint=runs/lm_prefix '--prompt=def main(' --max_new_tokens=30":
+        skip("needs the run above; generation with a prefix runs in tests/test_peft_virtual_tokens.py"),
+    f"{PY} -m cgpt_jax.sweep --config=experiments/peft_compare.py:init=runs/cpu_ladder/d80l2 "
+    "--workdir=runs/peft_compare": skip("needs the ladder's d80l2 run; seven fine-tuning runs, about an hour here"),
+    f"{PY} -m cgpt_jax.analyze runs/peft_compare": skip("needs the comparison sweep; tests/test_peft_compare.py "
+                                                        "analyzes a synthetic one"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cpu_ladder.py:size=d80l2 --workdir=runs/peft_backbone":
+        skip("trains the ladder's largest rung, about 5 minutes; the ladder's sweep runs above with --run-slow"),
+    f"{PY} -m cgpt_jax.sweep --config=experiments/peft_compare.py:init=runs/peft_backbone,steps=150,eval_every=50 "
+    "--workdir=runs/peft_compare": skip("needs the backbone above; seven fine-tuning runs, 35 minutes here"),
     f"{PY} -m cgpt_jax.serve --checkpoint=runs/tiny --max_batch=16 --cache_len=128":
         skip("a server, up until stopped; tests/test_serve.py runs the command (SIGTERM drain) and its endpoints"),
     "curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d "

@@ -1,7 +1,7 @@
 """Fine-tuning methods side by side: the table and plot `python -m cgpt_jax.analyze DIR` writes for a sweep
 of classification runs that differ in config.finetune.method (experiments/peft_compare.py).
 
-    DIR/report.md           one row per run: method, trainable parameters (count and % of the model with the
+    DIR/report.md           one row per run, most trainable parameters first: method, trainable parameters (count and % of the model with the
                             method), test accuracy and macro-F1 (the best validation state's, summary.json's
                             `test`), step time and peak memory relative to `full`, wall time of the run
     DIR/peft_compare.json   the same rows, with the measurement's settings
@@ -88,9 +88,10 @@ def count_parameters(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return sum(n for n, _ in sizes), sum(n for n, trains in sizes if trains)
 
 
-def read_rows(workdir: Path) -> tuple[list[Row], dict[str, ml_collections.ConfigDict]]:
-    """The finished runs' rows (step costs not yet measured) and their configs, in the sweep's order."""
-    rows, configs = [], {}
+def read_rows(workdir: Path) -> tuple[list[Row], dict[str, ml_collections.ConfigDict], dict]:
+    """The finished runs' rows (step costs not yet measured; most trainable parameters first), their configs,
+    and the majority-class baseline on test (the same task for every run)."""
+    rows, configs, baseline = [], {}, {}
     for run in collect_runs(workdir):
         summary = finished_summary(str(run.path))
         if summary is None:
@@ -102,9 +103,10 @@ def read_rows(workdir: Path) -> tuple[list[Row], dict[str, ml_collections.Config
         rows.append(Row(run.name, config.finetune.method, total, trainable, summary["test"]["accuracy"],
                         summary["test"]["macro_f1"], summary["wall_time_s"]))
         configs[run.name] = config
+        baseline = summary.get("majority_baseline_test", baseline)
     if not rows:
         raise ValueError(f"{workdir} holds no finished run; finish the sweep first")
-    return rows, configs
+    return sorted(rows, key=lambda r: -r.trainable), configs, baseline
 
 
 def measure_steps(rows: list[Row], configs: dict[str, ml_collections.ConfigDict], rounds: int,
@@ -135,15 +137,18 @@ def _cell(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def markdown(rows: list[Row], title: str) -> str:
+def markdown(rows: list[Row], title: str, baseline: dict) -> str:
     lines = [f"# {title}", "",
              ("| run | method | trainable | trainable % | test accuracy | test macro-F1 | step time vs full "
               "| peak memory vs full | wall time (s) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r.name} | `{r.method}` | {r.trainable:,} | {r.trainable_percent:.2f}% | "
+        method = r.method.replace("|", "\\|")  # a '|' in a LoRA target list would end the cell
+        lines.append(f"| {r.name} | `{method}` | {r.trainable:,} | {r.trainable_percent:.2f}% | "
                      f"{r.test_accuracy:.3f} | {r.test_macro_f1:.3f} | {_cell(r.step_time_rel, '.2f')} | "
                      f"{_cell(r.peak_memory_rel, '.2f')} | {r.wall_time_s:.0f} |")
+    if baseline:
+        lines += ["", f"Majority class on test: accuracy {baseline['accuracy']:.3f}, macro-F1 {baseline['macro_f1']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +161,7 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.scatter(r.trainable, r.test_accuracy, color="C0")
         ax.annotate(r.name, (r.trainable, r.test_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the labels of the outermost points
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("test accuracy")
     ax.set_title("fine-tuning methods: test accuracy against trainable parameters")
@@ -166,11 +172,11 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def write_outputs(workdir: Path, out_dir: Path, *, rounds: int = 5, steps_per_round: int = 3) -> dict[str, Path]:
     """Read the runs, measure their steps side by side, and write the report, the table and the plot."""
-    rows, configs = read_rows(workdir)
+    rows, configs, baseline = read_rows(workdir)
     measure_steps(rows, configs, rounds, steps_per_round)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"report": out_dir / REPORT, "table": out_dir / TABLE, "plot": out_dir / PLOT}
-    paths["report"].write_text(markdown(rows, f"Fine-tuning methods compared: {workdir}"))
+    paths["report"].write_text(markdown(rows, f"Fine-tuning methods compared: {workdir}", baseline))
     paths["table"].write_text(json.dumps({
         "device": jax.devices()[0].device_kind, "rounds": rounds, "steps_per_round": steps_per_round,
         "rows": [{**dataclasses.asdict(r), "trainable_percent": r.trainable_percent} for r in rows]}, indent=1))
