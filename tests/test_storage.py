@@ -142,7 +142,8 @@ def test_sweep_in_a_bucket_runs_resumes_and_is_read_back(bucket_env, tmp_path):
 
     fixtures = os.path.join(REPO, "tests", "scaling_fixtures")
     spec = tmp_path / "three.py"  # fake_experiment's runs that finish, and the one that dies once
-    spec.write_text(f"import sys\nsys.path.insert(0, {fixtures!r})\nfrom fake_experiment import get_config, sweep as all_runs\n\n"
+    spec.write_text(f"import sys\nsys.path.insert(0, {fixtures!r})\n"
+                    "from fake_experiment import get_config, sweep as all_runs\n\n"
                     "def sweep(arg=None):\n    return [r for r in all_runs(arg) if r['name'] != 'crash']\n")
     experiment = load_experiment(str(spec))
     fake_train = (sys.executable, os.path.join(fixtures, "fake_train.py"))
