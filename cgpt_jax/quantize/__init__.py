@@ -7,8 +7,10 @@
 
 A quantized model is the same nnx module with each weight's value replaced by a `QuantizedArray`
 (integers + float32 scales, `array.py`); which weights, and along which axes, is `model.py`. The model
-code reads a parameter as `param[...]`, which dequantizes it, so the forward pass, the KV-cache
-`Generator`, the evaluation scorer and the classifier run it unchanged; the weights and scales shard by
+code reads a parameter as `param[...]`, which dequantizes it, and its projections and tied head multiply
+through `QuantizedArray.matmul_rows` (`matmul.py`: on CPU a C++ kernel reads the integers once for the
+few rows of a decode step), so the forward pass, the KV-cache `Generator`, the evaluation scorer and the
+classifier run it unchanged; the weights and scales shard by
 the weight's logical axes (`cgpt_jax.parallel.sharding.state_shardings`). `python -m cgpt_jax.quantize`
 writes a quantized checkpoint; `generate`, `classify` and the evaluation harness take `--quantize` /
 `quantize=` and quantized checkpoint directories. Inference only: nothing trains a quantized model.

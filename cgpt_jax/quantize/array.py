@@ -11,8 +11,9 @@ shape (int8), or for 4 bits uint8 with two values per byte along the last axis (
 `scale` (float32) has W's shape with axis a replaced by G and axes a+1..b-1 by 1.
 
 Reading the weight the way the model reads a parameter, `param[...]`, gives the dequantized float32 array,
-so every matmul, einsum and embedding lookup of the model runs unchanged on the dequantized values
-(inside the jitted program: the float weight exists only transiently, op by op).
+so any code of the model runs unchanged on the dequantized values (inside the jitted program: the float
+weight exists only transiently, op by op). The model's projections and tied head call `matmul_rows`
+instead, and the embedding lookups `take_rows`, which read the integers without the whole float weight.
 """
 from __future__ import annotations
 
