@@ -1,19 +1,23 @@
-"""Scoring API: log-likelihoods equal a direct full forward pass, batched = one at a time, sharded =
-one device, one compile per length bucket, rolling windows at the context's boundaries, bad input."""
+"""Scoring API: log-likelihoods equal a direct full forward pass (also with a PEFT prefix's virtual tokens),
+batched = one at a time, sharded = one device, one compile per length bucket, rolling windows at the
+context's boundaries, bad input."""
 from __future__ import annotations
 
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
 from flax import nnx
 
+from cgpt_jax import peft
 from cgpt_jax.errors import InputError
 from cgpt_jax.eval.scorer import Scorer, rolling_windows
 from cgpt_jax.model import GPT
 from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.peft import training
 from tests.helpers import tiny_config
 
 MAX_LEN = 32
@@ -42,6 +46,19 @@ def model() -> GPT:
 @pytest.fixture(scope="module")
 def scorer(model) -> Scorer:
     return Scorer(model, batch_size=4, min_bucket=8)
+
+
+@pytest.fixture(scope="module")
+def prefix_model() -> GPT:
+    """A prefix of 3 virtual tokens with trained-looking (random) values; its context holds MAX_LEN real tokens."""
+    cfg = tiny_config().model
+    cfg.max_seq_len = MAX_LEN + 3
+    model = training.attach(GPT(cfg, rngs=nnx.Rngs(3)), peft.build("prefix(tokens=3)"), cfg, nnx.Rngs(4))
+    draw = np.random.default_rng(1)
+    for path, v in nnx.to_flat_state(nnx.state(model.peft, nnx.Param)):
+        v.set_value(jnp.asarray(draw.normal(0, 0.5, v.shape), v[...].dtype))
+    assert model.context_len == MAX_LEN
+    return model
 
 
 _forward = nnx.jit(lambda model, tokens_1xL: model(tokens_1xL))
@@ -74,6 +91,19 @@ def test_loglikelihood_equals_direct_forward_and_batching(model, scorer):
     best = int(np.argmax(np.asarray(_forward(model, np.full((1, MAX_LEN), 5, np.int32)))[0, 0, :64]))
     greedy, other = scorer.loglikelihood([([5], [best]), ([5], [(best + 1) % 64])])
     assert greedy[1] and not other[1]
+
+
+def test_virtual_tokens_loglikelihood_equals_direct_forward(prefix_model):
+    """Both paths (plain, shared context through the KV cache) start from the prefix's slots in every row; the
+    context is MAX_LEN real tokens (model.context_len), not max_seq_len."""
+    scorer = Scorer(prefix_model, batch_size=4, min_bucket=8)
+    requests = MC_REQUESTS + REQUESTS[6:8]  # both paths; 1 + 31 fills the context, 40 + 6 is truncated
+    for request, got in zip(requests, scorer.loglikelihood(requests)):
+        want_logp, want_greedy = direct(prefix_model, *request)
+        assert got[0] == pytest.approx(want_logp, abs=1e-4) and got[1] == want_greedy
+    assert scorer.score_shared._cache_size() >= 1 and scorer.truncated == 1
+    with pytest.raises(InputError, match=r"has 32 tokens \(model.context_len: max_seq_len=35 less the PEFT method's 3 "):
+        scorer.loglikelihood([([1], list(range(MAX_LEN + 1)))])
 
 
 def test_one_compile_per_bucket(model):

@@ -1,9 +1,11 @@
 """Token-level log-likelihood scoring, batched and bucketed by length, sharded like training.
 
 A request is (context ids, continuation ids). Its input is (context + continuation)[:-1], left-truncated
-to the model's positions as lm-evaluation-harness does; the continuation's tokens are scored at the
+to the model's context as lm-evaluation-harness does; the continuation's tokens are scored at the
 last len(continuation) positions: the sum of their log-probabilities, and whether greedy decoding
-(argmax at every one of those positions) would produce exactly them.
+(argmax at every one of those positions) would produce exactly them. The context is `model.context_len`
+real tokens: a PEFT prompt/prefix's virtual tokens take the first positions, and both paths below run
+from a KV cache whose first slots hold them, one copy per row (`model.features`, `model.init_cache`).
 
 Requests are sorted longest first and cut into batches of `batch_size` rows; each batch is
 right-padded to a power-of-two length (at least `min_bucket`, at most the context), and the last batch
@@ -93,7 +95,11 @@ class Scorer:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r} must be a positive integer")
         self.vocab_size = model.cfg.vocab_size
-        self.max_len = model.cfg.max_seq_len
+        # The real tokens' room: a PEFT prompt/prefix's virtual tokens take the cache's first slots.
+        self.max_len = model.context_len
+        self.room = (f"{self.max_len} tokens (model.context_len: max_seq_len={model.cfg.max_seq_len} less the PEFT "
+                     f"method's {model.virtual_tokens} virtual tokens)" if model.virtual_tokens
+                     else f"{self.max_len} positions")
         self.min_bucket = min_bucket
         self.progress = progress
         self.mesh = mesh
@@ -170,7 +176,7 @@ class Scorer:
                              f"least one token")
         if len(continuation) > self.max_len:
             raise InputError(f"request {index}: the continuation has {len(continuation)} tokens but the model has "
-                             f"{self.max_len} positions — score it with loglikelihood_rolling instead")
+                             f"{self.room} — score it with loglikelihood_rolling instead")
         bad = [t for t in context + continuation if not 0 <= t < self.vocab_size]
         if bad:
             raise InputError(f"request {index} has token ids outside [0, {self.vocab_size}): {bad[:5]} — the "
@@ -186,9 +192,9 @@ class Scorer:
         truncated_before = self.truncated
         wholes = [self._check(i, r) for i, r in enumerate(requests)]
         if self.truncated > truncated_before:
-            log.warning("%d of %d requests are longer than the model's %d positions; their contexts were "
+            log.warning("%d of %d requests are longer than the model's %s; their contexts were "
                         "truncated from the left (as lm-eval does)", self.truncated - truncated_before,
-                        len(requests), self.max_len)
+                        len(requests), self.room)
         widths = [len(r[1]) for r in requests]
         batches = self._plan(wholes, widths)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
