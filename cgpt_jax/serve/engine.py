@@ -71,7 +71,9 @@ class Engine:
         if slots < 1 or slots % generator.batch_shards:
             raise ValueError(f"slots={slots} must be a positive multiple of the mesh's batch shards "
                              f"({generator.batch_shards})")
-        # A power of two (or the whole context), so that every prompt bucket fits the cache.
+        # A power of two (or the whole context), so that every prompt bucket fits the cache. The context is the
+        # real tokens' (model.context_len): each slot's cache also holds a PEFT prompt/prefix's virtual tokens
+        # in its first slots, copied with the prefilled row (`_insert_program`).
         self.cache_len = min(generator.max_len, 1 << max(cache_len - 1, 0).bit_length())
         if self.cache_len < 2:
             raise ValueError(f"cache_len={cache_len} leaves no room for a prompt and a new token")
@@ -80,6 +82,7 @@ class Engine:
         self.prefill_batch = generator.batch_sizes(1)[0]
         self.buckets = sorted({generator.bucket(n) for n in range(1, self.cache_len)})
         model = nnx.merge(generator.graphdef, generator.state)
+        self.virtual_tokens = model.virtual_tokens
         self._cache_axes = {name: spec.logical_axes for name, spec in model.blocks.attn.cache_layout(1, 1).items()}
         self._insert = jax.jit(self._insert_program, donate_argnames=("caches", "state"))
         self._step = jax.jit(self._step_program, donate_argnames=("caches", "state"))
@@ -137,8 +140,10 @@ class Engine:
     def check(self, prompt_len: int, max_tokens: int) -> str | None:
         """Why a request does not fit the slots' cache (None when it does)."""
         if prompt_len + max_tokens > self.cache_len:
+            virtual = (f" (at most the model's context_len={self.generator.max_len}: its PEFT method's "
+                       f"{self.virtual_tokens} virtual tokens take the first positions)" if self.virtual_tokens else "")
             return (f"the prompt's {prompt_len} tokens plus max_tokens={max_tokens} need {prompt_len + max_tokens} "
-                    f"positions but a slot holds {self.cache_len}")
+                    f"positions but a slot holds {self.cache_len}{virtual}")
         return None
 
     def submit(self, request: Request) -> None:
