@@ -85,7 +85,7 @@ class TextModel:
         self.mesh = mesh
         self.tokenizer = loaded.tokenizer
         self.eot_id = self.tokens.eot_id
-        self.max_len = loaded.model.cfg.max_seq_len
+        self.max_len = loaded.model.context_len  # less a PEFT prompt/prefix's virtual tokens
         self.batch_size = batch_size
         self.scorer = Scorer(loaded.model, mesh=mesh, rules=loaded.rules, batch_size=batch_size, progress=progress)
         self._generator: Generator | None = None  # built on first use: it holds its own copy of the weights
