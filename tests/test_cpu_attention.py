@@ -26,7 +26,6 @@ from cgpt_jax.parallel.mesh import MESH_AXES
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, map_shards
 from tests.helpers import one_device_env, tiny_config, train_steps
 
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

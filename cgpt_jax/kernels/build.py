@@ -50,7 +50,7 @@ def _cpu_fingerprint() -> str:
 
 def _compiler_version(compiler: str) -> str:
     try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
     except (OSError, subprocess.TimeoutExpired) as error:
         raise KernelUnavailable(f"running {compiler} --version failed: {error}") from error
 
@@ -74,7 +74,7 @@ def _compile(source: pathlib.Path, compiler: str, target: pathlib.Path) -> None:
     try:
         command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE}", str(source), "-o", partial]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as error:
             raise KernelUnavailable(f"compiling {source.name} failed ({' '.join(command)}): {error}") from error
         if result.returncode != 0:

@@ -25,7 +25,6 @@ from absl import app, flags
 from flax import nnx
 
 from cgpt_jax import cli, quantize
-from cgpt_jax.quantize import matmul
 from cgpt_jax.infer import Generator
 from cgpt_jax.infer.bench_decode import (
     SHAPES,
@@ -34,6 +33,7 @@ from cgpt_jax.infer.bench_decode import (
     model_config,
 )
 from cgpt_jax.model import GPT
+from cgpt_jax.quantize import matmul
 
 
 def main(argv: list[str]) -> None:

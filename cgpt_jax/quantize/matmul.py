@@ -71,8 +71,9 @@ def _transposed(w: QuantizedArray) -> bool | None:
 def uses_kernel(w: QuantizedArray, x_BxLxI: jax.Array) -> bool:
     """Whether `matmul_rows(w, x)` runs the C++ kernel (CPU, float32, few rows, a mesh that divides them)."""
     batch, length, _ = x_BxLxI.shape
-    return (not getattr(_switch, "xla_only", False) and jax.default_backend() == "cpu" and x_BxLxI.dtype == jnp.float32 and _transposed(w) is not None
-            and batch * length <= KERNEL_MAX_ROWS and fits_shards(x_BxLxI.shape, ROW_AXES) and _kernel_loaded())
+    return (not getattr(_switch, "xla_only", False) and jax.default_backend() == "cpu"
+            and x_BxLxI.dtype == jnp.float32 and _transposed(w) is not None and batch * length <= KERNEL_MAX_ROWS
+            and fits_shards(x_BxLxI.shape, ROW_AXES) and _kernel_loaded())
 
 
 def matmul_rows(w: QuantizedArray, x_BxLxI: jax.Array) -> jax.Array:
@@ -80,8 +81,8 @@ def matmul_rows(w: QuantizedArray, x_BxLxI: jax.Array) -> jax.Array:
     if not uses_kernel(w, x_BxLxI):
         return _dequantized_rows(w, x_BxLxI)
     kernel = functools.partial(_kernel_rows, contract=w.contract, bits=w.bits, transposed=_transposed(w))
-    whole = lambda x: (None,) * x.ndim  # noqa: E731  (every device reads the whole weight)
-    return map_shards(kernel, (ROW_AXES, whole(w.qvalue), whole(w.scale)), ROW_AXES)(x_BxLxI, w.qvalue, w.scale)
+    whole_qvalue, whole_scale = (None,) * w.qvalue.ndim, (None,) * w.scale.ndim  # every device reads all of W
+    return map_shards(kernel, (ROW_AXES, whole_qvalue, whole_scale), ROW_AXES)(x_BxLxI, w.qvalue, w.scale)
 
 
 def _kernel_rows(x_BxLxI: jax.Array, qvalue: jax.Array, scale: jax.Array, *, contract: tuple[int, int], bits: int,
