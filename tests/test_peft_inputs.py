@@ -1,12 +1,15 @@
 """config.finetune.method: bad input refused at config time (virtual tokens' count, slot and context included), and language-model fine-tuning with LoRA
-through the training loop's --init_from."""
+through the training loop's --init_from (its adapter directory included)."""
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from cgpt_jax.config import validate
 from cgpt_jax.errors import InputError
 from cgpt_jax.generate import load_run
 from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.peft import checkpoint as peft_checkpoint
 from cgpt_jax.train import checkpoint
 from cgpt_jax.train.loop import train_and_evaluate
 from cgpt_jax.train.setup import build_run
@@ -75,3 +78,15 @@ def test_language_model_lora_from_init_from_trains_only_the_adapter(tmp_path):
     assert after["peft/lora/qkv_b"] != 0  # B started at zero and trained
     loaded = load_run(tmp_path / "tuned", None)  # what python -m cgpt_jax.generate decodes with
     assert loaded.model.peft.lora.targets == ("qkv", "down")
+
+    # DIR/adapter: the trained LoRA tensors alone (the last checkpoint's values), onto the source's base only.
+    adapter = str(tmp_path / "tuned" / "adapter")
+    assert summary["adapter"] == {"directory": "adapter", "tensors": 4}
+    final = nnx.to_flat_state(nnx.state(loaded.model, nnx.Param))
+    fresh = nnx.from_flat_state([(p, v.replace(np.zeros(v.shape, v[...].dtype)) if p[0] == "peft" else v)
+                                 for p, v in final])
+    for (path, got), (_, want) in zip(nnx.to_flat_state(peft_checkpoint.load(adapter, fresh)), final, strict=True):
+        np.testing.assert_array_equal(got[...], want[...], err_msg=str(path))
+    other = nnx.from_flat_state([(p, v.replace(v[...] + 1e-3) if p == ("wte",) else v) for p, v in final])
+    with pytest.raises(peft_checkpoint.AdapterError, match=f"trained on the base {tmp_path / 'source'}"):
+        peft_checkpoint.load(adapter, other)

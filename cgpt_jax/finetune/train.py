@@ -25,11 +25,9 @@ from cgpt_jax.finetune.predict import batched_logits
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.peft import checkpoint as peft_checkpoint
 from cgpt_jax.parallel.sharding import activation_sharding, logical_to_spec
-from cgpt_jax.train.loop import Evaluation, train_and_evaluate
+from cgpt_jax.train.loop import ADAPTER_DIR, Evaluation, train_and_evaluate
 from cgpt_jax.train.setup import Run
 from cgpt_jax.train.state import TrainState
-
-ADAPTER_DIR = "adapter"  # a frozen-base method's trained parameters and the base's identity
 
 
 def make_predict(run: Run):

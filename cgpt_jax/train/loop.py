@@ -10,7 +10,9 @@ Pretraining's evaluation is the mean loss of the dataset's fixed validation batc
 tasks of `config.eval.tasks` scored with the current parameters (cgpt_jax/eval/during_training.py).
 Fine-tuning (cgpt_jax/finetune/) runs through the same loop with its own `objective`, `dataset`, initial
 parameters (`init_params`) and `Evaluation` (validation metrics at each evaluation, the best state kept in
-DIR/best/, summary fields such as test metrics computed from it).
+DIR/best/, summary fields such as test metrics computed from it). A finished run with a frozen-base PEFT method
+(config.finetune.method; a classifier's from its best state, a language model's from its last) also writes
+DIR/adapter/: the trained parameters alone with the base's identity (cgpt_jax/peft/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from cgpt_jax import flops, run_dir, storage
+from cgpt_jax import flops, peft, run_dir, storage
 from cgpt_jax.config import resolve, validate
 from cgpt_jax.data import Dataset, make_dataset
 from cgpt_jax.devices import device_peak_flops
@@ -36,6 +38,7 @@ from cgpt_jax.errors import InputError
 from cgpt_jax.model import params_count
 from cgpt_jax.parallel import distributed
 from cgpt_jax.parallel.mesh import make_mesh
+from cgpt_jax.peft import checkpoint as peft_checkpoint
 from cgpt_jax.peft import training as peft_training
 from cgpt_jax.train import checkpoint
 from cgpt_jax.train.objective import LANGUAGE_MODELING, Objective
@@ -47,6 +50,8 @@ from cgpt_jax.train.writers import MetricWriter
 
 if TYPE_CHECKING:
     from cgpt_jax.eval.during_training import TaskScores
+
+ADAPTER_DIR = "adapter"  # a frozen-base method's trained parameters and the base's identity
 
 
 def resolve_with_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
@@ -385,6 +390,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         best_state, best_meta = best_checkpoints.restore_latest(like=state)
         summary["best"] = {"step": best_meta["step"], evaluation.best_metric: best_meta[evaluation.best_metric]}
         summary.update(evaluation.summarize(run, best_state))
+    elif not peft.build(config.finetune.method).trains_base and jax.process_index() == 0:
+        # A language model fine-tuned with a frozen-base method: its trained parameters alone, with the base's
+        # identity, as a classification run's summarize writes them (cgpt_jax/peft/checkpoint.py).
+        meta = peft_checkpoint.save(run_dir.path(workdir, ADAPTER_DIR), config.finetune.method, state.params,
+                                    init_from or "(the seed's initialisation: no --init_from)")
+        summary["adapter"] = {"directory": ADAPTER_DIR, "tensors": len(meta["tensors"])}
     if jax.process_index() == 0:
         run_dir.write_json_atomically(run_dir.path(workdir, run_dir.SUMMARY), summary)
     return summary
