@@ -13,6 +13,7 @@ cgpt_jax.flops (the compute axis of the analysis), with the CPU ladder's recipe,
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import ml_collections
@@ -36,11 +37,16 @@ def tokens_at(config: ml_collections.ConfigDict, budget: float) -> float:
     return budget / flops.flops_per_token(shape, "cerebras")
 
 
+@functools.cache
+def _tokens_per_param_per_flop(size: str) -> float:
+    config = cpu_ladder.cpu_base_config(size)
+    return tokens_at(config, 1.0) / params_count(config.model)
+
+
 def sizes_at(budget: float) -> list[str]:
     """The SIZES_PER_BUDGET sizes whose tokens per parameter at `budget` are nearest 20 (log scale)."""
     def distance(size: str) -> float:
-        config = cpu_ladder.cpu_base_config(size)
-        return abs(math.log(tokens_at(config, budget) / params_count(config.model) / CENTRE_TOKENS_PER_PARAM))
+        return abs(math.log(budget * _tokens_per_param_per_flop(size) / CENTRE_TOKENS_PER_PARAM))
     nearest = sorted(SIZES, key=distance)[:SIZES_PER_BUDGET]
     return [size for size in SIZES if size in nearest]
 

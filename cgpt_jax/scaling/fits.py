@@ -158,7 +158,8 @@ def _compute_problem(compute: np.ndarray, loss: np.ndarray) -> _Problem:
 
     def constants(theta: np.ndarray) -> dict[str, float]:
         k, b, e = (float(v) for v in theta)
-        return {"a": math.exp(x0 - k / b), "b": b, "c": math.exp(e)}
+        with np.errstate(over="ignore"):  # b at its bound near 0 sends a to infinity: the curve is flat
+            return {"a": float(np.exp(x0 - k / b)), "b": b, "c": math.exp(e)}
 
     return _Problem(J=J, theta_names=("a", "b", "c"), bounds=bounds,
                     starts=np.clip(np.array(starts), *np.array(bounds).T), constants=constants)
