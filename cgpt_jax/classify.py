@@ -17,15 +17,15 @@ else its newest; texts longer than the run's max_len are cut to their first max_
 from __future__ import annotations
 
 import csv
+import io
 import json
-import pathlib
 import sys
 from typing import TextIO
 
 import numpy as np
 from absl import app, flags, logging
 
-from cgpt_jax import cli, quantize
+from cgpt_jax import cli, quantize, storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune.data import MULTI_LABEL_SEPARATOR, read_texts
 from cgpt_jax.finetune.predict import Classifier, load_classifier
@@ -64,14 +64,13 @@ def read_inputs(texts: list[str] | None, input_path: str | None, text_field: str
     if input_path is None or input_path == "-":
         rows = _lines(sys.stdin, "stdin")
     else:
-        path = pathlib.Path(cli.resolve_path(input_path))
+        path = storage.path(cli.resolve_path(input_path))  # local, gs:// or s3://
         if path.suffix in (".jsonl", ".csv", ".tsv"):
             rows = read_texts(path, text_field, "text_field")
         elif not path.is_file():
             raise InputError(f"--input={input_path}: {path} is not there — check the path")
         else:
-            with open(path, encoding="utf-8") as f:
-                rows = _lines(f, str(path))
+            rows = _lines(io.StringIO(path.read_bytes().decode("utf-8"), newline=None), str(path))
     if not rows:
         raise InputError(f"--input={input_path or '-'}: no texts — give a file with at least one text")
     return [text for text, _ in rows]
@@ -118,11 +117,13 @@ def main(argv: list[str]) -> None:
     if given.batch_size < 1:
         raise InputError(f"--batch_size={given.batch_size} — give a positive number of texts per batch")
     output = cli.resolve_optional_path(given.output)
-    kind = pathlib.Path(output).suffix if output else ".jsonl"
+    kind = storage.path(output).suffix if output else ".jsonl"
     if kind not in OUTPUT_KINDS:
         raise InputError(f"--output={given.output}: write FILE.jsonl or FILE.csv")
-    if output and not pathlib.Path(output).parent.is_dir():
-        raise InputError(f"--output={given.output}: the directory {pathlib.Path(output).parent} is not there — "
+    if output and storage.is_remote(output):
+        storage.check_workdir(output.rsplit("/", 1)[0], "--output")  # the bucket exists and takes writes
+    elif output and not storage.path(output).parent.is_dir():
+        raise InputError(f"--output={given.output}: the directory {storage.path(output).parent} is not there — "
                          f"create it first")
     scheme = None if given.quantize is None else quantize.parse(given.quantize)
     texts = read_inputs(given.text, given.input, given.text_field)
@@ -132,8 +133,9 @@ def main(argv: list[str]) -> None:
     if output is None:
         write_records(rows, classifier.label_names, sys.stdout, kind)
         return
-    with open(output, "w", newline="", encoding="utf-8") as f:
-        write_records(rows, classifier.label_names, f, kind)
+    written = io.StringIO(newline="")  # the csv module writes its own line ends
+    write_records(rows, classifier.label_names, written, kind)
+    storage.write_atomically(output, written.getvalue())  # one upload on a bucket: whole or not at all
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     ck.async_save = True  # write in a background thread while training continues
     ck.nan_policy = "halt"  # non-finite loss or gradients: 'halt' (diagnose and stop) | 'skip' (drop that update)
     ck.max_consecutive_skips = 10  # 'skip' still halts when more steps than this in a row are non-finite
+    ck.remote_metrics_flush_s = 30.0  # on gs:// / s3://: metrics.jsonl (one PUT of it all) at most this often
 
     c.finetune = default_finetune_config()  # text classification (cgpt_jax/finetune/settings.py)
 
@@ -285,6 +286,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.async_save": _BOOL,
     "checkpoint.nan_policy": _one_of("halt", "skip"),
     "checkpoint.max_consecutive_skips": _count(0),
+    "checkpoint.remote_metrics_flush_s": _non_negative(),  # 0: every logged step (a PUT per record)
     # Fine-tuning (cgpt_jax/finetune/settings.py; its rules across fields: validate_finetune).
     "finetune.task": _text(non_empty=True),
     "finetune.init": _text(),

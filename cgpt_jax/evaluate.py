@@ -19,7 +19,7 @@ import json
 import pathlib
 import sys
 
-from cgpt_jax import cli
+from cgpt_jax import cli, storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.run_dir import DOWNSTREAM, FINISHED, write_json_atomically
 
@@ -32,6 +32,9 @@ def _write_tasks(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=DEFAULT_DOCS, help="documents per task (at most)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
+    if storage.is_remote(args.out_dir):  # lm-eval's --include_path and its datasets loader read local files
+        raise InputError(f"{args.out_dir}: task files must be written to a local directory (lm-eval reads "
+                         f"--include_path from the local disk) — give a local path")
     out = pathlib.Path(cli.resolve_path(args.out_dir))
     for task in write_tasks(out, n=args.n, seed=args.seed):
         rows = sum(1 for _ in (out / f"{task}.jsonl").open(encoding="utf-8"))
@@ -53,7 +56,7 @@ def _sweep(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     args = parser.parse_args(argv)
-    workdir = pathlib.Path(cli.resolve_path(args.sweep_dir))
+    workdir = storage.path(cli.resolve_path(args.sweep_dir))  # local, gs:// or s3://
     try:
         runs = collect_runs(workdir)
     except (FileNotFoundError, ValueError) as e:  # no such directory, or no runs in it

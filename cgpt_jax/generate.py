@@ -5,7 +5,8 @@
         [--stop_ids=50256,...] [--truncate_prompt] [--tensor_parallel=N] [--prompt_ids=1,2,3]
         [--quantize=int8|int4|int4:group=G]
 
-A run directory (what `python -m cgpt_jax.train` writes) gives the parameters of its newest complete
+The directory may be local, gs:// or s3:// (docs/cluster_storage.md). A run directory (what
+`python -m cgpt_jax.train` writes) gives the parameters of its newest complete
 checkpoint and the tokenizer of its token store; an HF directory is imported with
 `cgpt_jax.interop.hf.from_pretrained`. Generation stops at the model's end-of-text token unless
 `--stop_ids` says otherwise. Models without a tokenizer (synthetic data) take `--prompt_ids`.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 import sys
 from typing import TextIO
 
@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from tokenizers import Tokenizer
 
-from cgpt_jax import cli, quantize
+from cgpt_jax import cli, quantize, storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.infer import Generator, Sampling
 from cgpt_jax.interop import hf
@@ -50,7 +50,7 @@ class Loaded:
     rules: Rules  # logical-axis rules for placing it on a mesh
 
 
-def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
+def load_run(run_dir: storage.Path, mesh: Mesh | None) -> Loaded:
     """The newest complete checkpoint of a training run, placed on `mesh` (or the first device)."""
     raw = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
     description = raw.pop("data_description", {})
@@ -68,19 +68,22 @@ def load_run(run_dir: pathlib.Path, mesh: Mesh | None) -> Loaded:
 
 
 def store_tokenizer(data_description: dict) -> tuple[Tokenizer | None, tuple[int, ...]]:
-    """The tokenizer of a run's token store (None for synthetic data) and its end-of-text id (if any)."""
-    tokenizer_file = pathlib.Path(data_description.get("store", "")) / "tokenizer.json"
-    if "store" not in data_description or not tokenizer_file.is_file():
+    """The tokenizer of a run's token store (None for synthetic data) and its end-of-text id (if any); the
+    store may be in a bucket (read through storage, no local copy needed)."""
+    if "store" not in data_description:
         return None, ()
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer_file = storage.path(data_description["store"], "tokenizer.json")
+    if not tokenizer_file.is_file():
+        return None, ()
+    tokenizer = Tokenizer.from_str(tokenizer_file.read_text(encoding="utf-8"))
     eos = tokenizer.token_to_id(EOS)
     return tokenizer, () if eos is None else (eos,)
 
 
 def load(path: str, tensor_parallel: int = 1, scheme: str | None = None) -> tuple[Loaded, Mesh | None]:
     """A run directory, an HF directory (told apart by their config.json) or a quantized checkpoint; with
-    `scheme` (e.g. 'int8'), its weights quantized."""
-    directory = pathlib.Path(path)
+    `scheme` (e.g. 'int8'), its weights quantized. `path` may be local, gs:// or s3://."""
+    directory = storage.path(path)
     parsed = None if scheme is None else quantize.parse(scheme)
     config_file = directory / hf.CONFIG_FILE
     if parsed is not None or quantize.is_checkpoint(directory):
@@ -92,7 +95,7 @@ def load(path: str, tensor_parallel: int = 1, scheme: str | None = None) -> tupl
     raw = json.loads(config_file.read_text(encoding="utf-8"))
     if "model_type" in raw:
         # The vocabulary is split over 'tensor': pad it to a multiple the mesh divides.
-        pretrained = hf.from_pretrained(directory, mesh=mesh, vocab_pad_multiple=math.lcm(128, tensor_parallel))
+        pretrained = hf.from_pretrained(str(directory), mesh=mesh, vocab_pad_multiple=math.lcm(128, tensor_parallel))
         return Loaded(pretrained.model, pretrained.tokenizer, pretrained.eos_token_ids,
                       list(pretrained.config.mesh.rules)), mesh
     if "model" in raw:
@@ -110,7 +113,7 @@ def _tensor_mesh(tensor_parallel: int) -> Mesh | None:
                      jax.devices()[:tensor_parallel])
 
 
-def _load_quantized(directory: pathlib.Path, tensor_parallel: int,
+def _load_quantized(directory: storage.Path, tensor_parallel: int,
                     scheme: quantize.Scheme | None) -> tuple[Loaded, Mesh | None]:
     """A quantized checkpoint as saved, or a float model quantized with `scheme` after loading."""
     if quantize.is_checkpoint(directory):

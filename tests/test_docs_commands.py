@@ -134,6 +134,32 @@ COMMANDS = {
         skip("needs the ladder's runs; docs/quantization.md gives its figures"),
     f"{PY} -m cgpt_jax.quantize.bench --shape=111m --batch=1,16": skip("a speed measurement at the 111M shape, "
                                                                       "tens of minutes on this CPU"),
+    # docs/cluster_storage.md: buckets and clusters. tests/test_storage.py runs the s3:// paths against a
+    # local S3 emulator; gs:// has no emulator that carries Orbax's writes (the doc says why).
+    "bash launch/setup.sh cloud": skip("installs the cloud extra into .venv; the test run itself is its check"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cerebras_gpt.py:size=tiny --workdir=s3://bucket/runs/tiny":
+        skip("needs an S3 bucket; tests/test_storage.py trains on the S3 emulator"),
+    f"{PY} -m cgpt_jax.sweep --config=experiments/cpu_ladder.py --workdir=gs://bucket/sweeps/ladder":
+        skip("needs a GCS bucket; tests/test_storage.py runs a sweep on the S3 emulator"),
+    f"{PY} -m cgpt_jax.train --config=experiments/cerebras_gpt.py:size=tiny --workdir=gs://bucket/runs/tiny "
+    "--config.data.cache_dir=gs://bucket/token_stores":
+        skip("needs a GCS bucket; tests/test_storage.py builds and reads a token store on the S3 emulator"),
+    f"{PY} -m cgpt_jax.generate --checkpoint=s3://bucket/runs/tiny --prompt_ids=1,2,3 --max_new_tokens=20":
+        skip("needs an S3 bucket; tests/test_storage.py runs the command on the S3 emulator's run"),
+    f"{PY} -m cgpt_jax.finetune --config=experiments/classify.py:task=jsonl:gs://bucket/tasks/topics.jsonl,"
+    "init=gs://bucket/runs/d80l2 --workdir=gs://bucket/runs/cls":
+        skip("needs a GCS bucket with a trained run; tests/test_storage.py reads task files from the S3 emulator"),
+    f"{PY} -m cgpt_jax.classify --checkpoint=gs://bucket/runs/cls --input=gs://bucket/texts.jsonl "
+    "--output=gs://bucket/predictions.csv": skip("needs a GCS bucket with a fine-tuned run"),
+    f"{PY} -m cgpt_jax.serve --checkpoint=gs://bucket/runs/tiny":
+        skip("a server on a GCS bucket's run; tests/test_storage.py loads a bucket's run as the server does"),
+    "gcloud storage buckets create gs://my-bucket --location=us-central2": skip("creates a GCS bucket (gcloud)"),
+    "bash launch/tpu_pod.sh my-tpu us-central2-b --config=experiments/cerebras_gpt.py:size=1.3b "
+    "--workdir=gs://my-bucket/runs/1.3b --config.mesh.data=-1 --config.mesh.fsdp=8": skip("needs a TPU pod and gcloud"),
+    "export AWS_ENDPOINT_URL=https://s3.my-site.example AWS_PROFILE=training":
+        skip("sets the environment of the sbatch command below"),
+    "sbatch --nodes=4 launch/slurm.sbatch --config=experiments/cerebras_gpt.py:size=6.7b --workdir=s3://runs/6.7b":
+        skip("needs a SLURM cluster and an S3 store"),
 }
 
 

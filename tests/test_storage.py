@@ -1,6 +1,7 @@
 """Run directories on an object store, against a local S3 server (moto) started for this module: a run killed
-with SIGKILL resumes exactly from its checkpoints in the bucket, and a bad bucket, credentials or scheme is
-refused before anything is written. (The 2-process run on a bucket is in tests/test_distributed.py.)"""
+with SIGKILL resumes exactly from its checkpoints in the bucket and is then read from there by generation and
+the Hugging Face / PEFT exports, and a bad bucket, credentials or scheme is refused before anything is
+written. (The 2-process run on a bucket is in tests/test_distributed.py.)"""
 import json
 import os
 import signal
@@ -96,6 +97,57 @@ def test_run_on_a_bucket_killed_with_sigkill_resumes_exactly(tmp_path, bucket_en
     assert storage.path(run, "checkpoints", "32", "commit_success.txt").exists()
     assert storage.path(run, "tensorboard").is_dir() and storage.path(run, "config.json").is_file()
     assert not os.path.exists(os.path.join(REPO, "s3:"))  # the old bug: a local folder named after the URL
+    _downstream_reads_the_bucket(run, str(tmp_path / "reference"), bucket_env)
+
+
+def _downstream_reads_the_bucket(run: str, reference: str, env: dict) -> None:
+    """The finished bucket run (equal to `reference` on the local disk) read back by the downstream paths."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from cgpt_jax import generate, peft
+    from cgpt_jax.interop import hf, hf_peft
+    from cgpt_jax.peft import checkpoint as peft_checkpoint
+    from cgpt_jax.peft.training import attach
+
+    # The command, on the bucket's run directory: the prompt, then greedy tokens that the local copy's
+    # logits choose too (the first one checked here); the same weights, so equal logits.
+    cli = subprocess.run([sys.executable, "-m", "cgpt_jax.generate", f"--checkpoint={run}", "--prompt_ids=1,2,3",
+                          "--max_new_tokens=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    ids = [int(t) for t in cli.stdout.split()]
+    tokens = jnp.asarray([[1, 2, 3]], jnp.int32)
+    from_bucket, from_disk = generate.load(run)[0].model, generate.load(reference)[0].model
+    logits = np.asarray(from_disk(tokens))
+    assert ids[:3] == [1, 2, 3] and len(ids) == 7 and ids[3] == int(logits[0, -1].argmax())
+    np.testing.assert_array_equal(np.asarray(from_bucket(tokens)), logits)
+
+    # A Hugging Face export to the bucket (staged through a local directory) imports back to the same logits.
+    hf.save_pretrained(from_bucket, "s3://bkt/hf")
+    assert storage.path("s3://bkt/hf", hf.SAFETENSORS_FILE).is_file()
+    imported = generate.load("s3://bkt/hf")[0].model
+    vocab = from_bucket.cfg.vocab_size
+    np.testing.assert_array_equal(np.asarray(imported(tokens))[..., :vocab], logits[..., :vocab])
+
+    # LoRA adapters written to and read from the bucket, in both formats, byte for byte.
+    spec = "lora(rank=2, alpha=4, targets='qkv')"
+    attach(from_bucket, peft.build(spec), from_bucket.cfg, nnx.Rngs(params=1))
+    for _, v in nnx.to_flat_state(nnx.state(from_bucket.peft)):
+        v[...] = v[...] + 0.1  # B is zero at init: make every tensor distinct from a fresh one
+    params = nnx.state(from_bucket, nnx.Param)
+    peft_checkpoint.save("s3://bkt/adapter", spec, params, run)
+    fresh = nnx.state(attach(generate.load(run)[0].model, peft.build(spec), from_bucket.cfg, nnx.Rngs(params=2)),
+                      nnx.Param)
+    restored = dict(nnx.to_flat_state(peft_checkpoint.load("s3://bkt/adapter", fresh)))
+    for path, value in nnx.to_flat_state(params):
+        np.testing.assert_array_equal(np.asarray(restored[path][...]), np.asarray(value[...]))
+    hf_peft.save_adapter(from_bucket, "s3://bkt/hf_adapter")
+    read_spec, tensors = hf_peft.read_adapter("s3://bkt/hf_adapter")
+    assert read_spec == "lora(rank=2, alpha=4.0, targets='qkv')"  # alpha comes back as PEFT stores it: a float
+    a_0 = np.asarray(from_bucket.peft.lora.qkv_a[...])[0]
+    np.testing.assert_array_equal(tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"],
+                                  a_0.reshape(-1, 2).T)
 
 
 def test_bad_bucket_credentials_and_schemes_are_refused_before_anything_is_written(tmp_path, bucket_env,
@@ -108,6 +160,10 @@ def test_bad_bucket_credentials_and_schemes_are_refused_before_anything_is_writt
         train_and_evaluate(tiny_config(), "s3://no-such-bucket/run", show_progress=False)
     with pytest.raises(InputError, match=r"no filesystem for 'hdfs://' — use a local path, gs://"):
         storage.check_workdir("hdfs://namenode/run")
+    from cgpt_jax import evaluate  # lm-eval reads its task files from the local disk only
+    with pytest.raises(InputError, match="task files must be written to a local directory .* give a local path"):
+        evaluate._write_tasks(["s3://bkt/tasks"])
+    assert not storage.path("s3://bkt/tasks").exists()
     monkeypatch.setitem(storage.REMOTE_SCHEMES, "gs", "no_such_gcs_package")
     with pytest.raises(InputError, match=r"needs the no_such_gcs_package package.*pip install 'cgpt_jax\[cloud\]'"):
         storage.check_workdir("gs://bkt/run")
@@ -132,6 +188,18 @@ def test_write_atomically_and_move_on_a_bucket(bucket_env):
     assert [p.name for p in target.parent.iterdir()] == ["a.json"]  # no temporary left behind
     storage.move("s3://bkt/files", "s3://bkt/moved/files")
     assert not target.exists() and storage.path("s3://bkt/moved/files/a.json").read_bytes() == b'{"a": 2}'
+
+
+def test_task_and_input_files_are_read_from_a_bucket(bucket_env):
+    """Fine-tuning's task files and classify's --input, as the local readers read them (CSV quoting, CRLF)."""
+    from cgpt_jax.finetune.data import data_file, read_texts
+
+    storage.path("s3://bkt/texts.csv").write_bytes(b'text,label\r\n"a, b",x\r\n"two\nlines",y\r\n')
+    storage.path("s3://bkt/texts.jsonl").write_bytes('{"text": "é"}\n\n{"text": "z"}\n'.encode())
+    assert read_texts(data_file("s3://bkt/texts.csv"), "text", "f") == [("a, b", "s3://bkt/texts.csv:2"),
+                                                                       ("two\nlines", "s3://bkt/texts.csv:4")]
+    assert read_texts(data_file("s3://bkt/texts.jsonl"), "text", "f") == [("é", "s3://bkt/texts.jsonl:1"),
+                                                                         ("z", "s3://bkt/texts.jsonl:3")]
 
 
 def test_sweep_in_a_bucket_runs_resumes_and_is_read_back(bucket_env, tmp_path):

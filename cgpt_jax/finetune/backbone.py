@@ -3,8 +3,10 @@ its parameters.
 
     finetune.init=RUN_DIR   a cgpt_jax training run: config.json's model, the tokenizer of its token store
                             (config.json's data_description), the newest complete checkpoint's parameters
-    finetune.init=hf:DIR    a local Hugging Face GPT-2-family directory (cgpt_jax/interop/hf.py): a language
+    finetune.init=hf:DIR    a Hugging Face GPT-2-family directory (cgpt_jax/interop/hf.py): a language
                             model, or a GPT2ForSequenceClassification whose head is kept
+
+Either may be local, gs:// or s3:// (an HF directory in a bucket is read through a temporary local copy).
 
 Only reads: nothing in the backbone's directory is ever written.
 """
@@ -19,7 +21,10 @@ import jax
 import ml_collections
 from flax import nnx
 
-from cgpt_jax.data.tokenizer import TextTokenizer, TokenizerError, tokenizer_from_file
+from tokenizers import Tokenizer
+
+from cgpt_jax import storage
+from cgpt_jax.data.tokenizer import TextTokenizer, TokenizerError
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune.model import HEAD
 from cgpt_jax.interop import hf
@@ -43,19 +48,19 @@ class Backbone:
     num_labels: int  # of a classifier's head it already has; -1 for a language model
 
 
-def _run_backbone(run_dir: pathlib.Path, init: str) -> Backbone:
+def _run_backbone(run_dir: storage.Path, init: str) -> Backbone:
     config_file = run_dir / RUN_CONFIG
     if not config_file.is_file():
         raise BackboneError(f"finetune.init={init}: {config_file} is not there; name a cgpt_jax run directory "
                             f"(what python -m cgpt_jax.train writes) or hf:DIR for a Hugging Face directory")
     raw = json.loads(config_file.read_text(encoding="utf-8"))
     store = raw.get("data_description", {}).get("store")
-    tokenizer_file = pathlib.Path(store or "") / "tokenizer.json"
+    tokenizer_file = storage.path(store or "", "tokenizer.json")
     if not store or not tokenizer_file.is_file():
         raise BackboneError(f"finetune.init={init}: the run's tokenizer {tokenizer_file} is not there (config.json "
                             f"data_description.store); a run on synthetic data has none. Re-create the token "
                             f"store with python -m cgpt_jax.data.prepare and the run's data config.")
-    tokenizer = tokenizer_from_file(tokenizer_file, raw["data"]["tokenizer"])
+    tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_file.read_text(encoding="utf-8")), raw["data"]["tokenizer"])
     return Backbone(init, ml_collections.ConfigDict(raw["model"]), tokenizer,
                     raw.get("finetune", {}).get("num_labels", -1))
 
@@ -64,17 +69,22 @@ def _run_backbone(run_dir: pathlib.Path, init: str) -> Backbone:
 _HF_BACKBONES = {kind: hf.ARCHITECTURES[kind] + hf.CLASSIFIER_ARCHITECTURES.get(kind, ()) for kind in hf.ARCHITECTURES}
 
 
-def _hf_backbone(directory: pathlib.Path, init: str) -> Backbone:
+def _hf_backbone(location: str, init: str) -> Backbone:
+    with hf.local_directory(location) as directory:  # a bucket's files: through a temporary local copy
+        return _hf_backbone_from(directory, location, init)
+
+
+def _hf_backbone_from(directory: pathlib.Path, location: str, init: str) -> Backbone:
     hf_cfg = hf.read_hf_config(directory, _HF_BACKBONES)
     is_classifier = hf.CLASSIFIER in (hf_cfg.get("architectures") or [])
-    num_labels = len(hf.classifier_labels(hf_cfg, str(directory / hf.CONFIG_FILE))) if is_classifier else -1
+    num_labels = len(hf.classifier_labels(hf_cfg, f"{location}/{hf.CONFIG_FILE}")) if is_classifier else -1
     model = hf.config_from_hf(hf_cfg).model
     tokenizer = hf.load_tokenizer(directory, hf_cfg["vocab_size"])
     if tokenizer is None:
-        raise BackboneError(f"finetune.init={init}: {directory} has no tokenizer.json (or vocab.json + "
+        raise BackboneError(f"finetune.init={init}: {location} has no tokenizer.json (or vocab.json + "
                             f"merges.txt); copy the model's tokenizer files there")
     try:
-        text_tokenizer = TextTokenizer(tokenizer, f"hf(dir={directory})")
+        text_tokenizer = TextTokenizer(tokenizer, f"hf(dir={location})")
     except TokenizerError as e:
         raise BackboneError(f"finetune.init={init}: {e}") from None
     return Backbone(init, model, text_tokenizer, num_labels)
@@ -85,8 +95,8 @@ def load_backbone(init: str) -> Backbone:
         raise BackboneError("finetune.init is empty: name the pretrained backbone, a cgpt_jax run directory or "
                             "hf:DIR (with finetune.from_scratch=True only its shape and tokenizer are used)")
     if init.startswith(HF_PREFIX):
-        return _hf_backbone(pathlib.Path(init[len(HF_PREFIX):]).expanduser(), init)
-    return _run_backbone(pathlib.Path(init).expanduser(), init)
+        return _hf_backbone(str(storage.path(init[len(HF_PREFIX):])), init)
+    return _run_backbone(storage.path(init), init)
 
 
 def check_fits(backbone: Backbone, num_labels: int) -> None:

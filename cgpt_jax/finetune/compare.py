@@ -18,7 +18,9 @@ same round. Peak memory is what XLA's buffer assignment reserves for the compile
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cgpt_jax import peft
+from cgpt_jax import peft, storage
 from cgpt_jax.bench.runners import median_ratio, time_alternately
 from cgpt_jax.config import base_config, resolve
 from cgpt_jax.finetune.objective import ClassificationObjective
@@ -152,7 +154,7 @@ def markdown(rows: list[Row], title: str, baseline: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], path: str | os.PathLike) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2))
@@ -167,17 +169,22 @@ def plot(rows: list[Row], path: Path) -> None:
     ax.set_title("fine-tuning methods: test accuracy against trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()  # rendered in memory, then one write: local, gs:// or s3://
+    fig.savefig(image, format="png", dpi=120)
+    storage.write_atomically(path, image.getvalue())
 
 
-def write_outputs(workdir: Path, out_dir: Path, *, rounds: int = 5, steps_per_round: int = 3) -> dict[str, Path]:
-    """Read the runs, measure their steps side by side, and write the report, the table and the plot."""
+def write_outputs(workdir: Path, out_dir: str | os.PathLike, *, rounds: int = 5,
+                  steps_per_round: int = 3) -> dict[str, storage.Path]:
+    """Read the runs, measure their steps side by side, and write the report, the table and the plot
+    (`out_dir` may be local, gs:// or s3://)."""
     rows, configs, baseline = read_rows(workdir)
     measure_steps(rows, configs, rounds, steps_per_round)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"report": out_dir / REPORT, "table": out_dir / TABLE, "plot": out_dir / PLOT}
-    paths["report"].write_text(markdown(rows, f"Fine-tuning methods compared: {workdir}", baseline))
-    paths["table"].write_text(json.dumps({
+    out = storage.path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"report": out / REPORT, "table": out / TABLE, "plot": out / PLOT}
+    storage.write_atomically(paths["report"], markdown(rows, f"Fine-tuning methods compared: {workdir}", baseline))
+    storage.write_atomically(paths["table"], json.dumps({
         "device": jax.devices()[0].device_kind, "rounds": rounds, "steps_per_round": steps_per_round,
         "rows": [{**dataclasses.asdict(r), "trainable_percent": r.trainable_percent} for r in rows]}, indent=1))
     plot(rows, paths["plot"])

@@ -30,6 +30,7 @@ import ast
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -43,6 +44,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from cgpt_jax import storage
 from cgpt_jax.data.tokenizer import TextTokenizer
 from cgpt_jax.errors import InputError
 
@@ -147,10 +149,21 @@ def stdlib_topics() -> Task:
 Fields = tuple[tuple[str, str], ...]
 
 
-def _read_csv(path: pathlib.Path, fields: Fields) -> Iterator[tuple[list, str]]:
+def data_file(location: str) -> pathlib.Path | storage.Path:
+    """A task or input file or directory: gs:// and s3:// through storage; a local path as given, `~`
+    expanded (a relative path stays relative in messages)."""
+    return storage.path(location) if storage.is_remote(location) else pathlib.Path(os.path.expanduser(location))
+
+
+def _text_of(path: pathlib.Path | storage.Path, newline: str | None) -> io.StringIO:
+    """The whole file, read in one request (a bucket has no line-by-line reads worth having)."""
+    return io.StringIO(path.read_bytes().decode("utf-8"), newline=newline)
+
+
+def _read_csv(path: pathlib.Path | storage.Path, fields: Fields) -> Iterator[tuple[list, str]]:
     """Each row's values of `fields`, with 'FILE:LINE'."""
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
+    with _text_of(path, newline="") as f:  # csv handles the line ends itself
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         for field, key in fields:
@@ -161,8 +174,8 @@ def _read_csv(path: pathlib.Path, fields: Fields) -> Iterator[tuple[list, str]]:
             yield [row[key] for _, key in fields], f"{path}:{reader.line_num}"
 
 
-def _read_jsonl(path: pathlib.Path, fields: Fields) -> Iterator[tuple[list, str]]:
-    with open(path, encoding="utf-8") as f:
+def _read_jsonl(path: pathlib.Path | storage.Path, fields: Fields) -> Iterator[tuple[list, str]]:
+    with _text_of(path, newline=None) as f:  # universal newlines, as open()
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -183,7 +196,7 @@ def _check_text(text: object, text_field: str, where: str) -> str:
     return text
 
 
-def read_texts(path: pathlib.Path, text_field: str, flag: str) -> list[tuple[str, str]]:
+def read_texts(path: pathlib.Path | storage.Path, text_field: str, flag: str) -> list[tuple[str, str]]:
     """(text, 'FILE:LINE') of each row of a .csv/.tsv/.jsonl file, the text in column `text_field` (named
     by the command-line `flag`)."""
     if not path.is_file():
@@ -214,7 +227,7 @@ def _as_multi_label(kind: str, splits: dict[str, list[Example]]) -> dict[str, li
     return {split: [dataclasses.replace(e, label=_labels_of(e.label)) for e in rows] for split, rows in splits.items()}
 
 
-def _examples(path: pathlib.Path, kind: str, text_field: str, label_field: str) -> list[Example]:
+def _examples(path: pathlib.Path | storage.Path, kind: str, text_field: str, label_field: str) -> list[Example]:
     if not path.is_file():
         raise TaskError(f"task={kind}:...: {path} is not there; check the path")
     read = _read_csv if kind == "csv" else _read_jsonl
@@ -235,7 +248,8 @@ def _examples(path: pathlib.Path, kind: str, text_field: str, label_field: str) 
     return examples
 
 
-def _file_splits(kind: str, path: pathlib.Path, ft: ml_collections.ConfigDict) -> dict[str, list[Example]]:
+def _file_splits(kind: str, path: pathlib.Path | storage.Path,
+                 ft: ml_collections.ConfigDict) -> dict[str, list[Example]]:
     fields = (ft.text_field, ft.label_field)
     if path.is_dir():
         extensions = (".csv", ".tsv") if kind == "csv" else (".jsonl",)
@@ -352,7 +366,7 @@ def read_task(ft: ml_collections.ConfigDict, tfds_data_dir: str = "") -> Task:
     elif kind == "tfds" and arg:
         splits, names = _tfds_splits(arg, ft, tfds_data_dir)
     elif kind in ("csv", "jsonl") and arg:
-        splits = _file_splits(kind, pathlib.Path(os.path.expanduser(arg)), ft)
+        splits = _file_splits(kind, data_file(arg), ft)
         multi = _as_multi_label(kind, splits)
         if multi is not None:
             if ft.loss != "sigmoid":

@@ -2,7 +2,11 @@
 the confusion-matrix figure."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
+
+from cgpt_jax import storage
 
 
 def confusion(labels_N: np.ndarray, predictions_N: np.ndarray, num_labels: int) -> np.ndarray:
@@ -103,5 +107,7 @@ def plot_confusion(counts: list[list[int]], label_names: list[str], title: str, 
                 color="white" if n > counts_CxC.max() / 2 else "black")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()  # rendered in memory, then one write: local, gs:// or s3://
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    storage.write_atomically(path, image.getvalue())

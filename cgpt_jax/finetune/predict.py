@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pathlib
 from typing import Callable
 
 import jax
@@ -23,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from cgpt_jax import peft, quantize, run_dir
+from cgpt_jax import peft, quantize, run_dir, storage
 from cgpt_jax.data.tokenizer import TextTokenizer
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune import backbone as backbones
@@ -85,7 +83,7 @@ class Classifier:
         return probabilities(batched_logits(self.forward, tokens_NxL, lengths_N, batch_size), self.loss), truncated
 
 
-def _read_run_config(directory: pathlib.Path) -> dict:
+def _read_run_config(directory: storage.Path) -> dict:
     config_file = directory / run_dir.CONFIG
     if not config_file.is_file():
         raise InputError(f"--checkpoint={directory}: {config_file} is not there — give the directory of a "
@@ -98,29 +96,31 @@ def _read_run_config(directory: pathlib.Path) -> dict:
     return raw
 
 
-def _checkpoint_directory(directory: pathlib.Path) -> pathlib.Path:
+def _checkpoint_directory(directory: storage.Path) -> storage.Path:
     """DIR/best when it holds a complete checkpoint (the state with the best validation metric), else DIR."""
     best = directory / run_dir.BEST
     return best if checkpoint.scan(str(best / run_dir.CHECKPOINTS))[0] else directory
 
 
-def _hf_classifier(directory: pathlib.Path) -> Classifier:
-    imported = hf.classifier_from_pretrained(directory)
-    tokenizer = backbones.load_backbone(backbones.HF_PREFIX + str(directory)).tokenizer
+def _hf_classifier(directory: storage.Path) -> Classifier:
+    with hf.local_directory(directory) as local:  # a bucket's directory: downloaded once for both readers
+        imported = hf.classifier_from_pretrained(local)
+        tokenizer = backbones.load_backbone(backbones.HF_PREFIX + str(local)).tokenizer
     return Classifier(imported.model, tokenizer, imported.label_names, imported.config.finetune.loss,
                       imported.config.model.max_seq_len, str(directory))
 
 
 def load_classifier(path: str, scheme: quantize.Scheme | None = None) -> Classifier:
     """A fine-tuning run's classifier (see the module docstring), or an HF GPT2ForSequenceClassification
-    directory's, on the first device; its weights quantized with `scheme` when given."""
-    classifier = _load_float_classifier(pathlib.Path(path))
+    directory's, on the first device; its weights quantized with `scheme` when given. `path` may be local,
+    gs:// or s3://."""
+    classifier = _load_float_classifier(storage.path(path))
     if scheme is None:
         return classifier
     return dataclasses.replace(classifier, model=quantize.apply(classifier.model, scheme))
 
 
-def _load_float_classifier(directory: pathlib.Path) -> Classifier:
+def _load_float_classifier(directory: storage.Path) -> Classifier:
     config_file = directory / run_dir.CONFIG
     if config_file.is_file() and "model_type" in json.loads(config_file.read_text(encoding="utf-8")):
         return _hf_classifier(directory)
@@ -147,5 +147,5 @@ def _load_float_classifier(directory: pathlib.Path) -> Classifier:
     if model.peft is not None and peft.build(method).mergeable:
         model = peft_training.merge(model)  # LoRA folded in: the base model's forward pass and speed
     return Classifier(model, tokenizer, list(description["label_names"]), raw["finetune"]["loss"],
-                      raw["train"]["seq_len"], os.path.join(source.directory, str(source.step)),
+                      raw["train"]["seq_len"], str(storage.path(source.directory, str(source.step))),
                       multi_label=bool(description.get("multi_label", False)))

@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
     if _COMPARE.value == "buckets":
         print(json.dumps(compare_buckets(cli.resolve_path(_BACKBONE.value)), indent=2))
         return
-    raw = json.loads(open(run_dir.path(cli.resolve_path(_BACKBONE.value), run_dir.CONFIG)).read())
+    raw = run_dir.read_json(run_dir.path(cli.resolve_path(_BACKBONE.value), run_dir.CONFIG))  # local or bucket
     config = base_config()  # the defaults of both runs, with the backbone's model
     config.model = ml_collections.ConfigDict(raw["model"])
     config.train.global_batch_size, config.train.seq_len = _BATCH.value, _SEQ_LEN.value

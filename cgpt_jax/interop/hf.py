@@ -31,9 +31,11 @@ import os
 import pathlib
 import pickle
 import re
+import shutil
 import struct
+import tempfile
 import zipfile
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from cgpt_jax import storage
 from cgpt_jax.config import base_config, resolve
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune.model import HEAD, SequenceClassifier
@@ -122,6 +125,36 @@ class Pretrained(NamedTuple):
     config: ml_collections.ConfigDict  # a full, resolved project config whose `model` matches the weights
     tokenizer: Tokenizer | None  # from tokenizer.json or vocab.json + merges.txt in the directory, if any
     eos_token_ids: tuple[int, ...]  # config.json's eos_token_id (GPT2Config's default 50256 when absent)
+
+
+# --- buckets ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def local_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """`path` as a local directory: itself, or for gs:// / s3:// a temporary local copy of its files (deleted
+    on exit), since safetensors memory-maps local files and tokenizers reads local files only."""
+    if not storage.is_remote(path):
+        yield pathlib.Path(path)
+        return
+    source = storage.path(path)
+    if not source.is_dir():
+        raise HFCheckpointError(f"{path} is not a directory; expected a Hugging Face model directory "
+                                f"with {CONFIG_FILE} and {SAFETENSORS_FILE} (or {TORCH_FILE})")
+    with tempfile.TemporaryDirectory(prefix="cgpt_jax-hf-") as tmp:
+        for item in source.iterdir():
+            if item.is_file():
+                with item.open("rb") as remote, open(os.path.join(tmp, item.name), "wb") as local:
+                    shutil.copyfileobj(remote, local)
+        yield pathlib.Path(tmp)
+
+
+def _upload(local: pathlib.Path, target: str | os.PathLike) -> None:
+    """Copy a local directory's files to `target` (gs:// or s3://), config.json last: a reader that finds
+    it finds the weights too."""
+    files = sorted(local.iterdir(), key=lambda f: f.name == CONFIG_FILE)
+    for item in files:
+        with open(item, "rb") as source, storage.path(target, item.name).open("wb") as remote:
+            shutil.copyfileobj(source, remote)
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -543,13 +576,13 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
     shard from the files. `vocab_pad_multiple` pads the embedding rows (zeros) so that a 'vocab' axis
     can be split over the mesh (e.g. 50257 → 50304 with 128).
     """
-    directory = pathlib.Path(path)
-    hf_cfg = read_hf_config(directory)
-    config = config_from_hf(hf_cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                            vocab_pad_multiple=vocab_pad_multiple)
-    tokenizer = load_tokenizer(directory, hf_cfg["vocab_size"])
-    model = _import(directory, config, abstract_model(config.model), {}, mesh, rules)
-    return Pretrained(model, config, tokenizer, _eos_ids(hf_cfg))
+    with local_directory(path) as directory:  # a bucket's files: through a temporary local copy
+        hf_cfg = read_hf_config(directory)
+        config = config_from_hf(hf_cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                vocab_pad_multiple=vocab_pad_multiple)
+        tokenizer = load_tokenizer(directory, hf_cfg["vocab_size"])
+        model = _import(directory, config, abstract_model(config.model), {}, mesh, rules)
+        return Pretrained(model, config, tokenizer, _eos_ids(hf_cfg))
 
 
 # --- sequence classification --------------------------------------------------------------------------
@@ -583,21 +616,21 @@ def classifier_from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = N
     """Import a local GPT2ForSequenceClassification directory as our SequenceClassifier (arguments as
     `from_pretrained`). Its logits equal transformers' wherever transformers pools the row's last real
     token: rows without padding, or padding with its pad_token_id that the text never contains."""
-    directory = pathlib.Path(path)
-    hf_cfg = read_hf_config(directory, CLASSIFIER_ARCHITECTURES)
-    source = str(directory / CONFIG_FILE)
-    label_names = classifier_labels(hf_cfg, source)
-    problem_type = hf_cfg.get("problem_type")
-    if problem_type not in _PROBLEM_TYPES:
-        raise HFCheckpointError(f"{source}: problem_type={problem_type!r}; only {list(_PROBLEM_TYPES)[1:]} "
-                                f"can be imported")
-    config = config_from_hf(hf_cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                            vocab_pad_multiple=vocab_pad_multiple)
-    config.finetune.num_labels, config.finetune.loss = len(label_names), _PROBLEM_TYPES[problem_type]
-    abstract = nnx.eval_shape(lambda: SequenceClassifier(config.model, len(label_names), rngs=nnx.Rngs(0)))
-    model = _import(directory, config, abstract, {_SCORE: (len(label_names), config.model.d_model)}, mesh, rules)
-    return PretrainedClassifier(model, config, load_tokenizer(directory, hf_cfg["vocab_size"]), label_names,
-                                hf_cfg.get("pad_token_id"))
+    with local_directory(path) as directory:  # a bucket's files: through a temporary local copy
+        hf_cfg = read_hf_config(directory, CLASSIFIER_ARCHITECTURES)
+        source = str(directory / CONFIG_FILE)
+        label_names = classifier_labels(hf_cfg, source)
+        problem_type = hf_cfg.get("problem_type")
+        if problem_type not in _PROBLEM_TYPES:
+            raise HFCheckpointError(f"{source}: problem_type={problem_type!r}; only {list(_PROBLEM_TYPES)[1:]} "
+                                    f"can be imported")
+        config = config_from_hf(hf_cfg, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                vocab_pad_multiple=vocab_pad_multiple)
+        config.finetune.num_labels, config.finetune.loss = len(label_names), _PROBLEM_TYPES[problem_type]
+        abstract = nnx.eval_shape(lambda: SequenceClassifier(config.model, len(label_names), rngs=nnx.Rngs(0)))
+        model = _import(directory, config, abstract, {_SCORE: (len(label_names), config.model.d_model)}, mesh, rules)
+        return PretrainedClassifier(model, config, load_tokenizer(directory, hf_cfg["vocab_size"]), label_names,
+                                    hf_cfg.get("pad_token_id"))
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -659,7 +692,15 @@ def _save(model: GPT, path: str | os.PathLike, config: dict[str, Any], head: dic
     for ours, hf_name in head.items():
         entries.append((hf_name, params[ours].shape[::-1], np.dtype(params[ours].dtype),
                         lambda ours=ours: np.asarray(params[ours]).T))
-    directory = pathlib.Path(path)
+    if storage.is_remote(path):  # safetensors writes a local file: write there, then upload
+        with tempfile.TemporaryDirectory(prefix="cgpt_jax-hf-") as tmp:
+            _write_files(pathlib.Path(tmp), entries, config, tokenizer)
+            _upload(pathlib.Path(tmp), path)
+    else:
+        _write_files(pathlib.Path(path), entries, config, tokenizer)
+
+
+def _write_files(directory: pathlib.Path, entries: list, config: dict[str, Any], tokenizer: Tokenizer | None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     _write_safetensors(directory / SAFETENSORS_FILE, entries)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save
 
+from cgpt_jax import storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.peft import build, spec_string
 from cgpt_jax.peft.base import HEAD
@@ -75,15 +75,15 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, base_model_
         "use_dora": False, "modules_to_save": [HEAD] if is_classifier else None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
-    path = pathlib.Path(directory)
+    path = storage.path(directory)  # local, gs:// or s3://: the files are small, written as bytes
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-    (path / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    storage.write_atomically(path / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    storage.write_atomically(path / CONFIG, json.dumps(config, indent=2))
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
     """(the method spec, e.g. "lora(rank=8, alpha=16, targets='qkv|out')", the weights by PEFT name)."""
-    path = pathlib.Path(directory)
+    path = storage.path(directory)
     config_file, weights_file = path / CONFIG, path / WEIGHTS
     for f in (config_file, weights_file):
         if not f.is_file():
@@ -96,7 +96,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[str, dict[str, np.ndarra
     if bad:
         raise AdapterFormatError(f"{config_file}: {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)} — only plain "
                                  f"LoRA (peft_type LORA, one rank and alpha, no bias training) can be imported")
-    tensors = load_file(str(weights_file))
+    tensors = load(weights_file.read_bytes())
     found: dict[str, set[int]] = {}
     for name in tensors:
         match = _KEY.match(name.replace(".default.", "."))

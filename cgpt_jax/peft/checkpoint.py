@@ -5,18 +5,19 @@
 
 The base's sha256 covers the name, shape, dtype and bytes of every frozen parameter, so `load` refuses a
 base that is not the one trained on (another run, another step, another size) before anything is replaced.
+DIR may be local, gs:// or s3:// (the files are small: written and read as bytes, no local copy).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import jax
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+import safetensors.numpy
 
+from cgpt_jax import storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.peft import build
 from cgpt_jax.peft.training import split_trainable
@@ -50,28 +51,26 @@ def save(directory: str, spec: str, params: nnx.State, base_path: str) -> dict:
     tensors = _named(trainable)
     meta = {"method": spec, "base": {"path": base_path, "sha256": base_sha256(params, spec)},
             "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(tensors.items())}}
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, TENSORS))
-    with open(os.path.join(directory, META), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
+    storage.path(directory).mkdir(parents=True, exist_ok=True)
+    storage.write_atomically(storage.path(directory, TENSORS), safetensors.numpy.save(tensors))
+    storage.write_atomically(storage.path(directory, META), json.dumps(meta, indent=1))  # last: names the tensors
     return meta
 
 
 def load(directory: str, params: nnx.State) -> nnx.State:
     """`params` (a base with the method's parameters attached, any values) with the adapter's tensors in
     place; AdapterError when the base or the shapes differ from the ones it was trained with."""
-    meta_file = os.path.join(directory, META)
-    if not os.path.isfile(meta_file):
+    meta_file = storage.path(directory, META)
+    if not meta_file.is_file():
         raise AdapterError(f"{directory}: no {META} — point at a directory written by cgpt_jax.peft.checkpoint.save")
-    with open(meta_file, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
     spec = meta["method"]
     found = base_sha256(params, spec)
     if found != meta["base"]["sha256"]:
         raise AdapterError(f"{directory}: trained on the base {meta['base']['path']} (sha256 "
                            f"{meta['base']['sha256'][:12]}…), but this base's parameters hash to {found[:12]}… — "
                            f"load it onto the base it was trained on")
-    tensors = load_file(os.path.join(directory, TENSORS))
+    tensors = safetensors.numpy.load(storage.path(directory, TENSORS).read_bytes())
     flat = []
     for path, v in nnx.to_flat_state(params):
         name = "/".join(str(p) for p in path)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import pathlib
 import signal
 import socket
 import sys
 
 from absl import app, flags, logging
 
-from cgpt_jax import cli
+from cgpt_jax import cli, storage
 from cgpt_jax.errors import InputError
 
 API_KEY_ENV = "CGPT_JAX_API_KEY"
@@ -66,7 +65,7 @@ def check_security(host: str, api_key: str | None, insecure: bool) -> None:
                          f"--api_key (or {API_KEY_ENV}), or --insecure to serve without one")
 
 
-def _is_classifier(directory: pathlib.Path) -> bool:
+def _is_classifier(directory: storage.Path) -> bool:
     from cgpt_jax import quantize
 
     if quantize.is_checkpoint(directory):
@@ -91,7 +90,7 @@ def build(checkpoint: str, *, max_batch: int, cache_len: int | None, tensor_para
     from cgpt_jax.serve.engine import Engine
     from cgpt_jax.train.checkpoint import CheckpointError
 
-    directory = pathlib.Path(cli.resolve_path(checkpoint.removeprefix(HF_PREFIX)))
+    directory = storage.path(cli.resolve_path(checkpoint.removeprefix(HF_PREFIX)))  # local, gs:// or s3://
     if _is_classifier(directory):
         return load_classifier(str(directory), None if scheme is None else quantize.parse(scheme))
     try:
@@ -127,7 +126,7 @@ def main(argv: list[str]) -> None:
                          f"--host") from None
     served = build(given.checkpoint, max_batch=given.max_batch, cache_len=given.cache_len,
                    tensor_parallel=given.tensor_parallel, scheme=given.quantize)
-    name = given.model_name or pathlib.Path(given.checkpoint.removeprefix(HF_PREFIX).rstrip("/")).name
+    name = given.model_name or given.checkpoint.removeprefix(HF_PREFIX).rstrip("/").rsplit("/", 1)[-1]
     application = create_app(served, Settings(name, api_key, given.max_body_bytes, given.max_queue))
     server = uvicorn.Server(uvicorn.Config(application, log_level="warning",
                                            timeout_graceful_shutdown=given.drain_timeout))

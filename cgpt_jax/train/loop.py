@@ -268,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
                  t.steps, tokens_per_step, dict(mesh.shape))
 
     # --- the loop ---
-    writer = MetricWriter(workdir, first_step=start_step)
+    writer = MetricWriter(workdir, first_step=start_step, remote_flush_s=ck.remote_metrics_flush_s)
     nonfinite = NonFiniteSteps(ck, skipped=counters.get("skipped_steps", 0))
     throughput = Throughput()
     train_loss = _float_or_nan(counters.get("train_loss"))
