@@ -19,7 +19,7 @@ from cgpt_jax.finetune import compare
 from cgpt_jax.scaling import downstream
 from cgpt_jax.scaling.analysis import analyze
 from cgpt_jax.scaling.groups import analyze_groups
-from cgpt_jax.scaling.report import write_grouped_outputs, write_outputs
+from cgpt_jax.scaling.report import comparison_lines, write_grouped_outputs, write_outputs
 from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS
 
 _REFERENCE = flags.DEFINE_enum("reference", None, ["cerebras"], "Overlay the published Cerebras-GPT points "
@@ -81,15 +81,7 @@ def _main_grouped(workdir: Path) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
     paths = write_grouped_outputs(grouped, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
-    print(f"L(C) = (C/a)^b + c per {grouped.group_by}; loss at C* = {grouped.common_compute:.4g} FLOPs:")
-    for row in grouped.comparison:
-        speed = "" if row["tokens_per_sec_mean"] is None else f"; {row['tokens_per_sec_mean']:,.0f} tokens/s"
-        if "problem" in row:
-            print(f"  {row['group']}: not fitted ({row['problem']}){speed}")
-            continue
-        ci = "" if row["b_ci95"] is None else f" [{row['b_ci95'][0]:.3g}, {row['b_ci95'][1]:.3g}]"
-        print(f"  {row['group']}: b={row['b']:.4g}{ci}; R²={row['r2']:.4f}; L(C*)={row['fitted_loss']:.4f} "
-              f"(measured {row['measured_loss']:.4f} at {row['measured_run']}){speed}")
+    print("\n".join(comparison_lines(grouped)))
     print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
 
 

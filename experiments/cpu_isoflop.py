@@ -5,7 +5,7 @@
     bash launch/local.sh isoflop                   # both, into runs/cpu_isoflop
 
 Four compute budgets a factor of 3 apart; at each, the SIZES_PER_BUDGET ladder widths whose tokens per
-(total) parameter lie nearest 20 on a log scale, which spans about 4 to 100 tokens per parameter around
+(total) parameter lie nearest 20 on a log scale, which spans about 3 to 120 tokens per parameter around
 the 20 tokens/param point. Every run spends its budget exactly, in the Cerebras FLOP convention of
 cgpt_jax.flops (the compute axis of the analysis), with the CPU ladder's recipe, corpus and batch rule
 (experiments/cpu_ladder.py), so the two sweeps' losses are comparable.

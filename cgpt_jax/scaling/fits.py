@@ -289,7 +289,8 @@ class IsoflopFit:
     loss_opt: np.ndarray  # [K] the parabola's value at its vertex
     inside: np.ndarray  # [K] bool: the vertex lies within the budget's sampled sizes
     n_points: np.ndarray  # [K] runs per budget
-    log_n_draws: np.ndarray | None  # [n_bootstrap, K] bootstrap draws of log N_opt (NaN: no minimum)
+    log_n_draws: np.ndarray | None  # [n_bootstrap, K] bootstrap draws of log N_opt (NaN: no minimum, or a
+    # budget of 3 runs, which has no residuals to resample)
     log_d_draws: np.ndarray | None  # [n_bootstrap, K]
 
     def n_exponent(self, log_n: np.ndarray | None = None) -> float:
@@ -309,7 +310,8 @@ class IsoflopFit:
             log_ratio = self.log_d_draws - self.log_n_draws
             out["n_exponent_ci95"] = interval([self.n_exponent(row) for row in self.log_n_draws])
             out["tokens_per_param_ci95"] = interval(np.exp(np.mean(log_ratio, axis=1)))
-            out["no_minimum_fraction"] = float(np.mean(~np.isfinite(self.log_n_draws)))
+            resampled = self.n_points > 3
+            out["no_minimum_fraction"] = float(np.mean(~np.isfinite(self.log_n_draws[:, resampled])))
         for k, c in enumerate(self.compute):
             row = {"compute": float(c), "runs": int(self.n_points[k]), "n_opt": float(np.exp(self.log_n_opt[k])),
                    "tokens_opt": float(np.exp(self.log_d_opt[k])), "tokens_per_param": float(ratio[k]),
@@ -342,8 +344,7 @@ def fit_isoflop_minima(budgets: list[tuple[np.ndarray, np.ndarray, np.ndarray, n
 
     Each budget's parabola in log N gives N_opt; D_opt follows the budget's own line log D(log N) (at a
     fixed budget D ∝ 1/N up to the FLOP count's attention and head terms). Uncertainty: a residual
-    bootstrap of each parabola, as for the laws; without spare points (3 runs in some budget) there are no
-    draws.
+    bootstrap of each parabola, as for the laws; a budget of 3 runs has no spare points and no interval.
     """
     if len(budgets) < 2:
         raise ValueError(f"approach 2 needs at least 2 compute budgets of 3 or more runs; got {len(budgets)}")
@@ -362,13 +363,14 @@ def fit_isoflop_minima(budgets: list[tuple[np.ndarray, np.ndarray, np.ndarray, n
         d_opt.append(np.polyval(line, x[0]))
         inside.append(bool(log_n.min() <= x[0] <= log_n.max()))
         sizes.append(len(loss))
-        if n_bootstrap > 0 and len(loss) > 3:
+        xb = np.full(n_bootstrap, np.nan)  # a budget of 3 runs: its parabola interpolates, nothing to resample
+        if len(loss) > 3:
             fitted = np.polyval(np.polyfit(log_n, loss, 2), log_n)
             resid = _bootstrap_residuals(loss - fitted, np.vander(log_n, 3))
             xb = _vertex(log_n, fitted + rng.choice(resid, size=(n_bootstrap, len(loss))))[0]
-            x_draws.append(xb)
-            d_draws.append(np.polyval(line, xb))
-    with_draws = len(x_draws) == len(budgets)
+        x_draws.append(xb)
+        d_draws.append(np.polyval(line, xb))
+    with_draws = n_bootstrap > 0 and max(sizes) > 3
     return IsoflopFit(compute=np.array(compute), log_n_opt=np.array(x_opt), log_d_opt=np.array(d_opt),
                       loss_opt=np.array(y_opt), inside=np.array(inside), n_points=np.array(sizes),
                       log_n_draws=np.array(x_draws).T if with_draws else None,

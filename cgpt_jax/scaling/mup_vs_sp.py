@@ -58,6 +58,10 @@ def choose(runs: list[Run], parameterization: str) -> tuple[list[Run], list[str]
                  for lr in lrs]
         best = min(by_lr, key=lambda lr: by_lr[lr].loss)
         lines.append(f"| {width} | " + " | ".join(cells) + f" | {best:g} |")
+    edge = sorted(width for width, by_lr in grid.items() if min(by_lr, key=lambda lr: by_lr[lr].loss) in (lrs[0], lrs[-1]))
+    if edge:
+        lines += ["", f"The best learning rate is at the edge of the grid for width {', '.join(map(str, edge))}: "
+                      f"the optimum may lie beyond it."]
     missing = sorted(width for width, run in chosen.items() if run is None)
     if missing:
         lines += ["", f"No usable run at the chosen learning rate for width {', '.join(map(str, missing))}."]
@@ -81,7 +85,7 @@ def analyze(workdir: Path, *, experiment: str | None = None, flops: str = "cereb
 
 
 def main(argv: list[str]) -> None:
-    from cgpt_jax.scaling.report import write_grouped_outputs  # matplotlib only for the command
+    from cgpt_jax.scaling.report import comparison_lines, write_grouped_outputs  # matplotlib: the command only
 
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.scaling.mup_vs_sp DIR [--out=DIR]")
@@ -91,13 +95,7 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
     paths = write_grouped_outputs(grouped, Path(cli.resolve_path(args.out)) if args.out else workdir)
-    for row in grouped.comparison:
-        if "problem" in row:
-            print(f"{row['group']}: {row['problem']}")
-            continue
-        backtest = "—" if row["backtest_rel_error"] is None else f"{100 * row['backtest_rel_error']:+.2f}%"
-        print(f"{row['group']}: b = {row['b']:.4g}, residual spread {100 * row['rel_residual_std']:.2f}%, "
-              f"backtest {backtest}, L(C*) = {row['fitted_loss']:.4f}")
+    print("\n".join(comparison_lines(grouped)))
     print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
 
 

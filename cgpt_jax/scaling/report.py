@@ -432,6 +432,22 @@ def grouped_scaling_plot(grouped: GroupedAnalysis, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def comparison_lines(grouped: GroupedAnalysis) -> list[str]:
+    """The comparison table in one line per group, for the commands' output."""
+    lines = [f"L(C) = (C/a)^b + c per {grouped.group_by}; loss at C* = {grouped.common_compute:.4g} FLOPs:"]
+    for row in grouped.comparison:
+        speed = "" if row["tokens_per_sec_mean"] is None else f"; {row['tokens_per_sec_mean']:,.0f} tokens/s"
+        if "problem" in row:
+            lines.append(f"  {row['group']}: not fitted ({row['problem']}){speed}")
+            continue
+        ci = "" if row["b_ci95"] is None else f" [{row['b_ci95'][0]:.3g}, {row['b_ci95'][1]:.3g}]"
+        lines.append(f"  {row['group']}: b={row['b']:.4g}{ci}; R²={row['r2']:.4f}; residual spread "
+                     f"{100 * row['rel_residual_std']:.2f}%; backtest {_percent(row['backtest_rel_error'])}; "
+                     f"L(C*)={row['fitted_loss']:.4f} (measured {row['measured_loss']:.4f} at {row['measured_run']})"
+                     f"{speed}")
+    return lines
+
+
 def write_grouped_outputs(grouped: GroupedAnalysis, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"fit": out_dir / "fit.json", "report": out_dir / "report.md", "plot": out_dir / "scaling.png"}
