@@ -3,9 +3,8 @@
 On a local disk each record is appended and flushed at once. An object store (gs://, s3://) has no append:
 there the file's lines are kept in memory and the whole object is rewritten, in one upload, at most every
 `remote_flush_s` seconds (config.checkpoint.remote_metrics_flush_s), before every checkpoint save and at the
-end. A kill therefore loses at most the
-records since the last flush, never one before the newest checkpoint (which a resume would not log again),
-and never leaves a torn line. TensorBoard events are written by tensorboardX's own gs:// / s3:// writers,
+end. A kill therefore loses at most the records since the last flush, never one before the newest checkpoint
+(which a resume would not log again), and never leaves a torn line. TensorBoard events are written by tensorboardX's own gs:// / s3:// writers,
 which upload their buffer the same way at the same interval.
 """
 from __future__ import annotations
