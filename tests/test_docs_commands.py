@@ -39,7 +39,7 @@ def skip(reason: str) -> Entry:
 
 # Documented command (comments dropped, continuation lines joined) -> what this test does with it.
 COMMANDS = {
-    "bash launch/local.sh": skip("sets up .venv and trains the whole CPU ladder (3 min); the ladder's sweep "
+    "bash launch/local.sh": skip("sets up .venv and trains the whole CPU ladder (about 5 min); the ladder's sweep "
                                  "and analysis are run below with --run-slow"),
     "bash launch/test.sh": skip("runs this test suite"),
     "bash launch/setup.sh": skip("installs .venv; the test run itself is its check"),
@@ -54,7 +54,7 @@ COMMANDS = {
     "--config.model.vocab_pad_multiple=128 --config.model.remat=full --config.train.micro_batches=5":
         run("compiles 13B for 64 fake devices: 20-50 s"),
     f"{PY} -m cgpt_jax.sweep --config=experiments/cpu_ladder.py --workdir=runs/cpu_ladder":
-        run("trains the six-run CPU ladder, about 3 minutes"),
+        run("trains the eight-run CPU ladder, about 3.5 minutes"),
     f"{PY} -m cgpt_jax.analyze runs/cpu_ladder --reference=cerebras": run("needs the ladder's sweep"),
     f"{PY} -m cgpt_jax.generate --checkpoint=runs/tiny --prompt_ids=1,2,3 --max_new_tokens=20": run(),
     f"{PY} -m cgpt_jax.sweep --config=experiments/attention_variants.py:sizes=d16l2/d24l2/d32l2/d48l2 "
