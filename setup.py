@@ -36,9 +36,10 @@ setup(
     extras_require={
         # moto: a local S3 server the storage tests run the bucket paths against.
         "test": ["pytest", "pytest-xdist", "moto[server]"],
-        # gs:// and s3:// run directories, data stores and exports (cgpt_jax/storage.py); boto3 carries
+        # gs:// and s3:// run directories, data stores and exports (cgpt_jax/storage.py); the lower bounds keep
+        # pip from backtracking to an s3fs of 2020 when boto3 moves ahead of aiobotocore. boto3 carries
         # tensorboardX's s3:// event writer, google-cloud-storage its gs:// one.
-        "cloud": ["s3fs", "gcsfs", "boto3", "google-cloud-storage"],
+        "cloud": ["s3fs>=2025.1", "gcsfs>=2025.1", "boto3", "google-cloud-storage"],
         # peft: the reference for the LoRA adapter format (export to and import from HF PEFT).
         "torch": ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2"],
         # lm-eval's hf backend (the parity reference) also needs torch, transformers and accelerate.

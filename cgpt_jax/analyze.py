@@ -9,11 +9,9 @@ gets the methods' comparison instead (cgpt_jax/finetune/compare.py).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import app, flags
 
-from cgpt_jax import cli
+from cgpt_jax import cli, storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune import compare
 from cgpt_jax.scaling import downstream
@@ -39,9 +37,9 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the report, fit and plot
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.analyze DIR [--reference=cerebras]")
-    workdir = Path(cli.resolve_path(argv[1]))
+    workdir = storage.path(argv[1])
     if compare.is_comparison(workdir):  # fine-tuning methods side by side (experiments/peft_compare.py)
-        paths = compare.write_outputs(workdir, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
+        paths = compare.write_outputs(workdir, storage.path(_OUT.value) if _OUT.value else workdir)
         print(f"report: {paths['report']}\ntable:  {paths['table']}\nplot:   {paths['plot']}")
         return
     if _GROUP_BY.value is not None:
@@ -50,12 +48,12 @@ def main(argv: list[str]) -> None:
     try:
         analysis = analyze(workdir, experiment=_EXPERIMENT.value, flops=_FLOPS.value, params=_PARAMS.value,
                            reference=_REFERENCE.value,
-                           reference_path=Path(cli.resolve_path(_REFERENCE_PATH.value)) if _REFERENCE_PATH.value
+                           reference_path=storage.path(_REFERENCE_PATH.value) if _REFERENCE_PATH.value
                            else None,
                            n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
-    out_dir = Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir
+    out_dir = storage.path(_OUT.value) if _OUT.value else workdir
     paths = write_outputs(analysis, out_dir)
     downstream_paths = downstream.write_outputs(analysis.runs, analysis.flops, out_dir, analysis.reference is not None)
     for law in (analysis.compute_law, analysis.chinchilla_law):
@@ -72,7 +70,7 @@ def main(argv: list[str]) -> None:
         print(f"downstream: {downstream_paths['downstream_report']}, {downstream_paths['downstream_plot']}")
 
 
-def _main_grouped(workdir: Path) -> None:
+def _main_grouped(workdir: storage.Path) -> None:
     if _REFERENCE.value is not None:
         raise app.UsageError("--reference overlays one curve — drop it with --group_by")
     try:
@@ -80,7 +78,7 @@ def _main_grouped(workdir: Path) -> None:
                                  params=_PARAMS.value, n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
-    paths = write_grouped_outputs(grouped, Path(cli.resolve_path(_OUT.value)) if _OUT.value else workdir)
+    paths = write_grouped_outputs(grouped, storage.path(_OUT.value) if _OUT.value else workdir)
     print("\n".join(comparison_lines(grouped)))
     print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
 

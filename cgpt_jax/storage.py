@@ -15,9 +15,12 @@ object store: a kill in between leaves both copies, never neither.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import uuid
+from typing import Any
 
+import fsspec
 from etils import epath
 
 from cgpt_jax.errors import InputError
@@ -25,6 +28,10 @@ from cgpt_jax.errors import InputError
 Path = epath.Path
 # scheme → the fsspec package that serves it
 REMOTE_SCHEMES = {"gs": "gcsfs", "s3": "s3fs"}
+# Several processes write one directory (a sweep's trainers, a run's hosts, a resumed run): a listing cached by
+# one process would hide the files the others wrote after it, so no process caches bucket listings.
+for _protocol in ("s3", "gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
 CLOUD_INSTALL = "pip install 'cgpt_jax[cloud]'"
 
 
@@ -73,6 +80,13 @@ def write_atomically(target: str | os.PathLike, data: str | bytes) -> None:
     else:
         tmp.write_bytes(data)
     os.replace(tmp, target)
+
+
+def write_figure(figure: Any, target: str | os.PathLike, dpi: int) -> None:
+    """Save a matplotlib figure as PNG: rendered in memory, then written in one piece (local, gs:// or s3://)."""
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=dpi)
+    write_atomically(target, image.getvalue())
 
 
 def move(source: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -130,6 +130,19 @@ def _downstream_reads_the_bucket(run: str, reference: str, env: dict) -> None:
     vocab = from_bucket.cfg.vocab_size
     np.testing.assert_array_equal(np.asarray(imported(tokens))[..., :vocab], logits[..., :vocab])
 
+    # A quantized checkpoint written to the bucket and loaded back: the same integers, so the same logits.
+    from cgpt_jax import quantize
+    from cgpt_jax.quantize.checkpoint import source_identity
+
+    scheme = quantize.parse("int8")
+    quantized = quantize.apply(from_bucket, scheme)
+    quantize.save("s3://bkt/int8", quantized, scheme, source=source_identity(run, nnx.state(from_bucket)),
+                  rules=generate.load(run)[0].rules)
+    assert quantize.is_checkpoint("s3://bkt/int8")
+    back = quantize.load("s3://bkt/int8", scheme=scheme)
+    assert back.source["checkpoint"] == run
+    np.testing.assert_array_equal(np.asarray(back.model(tokens)), np.asarray(quantized(tokens)))
+
     # LoRA adapters written to and read from the bucket, in both formats, byte for byte.
     spec = "lora(rank=2, alpha=4, targets='qkv')"
     attach(from_bucket, peft.build(spec), from_bucket.cfg, nnx.Rngs(params=1))
@@ -231,6 +244,18 @@ def test_sweep_in_a_bucket_runs_resumes_and_is_read_back(bucket_env, tmp_path):
         assert runs[name].loss == json.loads((workdir / name / "summary.json").read_text())["final_eval_loss"]
     fitted = analysis.analyze("s3://bkt/sweep", n_bootstrap=10)
     assert sorted(r.name for r in fitted.runs if r.usable) == ["d16", "d8", "flaky"]
+    # The command writes its report, fit and plot into the bucket.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    analyze = subprocess.run([sys.executable, "-m", "cgpt_jax.analyze", "s3://bkt/sweep", "--n_bootstrap=10"],
+                             cwd=cwd, env=bucket_env, capture_output=True, text=True, timeout=120)
+    assert analyze.returncode == 0, analyze.stderr[-3000:]
+    fit = json.loads((workdir / "fit.json").read_text())
+    assert fit["fits"][fitted.compute_law.fit.law]["constants"] == pytest.approx(fitted.compute_law.fit.constants,
+                                                                                  rel=1e-6)
+    assert (workdir / "scaling.png").read_bytes().startswith(b"\x89PNG")
+    assert "d16" in (workdir / "report.md").read_text()
+    assert not any(cwd.iterdir())  # nothing written to a local folder named after the URL
     with pytest.raises(InputError, match="launch scripts .* written to a local --workdir"):
         runner.write_launch_scripts(experiment, experiment.runs(), workdir, "slurm", runner.LAUNCHERS["slurm"]["opts"])
 

@@ -18,7 +18,6 @@ same round. Peak memory is what XLA's buffer assignment reserves for the compile
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import statistics
@@ -169,9 +168,7 @@ def plot(rows: list[Row], path: str | os.PathLike) -> None:
     ax.set_title("fine-tuning methods: test accuracy against trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    image = io.BytesIO()  # rendered in memory, then one write: local, gs:// or s3://
-    fig.savefig(image, format="png", dpi=120)
-    storage.write_atomically(path, image.getvalue())
+    storage.write_figure(fig, path, dpi=120)
 
 
 def write_outputs(workdir: Path, out_dir: str | os.PathLike, *, rounds: int = 5,

@@ -8,12 +8,11 @@ it without materialising float32 weights. Prints the weight bytes before and aft
 from __future__ import annotations
 
 import json
-import pathlib
 
 from absl import app, flags
 from flax import nnx
 
-from cgpt_jax import cli, quantize
+from cgpt_jax import cli, quantize, storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.generate import load
 from cgpt_jax.quantize.checkpoint import source_identity
@@ -32,9 +31,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     given = flags.FLAGS
     scheme = quantize.parse(given.scheme)
-    source, output = cli.resolve_path(given.checkpoint), pathlib.Path(cli.resolve_path(given.output))
+    source, output = cli.resolve_path(given.checkpoint), storage.path(given.output)
     if quantize.is_checkpoint(source):
         raise InputError(f"--checkpoint={given.checkpoint} is already quantized — quantize the float model")
+    storage.check_workdir(str(output), "--output")  # a bucket that exists and takes writes
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"--output={given.output} exists and is not an empty directory — give a new directory")
     try:

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import pathlib
 from typing import Any
 
 import jax
@@ -28,12 +27,13 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from tokenizers import Tokenizer
 
+from cgpt_jax import storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.model import GPT, abstract_model
 from cgpt_jax.parallel.sharding import Rules, state_shardings
 from cgpt_jax.quantize.model import quantize_state, weight_bytes
 from cgpt_jax.quantize.scheme import Scheme, parse
-from cgpt_jax.train.checkpoint import fingerprint, tensor_specs
+from cgpt_jax.train.checkpoint import fingerprint, orbax_atomicity, tensor_specs
 
 MANIFEST = "quantized.json"
 PARAMS = "params"
@@ -50,36 +50,36 @@ class Loaded:
     source: dict[str, Any]
 
 
-def is_checkpoint(directory: str | pathlib.Path) -> bool:
-    return (pathlib.Path(directory) / MANIFEST).is_file()
+def is_checkpoint(directory: str | storage.Path) -> bool:
+    return storage.path(directory, MANIFEST).is_file()
 
 
-def source_identity(path: str | pathlib.Path, float_state: nnx.State) -> dict[str, Any]:
+def source_identity(path: str | storage.Path, float_state: nnx.State) -> dict[str, Any]:
     """Where a quantized model came from: the float checkpoint's path and a hash of its weights' bits."""
     digest = hashlib.sha256(json.dumps(fingerprint(float_state), sort_keys=True).encode()).hexdigest()
-    return {"checkpoint": str(pathlib.Path(path).resolve()), "float_fingerprint_sha256": digest}
+    return {"checkpoint": str(storage.path(path)), "float_fingerprint_sha256": digest}
 
 
-def save(directory: str | pathlib.Path, model: GPT, scheme: Scheme, *, source: dict[str, Any],
+def save(directory: str | storage.Path, model: GPT, scheme: Scheme, *, source: dict[str, Any],
          rules: Rules, tokenizer: Tokenizer | None = None, eos_ids: tuple[int, ...] = ()) -> None:
     """Write the quantized `model` (from `quantize.apply(float_model, scheme)`) to a new directory."""
-    directory = pathlib.Path(directory).resolve()  # Orbax takes absolute paths only
+    directory = storage.path(directory)  # absolute: Orbax takes absolute paths only
     if directory.exists() and any(directory.iterdir()):
         raise InputError(f"{directory} is not empty — give a new directory for the quantized checkpoint")
     state = nnx.state(model)
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(atomicity_options=orbax_atomicity(str(directory))) as checkpointer:
         checkpointer.save(directory / PARAMS, state)
     if tokenizer is not None:
-        tokenizer.save(str(directory / TOKENIZER))
+        storage.write_atomically(directory / TOKENIZER, tokenizer.to_str())
     manifest = {"scheme": scheme.name, "model": model.cfg.to_dict(), "source": source,
                 "rules": [[name, axes] for name, axes in rules], "eos_ids": list(eos_ids),
                 "weight_bytes": weight_bytes(state), "tensors": tensor_specs(state), "fingerprint": fingerprint(state)}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    storage.write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1))  # last: marks it complete
 
 
-def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
-    path = pathlib.Path(directory) / MANIFEST
+def read_manifest(directory: str | storage.Path) -> dict[str, Any]:
+    path = storage.path(directory, MANIFEST)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -87,11 +87,11 @@ def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
                          f"written by python -m cgpt_jax.quantize") from e
 
 
-def load(directory: str | pathlib.Path, *, scheme: Scheme | None = None,
+def load(directory: str | storage.Path, *, scheme: Scheme | None = None,
          model_cfg: ml_collections.ConfigDict | None = None, mesh: Mesh | None = None) -> Loaded:
     """The quantized model of `directory`, on `mesh` (or the first device). `scheme` / `model_cfg`, when
     given, must be the checkpoint's: a mismatch is an InputError before anything is read."""
-    directory = pathlib.Path(directory).resolve()
+    directory = storage.path(directory)
     manifest = read_manifest(directory)
     saved_scheme = parse(manifest["scheme"])
     if scheme is not None and scheme != saved_scheme:
@@ -114,12 +114,12 @@ def load(directory: str | pathlib.Path, *, scheme: Scheme | None = None,
     if tensor_specs(target) != manifest["tensors"]:
         raise InputError(f"{directory}: the saved tensors do not fit the recorded model and scheme — the "
                          f"checkpoint was edited or written by another version; quantize the float model again")
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(atomicity_options=orbax_atomicity(str(directory))) as checkpointer:
         state = checkpointer.restore(directory / PARAMS, target)
     if fingerprint(state) != manifest["fingerprint"]:
         raise InputError(f"{directory}: the restored weights differ from the fingerprint taken when they were "
                          f"saved; the checkpoint is damaged — quantize the float model again")
     tokenizer_file = directory / TOKENIZER
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
+    tokenizer = Tokenizer.from_str(tokenizer_file.read_text(encoding="utf-8")) if tokenizer_file.is_file() else None
     return Loaded(nnx.merge(graphdef, state), saved_scheme, tokenizer, tuple(manifest["eos_ids"]), rules,
                   manifest["source"])

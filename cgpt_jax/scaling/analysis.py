@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 
 from cgpt_jax.scaling import fits
 from cgpt_jax.scaling.reference import CerebrasReference, load_cerebras
 from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS, Run, collect_runs, select_group
+from cgpt_jax.storage import Path
 
 # A sweep "varies D" when its tokens-per-parameter ratios spread wider than this factor.
 _RATIO_SPREAD = 1.25

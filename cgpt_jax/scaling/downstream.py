@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from cgpt_jax import reference
+from cgpt_jax import reference, storage
 from cgpt_jax.run_dir import DOWNSTREAM
 from cgpt_jax.scaling.results import Run
+from cgpt_jax.storage import Path
 
 # lm-eval's metric keys are "<metric>,<filter>"; these are plotted (stderr and perplexities are tabled only).
 ACCURACY_METRICS = ("acc", "acc_norm")
@@ -106,7 +106,7 @@ def plot(points: list[DownstreamPoint], flops: str, path: Path, with_reference: 
         ax.legend(fontsize=6)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    storage.write_figure(fig, path, dpi=110)
 
 
 def write_outputs(runs: list[Run], flops: str, out_dir: Path, with_reference: bool) -> dict[str, Path] | None:
@@ -115,6 +115,6 @@ def write_outputs(runs: list[Run], flops: str, out_dir: Path, with_reference: bo
     if not points:
         return None
     paths = {"downstream_report": out_dir / "downstream.md", "downstream_plot": out_dir / "downstream.png"}
-    paths["downstream_report"].write_text(report_md(points, flops))
+    storage.write_atomically(paths["downstream_report"], report_md(points, flops))
     plot(points, flops, paths["downstream_plot"], with_reference)
     return paths

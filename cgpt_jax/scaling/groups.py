@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
 from cgpt_jax.scaling import fits
 from cgpt_jax.scaling.analysis import Analysis, check_axes, fit_runs
 from cgpt_jax.scaling.results import Run, collect_runs, config_value, select_group
+from cgpt_jax.storage import Path
 
 UNSET = "(unset)"  # the group of runs whose config does not record the grouping field
 

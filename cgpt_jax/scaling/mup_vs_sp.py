@@ -12,14 +12,14 @@ loss at a common compute; then how the learning rates were chosen), DIR/fit.json
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from absl import app, flags
 
-from cgpt_jax import cli
+from cgpt_jax import cli, storage
 from cgpt_jax.errors import InputError
 from cgpt_jax.scaling.groups import GroupedAnalysis, compare_groups
 from cgpt_jax.scaling.results import Run, collect_runs, config_value, select_group
+from cgpt_jax.storage import Path
 
 GROUP_BY = "model.parameterization"
 
@@ -89,12 +89,12 @@ def main(argv: list[str]) -> None:
 
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.scaling.mup_vs_sp DIR [--out=DIR]")
-    workdir, args = Path(cli.resolve_path(argv[1])), flags.FLAGS
+    workdir, args = storage.path(argv[1]), flags.FLAGS
     try:
         grouped = analyze(workdir, experiment=args.experiment)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
-    paths = write_grouped_outputs(grouped, Path(cli.resolve_path(args.out)) if args.out else workdir)
+    paths = write_grouped_outputs(grouped, storage.path(args.out) if args.out else workdir)
     print("\n".join(comparison_lines(grouped)))
     print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
+from cgpt_jax import storage
 from cgpt_jax.scaling import fits
 from cgpt_jax.scaling.analysis import LEAST_SQUARES_DELTA, Analysis, isoflop_budgets
 from cgpt_jax.scaling.groups import GroupedAnalysis
+from cgpt_jax.storage import Path
 
 
 def _clean(value):
@@ -263,7 +264,7 @@ def scaling_plot(analysis: Analysis, path: Path) -> None:
     ax.legend(handles, labels, fontsize=8, loc="best")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.write_figure(fig, path, dpi=120)
 
 
 def isoflop_plot(analysis: Analysis, path: Path) -> None:
@@ -306,14 +307,14 @@ def isoflop_plot(analysis: Analysis, path: Path) -> None:
     ax_r.legend(fontsize=8)
     ax_r.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    storage.write_figure(fig, path, dpi=110)
 
 
 def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"fit": out_dir / "fit.json", "report": out_dir / "report.md", "plot": out_dir / "scaling.png"}
-    paths["fit"].write_text(json.dumps(fit_json(analysis), indent=1) + "\n")
-    paths["report"].write_text(report_md(analysis))
+    storage.write_atomically(paths["fit"], json.dumps(fit_json(analysis), indent=1) + "\n")
+    storage.write_atomically(paths["report"], report_md(analysis))
     scaling_plot(analysis, paths["plot"])
     if analysis.allocation is not None:
         paths["isoflop_plot"] = out_dir / "isoflop.png"
@@ -429,7 +430,7 @@ def grouped_scaling_plot(grouped: GroupedAnalysis, path: Path) -> None:
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.write_figure(fig, path, dpi=120)
 
 
 def comparison_lines(grouped: GroupedAnalysis) -> list[str]:
@@ -451,7 +452,7 @@ def comparison_lines(grouped: GroupedAnalysis) -> list[str]:
 def write_grouped_outputs(grouped: GroupedAnalysis, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"fit": out_dir / "fit.json", "report": out_dir / "report.md", "plot": out_dir / "scaling.png"}
-    paths["fit"].write_text(json.dumps(grouped_fit_json(grouped), indent=1) + "\n")
-    paths["report"].write_text(grouped_report_md(grouped))
+    storage.write_atomically(paths["fit"], json.dumps(grouped_fit_json(grouped), indent=1) + "\n")
+    storage.write_atomically(paths["report"], grouped_report_md(grouped))
     grouped_scaling_plot(grouped, paths["plot"])
     return paths

@@ -183,7 +183,7 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=ck.async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
-            cleanup_tmp_directories=True, atomicity_options=_atomicity(self.directory))
+            cleanup_tmp_directories=True, atomicity_options=orbax_atomicity(self.directory))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # step of a save whose outcome has not been checked yet
 
@@ -294,7 +294,7 @@ class RunCheckpoints:
             self.manager.close()
 
 
-def _atomicity(directory: str) -> ocp.options.AtomicityOptions | None:
+def orbax_atomicity(directory: str) -> ocp.options.AtomicityOptions | None:
     """On a filesystem, Orbax's own choice (a finished step is renamed into place); on an object store, which
     has no rename, a step is written in place with its commit marker last. Orbax cannot write arrays to
     s3:// by itself (orbax_s3)."""
@@ -326,7 +326,7 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
     """A manager that only reads another run's checkpoints. The options read_only implies are given, and
     Orbax's notice that the directory is read-only is dropped: both would only tell the user what we asked."""
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
-                                           atomicity_options=_atomicity(directory))
+                                           atomicity_options=orbax_atomicity(directory))
     notice = _NotReadOnlyNotice()
     absl_logger = std_logging.getLogger("absl")  # Orbax logs through absl
     absl_logger.addFilter(notice)
