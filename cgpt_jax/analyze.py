@@ -17,7 +17,7 @@ from cgpt_jax.finetune import compare
 from cgpt_jax.scaling import downstream
 from cgpt_jax.scaling.analysis import analyze
 from cgpt_jax.scaling.groups import analyze_groups
-from cgpt_jax.scaling.report import comparison_lines, write_grouped_outputs, write_outputs
+from cgpt_jax.scaling.report import write_grouped_and_describe, write_outputs
 from cgpt_jax.scaling.results import FLOP_CONVENTIONS, PARAM_COUNTS
 
 _REFERENCE = flags.DEFINE_enum("reference", None, ["cerebras"], "Overlay the published Cerebras-GPT points "
@@ -78,9 +78,7 @@ def _main_grouped(workdir: storage.Path) -> None:
                                  params=_PARAMS.value, n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
-    paths = write_grouped_outputs(grouped, storage.path(_OUT.value) if _OUT.value else workdir)
-    print("\n".join(comparison_lines(grouped)))
-    print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
+    print(write_grouped_and_describe(grouped, storage.path(_OUT.value) if _OUT.value else workdir))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def analyze(workdir: Path, *, experiment: str | None = None, flops: str = "cereb
 
 
 def main(argv: list[str]) -> None:
-    from cgpt_jax.scaling.report import comparison_lines, write_grouped_outputs  # matplotlib: the command only
+    from cgpt_jax.scaling.report import write_grouped_and_describe  # matplotlib: the command only
 
     if len(argv) != 2:
         raise app.UsageError("usage: python -m cgpt_jax.scaling.mup_vs_sp DIR [--out=DIR]")
@@ -94,9 +94,7 @@ def main(argv: list[str]) -> None:
         grouped = analyze(workdir, experiment=args.experiment)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
-    paths = write_grouped_outputs(grouped, storage.path(args.out) if args.out else workdir)
-    print("\n".join(comparison_lines(grouped)))
-    print(f"report: {paths['report']}\nfit:    {paths['fit']}\nplot:   {paths['plot']}")
+    print(write_grouped_and_describe(grouped, storage.path(args.out) if args.out else workdir))
 
 
 if __name__ == "__main__":

@@ -449,6 +449,13 @@ def comparison_lines(grouped: GroupedAnalysis) -> list[str]:
     return lines
 
 
+def write_grouped_and_describe(grouped: GroupedAnalysis, out_dir: Path) -> str:
+    """Write the grouped report, fit and plot; the text a command prints: the comparison and the paths."""
+    paths = write_grouped_outputs(grouped, out_dir)
+    return "\n".join([*comparison_lines(grouped), f"report: {paths['report']}", f"fit:    {paths['fit']}",
+                      f"plot:   {paths['plot']}"])
+
+
 def write_grouped_outputs(grouped: GroupedAnalysis, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"fit": out_dir / "fit.json", "report": out_dir / "report.md", "plot": out_dir / "scaling.png"}
