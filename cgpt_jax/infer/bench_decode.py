@@ -1,18 +1,23 @@
 """Decode and prefill speed of our KV-cache generation against transformers' `generate`, same weights.
 
     python -m cgpt_jax.infer.bench_decode [--shape=111m|d256l4] [--batch=1,4,16] [--prompt_len=128]
-        [--new_tokens=64] [--repeats=3] [--torch_compile] [--torch_threads=0]
+        [--new_tokens=64] [--repeats=3] [--torch_compile] [--torch_threads=1,2]
 
 `--shape=111m` is Cerebras-GPT-111M (d 768, 10 layers, 12 heads, d_ff 3072), `d256l4` a 4-layer d 256
 model (4 heads, d_ff 1024); both with vocabulary 50257 and context 2048, random weights. The model is
 exported with `save_pretrained` and loaded by transformers' GPT2LMHeadModel, so both run the same
 float32 weights. Every implementation decodes greedily from the same random prompts for exactly
 `new_tokens` tokens (no stop token): cgpt_jax's Generator, transformers eager, and with
-`--torch_compile` transformers with a static cache and `torch.compile`d forward (inductor). Decode rate
+`--torch_compile` transformers with a static cache and `torch.compile`d forward (inductor), each
+transformers run once per `--torch_threads` count. The baseline a ratio is taken against is the fastest
+of them: on a machine whose cores other processes share, torch's multi-threaded operators wait at every
+parallel region for a thread the scheduler has not yet run, and one thread can be several times faster
+than two (docs/performance.md). Decode rate
 = batch · (new_tokens − 1) / (t(new_tokens) − t(1)): t(1) is the time to the first token (prefill plus
 one token), so the difference is the cached single-token steps only; prefill rate = batch ·
-prompt_len / t(1). Each time is the median of `repeats` runs after a warm-up (compilation excluded),
-the implementations alternating so that load from other processes hits all alike.
+prompt_len / t(1). Each time is the median of `repeats` runs after a warm-up (cgpt_jax's
+`Generator.warm_up` compiles its programs first), the implementations alternating so that load from
+other processes hits all alike.
 
 The same process measures the machine's memory read bandwidth (the best of several streaming sums
 over a float32 array far larger than the caches: numpy on one thread, torch on its threads) and the
@@ -73,15 +78,16 @@ def interleaved_medians(runs: dict[str, Callable[[int], object]], lengths: tuple
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def read_bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """GB/s of the best of `repeats` streaming sums over `mib` MiB of float32, numpy and torch (on its
-    intra-op threads)."""
+def read_bandwidth(torch_threads: int, mib: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """GB/s of the best of `repeats` streaming sums over `mib` MiB of float32, numpy and torch (on
+    `torch_threads` intra-op threads)."""
     import torch
 
+    torch.set_num_threads(torch_threads)
     array = np.ones(mib * 2**18, np.float32)
     tensor = torch.from_numpy(array)
     result = {}
-    for name, read in (("numpy_1_thread", array.sum), (f"torch_{torch.get_num_threads()}_threads", tensor.sum)):
+    for name, read in (("numpy_1_thread", array.sum), (f"torch_{torch_threads}_threads", tensor.sum)):
         read()
         best = min(_seconds(read) for _ in range(repeats))
         result[f"read_gb_per_s_{name}"] = round(array.nbytes / best / 1e9, 2)
@@ -120,7 +126,9 @@ def main(argv: list[str]) -> None:
     import torch
     import transformers
 
-    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+    torch_threads = sorted({int(t) for t in args.torch_threads})
+    if not torch_threads or min(torch_threads) < 1:
+        raise app.UsageError(f"--torch_threads={args.torch_threads} must list positive thread counts")
     model = nnx.jit(lambda: GPT(model_config(args.shape), rngs=nnx.Rngs(0)))()
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(model, directory)
@@ -129,18 +137,21 @@ def main(argv: list[str]) -> None:
     if compiled is not None:
         compiled.forward = torch.compile(compiled.forward)
     generator = Generator(model)
+    batches = [int(b) for b in args.batch]
+    generator.warm_up(batch_sizes=batches, prompt_lengths=[args.prompt_len], max_new_tokens=args.new_tokens)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_start": os.getloadavg(),
-               **read_bandwidth()}
+               **read_bandwidth(max(torch_threads))}
     bandwidth = max(v for k, v in machine.items() if k.startswith("read_gb_per_s")) * 1e9
 
-    for batch in (int(b) for b in args.batch):
+    for batch in batches:
         prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len))
 
         def ours(n: int) -> list[list[int]]:
             return generator.generate(prompts.tolist(), max_new_tokens=n)
 
-        def transformers_run(reference, **options) -> Callable[[int], list[list[int]]]:
+        def transformers_run(reference, threads: int, **options) -> Callable[[int], list[list[int]]]:
             def run(n: int) -> list[list[int]]:
+                torch.set_num_threads(threads)
                 with torch.no_grad():
                     out = reference.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n,
                                              do_sample=False, pad_token_id=0,
@@ -148,12 +159,15 @@ def main(argv: list[str]) -> None:
                 return out[:, args.prompt_len:].tolist()
             return run
 
-        runs = {"cgpt_jax": ours, "transformers": transformers_run(eager)}
-        if compiled is not None:
-            runs["transformers_compile"] = transformers_run(compiled, cache_implementation="static")
+        runs = {"cgpt_jax": ours}
+        for threads in torch_threads:
+            runs[f"transformers_{threads}t"] = transformers_run(eager, threads)
+            if compiled is not None:
+                runs[f"transformers_compile_{threads}t"] = transformers_run(compiled, threads,
+                                                                            cache_implementation="static")
         n = args.new_tokens
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
-                  "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+                  "repeats": args.repeats,
                   "transformers": transformers.__version__, "torch": torch.__version__, "jax": jax.__version__,
                   **machine}
         medians = interleaved_medians(runs, (1, n), args.repeats)
@@ -164,10 +178,14 @@ def main(argv: list[str]) -> None:
             result[f"{name}_decode_tokens_per_s"] = round(batch * (n - 1) / (full - first), 2)
         expected = ours(n)
         result["same_greedy_tokens"] = {name: run(n) == expected for name, run in runs.items() if name != "cgpt_jax"}
-        for name in runs:
-            if name != "cgpt_jax":
-                result[f"decode_ratio_over_{name}"] = round(
-                    result["cgpt_jax_decode_tokens_per_s"] / result[f"{name}_decode_tokens_per_s"], 3)
+        baselines = [name for name in runs if name != "cgpt_jax"]
+        best = max(baselines, key=lambda name: result[f"{name}_decode_tokens_per_s"])
+        best_first = min(baselines, key=lambda name: result[f"{name}_first_token_s"])
+        result["fastest_transformers_decode"], result["fastest_transformers_first_token"] = best, best_first
+        result["decode_ratio_over_fastest_transformers"] = round(
+            result["cgpt_jax_decode_tokens_per_s"] / result[f"{best}_decode_tokens_per_s"], 3)
+        result["first_token_ratio_fastest_transformers_over_cgpt_jax"] = round(
+            result[f"{best_first}_first_token_s"] / result["cgpt_jax_first_token_s"], 3)
         cache_len = generator.cache_len(args.prompt_len, n)
         step_bytes = decode_step_bytes(model, batch, cache_len)
         steps_per_s = result["cgpt_jax_decode_tokens_per_s"] / batch
@@ -185,6 +203,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
     flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt (at least 2).")
     flags.DEFINE_integer("repeats", 3, "Timed runs per implementation and length; the median is kept.")
-    flags.DEFINE_integer("torch_threads", 0, "torch's intra-op threads (0: one per core).")
+    flags.DEFINE_list("torch_threads", ["1", str(os.cpu_count() or 1)],
+                      "torch intra-op thread counts to time transformers at (comma-separated); the ratios are "
+                      "taken against the fastest.")
     flags.DEFINE_bool("torch_compile", False, "Also time transformers with a static cache and torch.compile.")
     cli.run(main)

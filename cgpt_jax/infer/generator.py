@@ -1,23 +1,31 @@
-"""Generation over a preallocated KV cache: one jitted prefill, one jitted single-token decode step.
+"""Generation over a preallocated KV cache: jitted prefill programs and one jitted single-token decode step.
 
 Built on the model's per-layer decode interface (cgpt_jax/model/gpt.py): `layer_blocks`,
 `init_layer_caches` and `extend_layers`, which feeds T tokens per sequence at positions start_B + 0..T-1.
-A decode step reads each weight once, from arrays of its own (the generator holds these per-layer
-copies of the layer weights beside the model's stacked ones), updates the donated per-layer caches in
+The generator holds each layer's weights once, in arrays of their own (`layers`): a step that sliced
+them out of the model's layer-stacked arrays would copy them on every call, so the stacked arrays are
+dropped from `state` after the copy (kept only for a PEFT prompt/prefix, whose virtual tokens' cache is
+computed from them). A decode step reads each weight once, updates the donated per-layer caches in
 place, and returns the sampled token ids: the LM head, the sampling and the cache writes are one
-program, and the host reads one int32 per sequence per step. The prefill program computes the LM head
-only at each prompt's last position.
+program, and the host reads one int32 per sequence per step. Prefill computes the LM head only at each
+prompt's last position.
 
 Shapes are bucketed so that a session compiles a handful of programs, not one per request or token:
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
 power-of-two number of positions C ≥ longest prompt + max_new_tokens (both capped at the context),
 and the batch is padded to a power of two that the mesh's batch axes divide (at least 2 for decode:
 `batch_sizes`). The decode step has one shape for the whole continuation; its position is a traced
-argument.
+argument. `warm_up` compiles every program a request can use ahead of it.
+
+Prefill: a prompt bucket of at most `prefill_chunk` positions is one program, the variant's
+training-pass core over the prompt (the cache is empty). A longer one runs in chunks of
+`prefill_chunk` tokens: the first through that core, each later one as `extend` over the cache (its
+scores are chunk × cache instead of P × P), then a program that reads the LM head at each prompt's
+last position; these compile per (chunk, cache) shape, whatever the prompt's bucket.
 
 Prompts of different lengths share a batch: sequence b's prompt sits at positions 0..n_b-1, its first
-new token is read from the prefill logits at n_b - 1 and then fed at position n_b. Cache slots past a
-sequence's own position are never attended to, so results equal those of the prompt on its own.
+new token is read from the prefill's hidden state at n_b - 1 and then fed at position n_b. Cache slots
+past a sequence's own position are never attended to, so results equal those of the prompt on its own.
 
 Under a mesh, parameters follow the logical-axis rules, the batch is split over the 'batch' mesh axes,
 and the cache is split by heads (its 'kv_heads' axis; 'tensor' with the default rules).
@@ -25,8 +33,9 @@ and the cache is split by heads (its 'kv_heads' axis; 'tensor' with the default 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +54,47 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _is_power_of_two(n: int) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
+
+
+def _pad_rows(tree: Any, rows: int) -> Any:
+    """Every array of `tree` zero-padded along its leading (batch) axis to `rows` rows."""
+    return jax.tree.map(lambda a: jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), tree)
+
+
+def _hidden_at_last(x_BxTxD: jax.Array, lengths_B: jax.Array, start: jax.Array | int,
+                    last_BxD: jax.Array) -> jax.Array:
+    """`last_BxD`, with row b replaced by x at its prompt's last position where that lies in these T
+    positions, start..start+T-1."""
+    length = x_BxTxD.shape[1]
+    index_B = lengths_B - 1 - start
+    picked_Bx1xD = jnp.take_along_axis(x_BxTxD, jnp.clip(index_B, 0, length - 1)[:, None, None], axis=1)
+    return jnp.where(((index_B >= 0) & (index_B < length))[:, None], picked_Bx1xD[:, 0], last_BxD)
+
+
+def _compile(program: Any, *args: Any, **static: Any) -> Any:
+    """Compile jitted `program` for these arguments into its cache (a later call with arguments of the same
+    shapes and layouts runs it without compiling) → its outputs' shapes and layouts, to compile the next."""
+    compiled = program.lower(*args, **static).compile()
+    # On one device the outputs of a call are uncommitted (no sharding given); on a mesh, laid out as compiled.
+    on_mesh = any(isinstance(s, NamedSharding) for s in jax.tree.leaves(compiled.output_shardings))
+    return jax.tree.map(lambda out: jax.ShapeDtypeStruct(out.shape, out.dtype, weak_type=out.weak_type,
+                                                         sharding=out.sharding if on_mesh else None),
+                        compiled.out_info)
+
+
 class Generator:
     """Generates continuations of token-id prompts with `model`; see the module docstring."""
 
     def __init__(self, model: GPT, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                 min_bucket: int = 16):
+                 min_bucket: int = 16, prefill_chunk: int = 256):
+        if not _is_power_of_two(prefill_chunk) or prefill_chunk < min_bucket:
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be a power of two >= min_bucket={min_bucket}")
         self.vocab_size = model.cfg.vocab_size
         self.max_len = model.context_len  # the real tokens' room: a PEFT prompt/prefix takes the first positions
         self.min_bucket = min_bucket
+        self.prefill_chunk = prefill_chunk
         model.cache_layout(1, min(min_bucket, self.max_len))  # raises now for variants that cannot decode
         self.mesh = mesh
         self.rules = tuple((name, axes) for name, axes in rules)
@@ -64,13 +106,21 @@ class Generator:
             self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
         else:
             self.batch_shards = 1
-        self.state = state
         self.block_graphdef = nnx.graphdef(model.blocks)
         self.layers = jax.jit(self._unstack)(state)
+        # The programs read the layers from `layers`; only a PEFT prompt/prefix still needs the stack.
+        self._stacked_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state["blocks"])
+        if not model.virtual_tokens:
+            state = nnx.State({name: sub for name, sub in state.items() if name != "blocks"})
+        self.state = state
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "sampling"))
+        self.prefill_first = jax.jit(self._prefill_first, static_argnames=("cache_len",))
+        self.prefill_next = jax.jit(self._prefill_next, donate_argnames=("caches", "last_BxD"))
+        self.prefill_finish = jax.jit(self._prefill_finish, static_argnames=("sampling",))
+        self.pad_rows = jax.jit(_pad_rows, static_argnames=("rows",))
         self.decode = jax.jit(self._decode, static_argnames=("sampling",), donate_argnames=("caches",))
 
-    # --- the two compiled programs -----------------------------------------------------------------
+    # --- the compiled programs ---------------------------------------------------------------------
 
     def sharding_context(self) -> contextlib.AbstractContextManager:
         """The mesh's activation-sharding rules, under which the model's programs are traced."""
@@ -80,27 +130,55 @@ class Generator:
         return [nnx.state(block) for block in nnx.merge(self.graphdef, state).layer_blocks()]
 
     def merge(self, state: nnx.State, layers: list[nnx.State]) -> tuple[GPT, list[Block]]:
-        """The model and its per-layer blocks from the weights the programs take as arguments."""
+        """The model and its per-layer blocks from the weights the programs take as arguments. Without its
+        stacked layer arrays (dropped from `state`), the model's `blocks` hold shapes only: run the layers
+        through the returned blocks (`extend_layers`)."""
+        if "blocks" not in state:
+            state = nnx.State({**state, "blocks": self._stacked_shapes})
         return nnx.merge(self.graphdef, state), [nnx.merge(self.block_graphdef, layer) for layer in layers]
 
     def _prefill(self, state: nnx.State, layers: list[nnx.State], prompts_BxP: jax.Array, lengths_D: jax.Array,
                  seeds_D: jax.Array, *, cache_len: int, sampling: Sampling
                  ) -> tuple[jax.Array, jax.Array, list[Cache]]:
-        """Right-padded prompts, B rows → (first new token [D], the logits it was chosen from [B, V], caches
-        of D ≥ B rows). D is the decode batch (`batch_sizes`); rows B.. are padding, zeros in the cache."""
+        """Right-padded prompts, B rows, in one program → (first new token [D], the logits it was chosen
+        from [B, V], caches of D ≥ B rows). D is the decode batch (`batch_sizes`); rows B.. are padding,
+        zeros in the cache."""
+        caches, last_BxD = self._prefill_first(state, layers, prompts_BxP, lengths_D, cache_len=cache_len)
+        next_D, last_BxV = self._prefill_finish(state, last_BxD, seeds_D, sampling=sampling)
+        return next_D, last_BxV, _pad_rows(caches, lengths_D.shape[0])
+
+    def _prefill_first(self, state: nnx.State, layers: list[nnx.State], prompts_BxT: jax.Array,
+                       lengths_D: jax.Array, *, cache_len: int) -> tuple[list[Cache], jax.Array]:
+        """The prompts' first T tokens into empty caches of B rows, through the variant's training-pass core
+        → (caches, the hidden state at each prompt's last position [B, D] where it is among them)."""
         model, blocks = self.merge(state, layers)
-        batch, decode_batch = prompts_BxP.shape[0], lengths_D.shape[0]
+        batch = prompts_BxT.shape[0]
         with self.sharding_context():
             caches = model.init_layer_caches(batch, cache_len)
-            x_BxPxD, caches = model.extend_layers(blocks, prompts_BxP, caches, jnp.zeros((batch,), jnp.int32),
+            x_BxTxD, caches = model.extend_layers(blocks, prompts_BxT, caches, jnp.zeros((batch,), jnp.int32),
                                                   prefill=True)
-            last_Bx1xD = jnp.take_along_axis(x_BxPxD, (lengths_D[:batch] - 1)[:, None, None], axis=1)
-            last_BxV = model.head(last_Bx1xD)[:, 0]
+        last_BxD = jnp.zeros((batch, x_BxTxD.shape[2]), x_BxTxD.dtype)
+        return caches, _hidden_at_last(x_BxTxD, lengths_D[:batch], 0, last_BxD)
+
+    def _prefill_next(self, state: nnx.State, layers: list[nnx.State], caches: list[Cache], chunk_BxT: jax.Array,
+                      start: jax.Array, lengths_D: jax.Array, last_BxD: jax.Array) -> tuple[list[Cache], jax.Array]:
+        """The prompts' tokens at positions start..start+T-1 over the caches (donated) → (caches, last_BxD
+        updated where a prompt ends among them)."""
+        model, blocks = self.merge(state, layers)
+        batch = chunk_BxT.shape[0]
+        with self.sharding_context():
+            x_BxTxD, caches = model.extend_layers(blocks, chunk_BxT, caches, jnp.full((batch,), start, jnp.int32))
+        return caches, _hidden_at_last(x_BxTxD, lengths_D[:batch], start, last_BxD)
+
+    def _prefill_finish(self, state: nnx.State, last_BxD: jax.Array, seeds_D: jax.Array, *, sampling: Sampling
+                        ) -> tuple[jax.Array, jax.Array]:
+        """Each prompt's last hidden state → (its first new token, padded to D rows, and its logits [B, V])."""
+        model, _ = self.merge(state, [])
+        batch = last_BxD.shape[0]
+        with self.sharding_context():
+            last_BxV = model.head(last_BxD[:, None])[:, 0]
         next_B = choose(last_BxV, seeds_D[:batch], jnp.int32(0), sampling)
-        if decode_batch > batch:
-            pad = lambda a: jnp.pad(a, [(0, decode_batch - batch)] + [(0, 0)] * (a.ndim - 1))
-            next_B, caches = pad(next_B), jax.tree.map(pad, caches)
-        return next_B, last_BxV, caches
+        return _pad_rows(next_B, seeds_D.shape[0]), last_BxV
 
     def _decode(self, state: nnx.State, layers: list[nnx.State], caches: list[Cache], tokens_B: jax.Array,
                 lengths_B: jax.Array, seeds_B: jax.Array, index: jax.Array, *, sampling: Sampling
@@ -112,6 +190,78 @@ class Generator:
             x_Bx1xD, caches = model.extend_layers(blocks, tokens_B[:, None], caches, lengths_B + index)
             logits_BxV = model.head(x_Bx1xD)[:, 0]
         return choose(logits_BxV, seeds_B, index + 1, sampling), logits_BxV, caches
+
+    def prefill_prompts(self, prompts_BxP: np.ndarray, lengths_D: jax.Array, seeds_D: jax.Array, *, cache_len: int,
+                        sampling: Sampling) -> tuple[jax.Array, jax.Array, list[Cache]]:
+        """`prefill`'s result for right-padded prompts [B, P] of any bucket: one program up to
+        `prefill_chunk` positions, chunks beyond (see the module docstring)."""
+        batch, prompt_len = prompts_BxP.shape
+        if prompt_len <= self.prefill_chunk:
+            return self.prefill(self.state, self.layers, self.place(prompts_BxP, ("batch", "length")), lengths_D,
+                                seeds_D, cache_len=cache_len, sampling=sampling)
+        bounds = self._chunk_bounds(prompt_len)
+        chunk = lambda start, end: self.place(prompts_BxP[:, start:end], ("batch", "length"))
+        caches, last_BxD = self.prefill_first(self.state, self.layers, chunk(0, bounds[1]), lengths_D,
+                                              cache_len=cache_len)
+        for start, end in itertools.pairwise(bounds[1:]):
+            caches, last_BxD = self.prefill_next(self.state, self.layers, caches, chunk(start, end), start,
+                                                 lengths_D, last_BxD)
+        next_D, last_BxV = self.prefill_finish(self.state, last_BxD, seeds_D, sampling=sampling)
+        if lengths_D.shape[0] > batch:
+            caches = self.pad_rows(caches, rows=lengths_D.shape[0])
+        return next_D, last_BxV, caches
+
+    def _chunk_bounds(self, prompt_len: int) -> list[int]:
+        # The last chunk is shorter only where the context caps the bucket below a multiple of the chunk.
+        return [*range(0, prompt_len, self.prefill_chunk), prompt_len]
+
+    # --- compiling ahead ---------------------------------------------------------------------------
+
+    def warm_up(self, batch_sizes: Sequence[int], max_new_tokens: int, prompt_lengths: Sequence[int] | None = None,
+                sampling: Sampling = Sampling()) -> None:
+        """Compile, without running them, the programs that `stream`/`generate` of b prompts (b in
+        `batch_sizes`) with this `max_new_tokens` and `sampling` use when the longest prompt has any of
+        `prompt_lengths` tokens (default: every length that fits the context), so that no such request
+        compiles: each (prompt bucket, cache bucket) pair's prefill and the decode step of each cache bucket.
+        """
+        self.check_prompts([[0]], max_new_tokens)
+        sampling.check(self.vocab_size)
+        room = self.max_len - max_new_tokens
+        lengths = range(1, room + 1) if prompt_lengths is None else list(prompt_lengths)
+        bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= room]
+        if bad:
+            raise ValueError(f"prompt_lengths {bad[:5]} must be in [1, {room}] (the context of {self.max_len} "
+                             f"positions less max_new_tokens={max_new_tokens})")
+        bad = [b for b in batch_sizes if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+        if bad or not batch_sizes:
+            raise ValueError(f"batch_sizes={list(batch_sizes)!r} must be positive integers")
+        shapes = {(*self.batch_sizes(b), self.bucket(n), self.cache_len(n, max_new_tokens))
+                  for b in batch_sizes for n in lengths}
+        for batch, decode_batch, prompt_len, cache_len in sorted(shapes):
+            self._compile_request(batch, decode_batch, prompt_len, cache_len, max_new_tokens > 1, sampling)
+
+    def _compile_request(self, batch: int, decode_batch: int, prompt_len: int, cache_len: int, decode: bool,
+                         sampling: Sampling) -> None:
+        """The programs of one request shape, compiled with arguments laid out as `stream` passes them."""
+        zeros = lambda shape, axes: self.place(np.zeros(shape, np.int32), axes)
+        lengths_D, seeds_D = zeros((decode_batch,), ("batch",)), zeros((decode_batch,), ("batch",))
+        if prompt_len <= self.prefill_chunk:
+            next_D, _, caches = _compile(self.prefill, self.state, self.layers,
+                                         zeros((batch, prompt_len), ("batch", "length")), lengths_D, seeds_D,
+                                         cache_len=cache_len, sampling=sampling)
+        else:
+            bounds = self._chunk_bounds(prompt_len)
+            caches, last_BxD = _compile(self.prefill_first, self.state, self.layers,
+                                        zeros((batch, bounds[1]), ("batch", "length")), lengths_D, cache_len=cache_len)
+            for length in sorted({end - start for start, end in itertools.pairwise(bounds[1:])}):
+                caches, last_BxD = _compile(self.prefill_next, self.state, self.layers, caches,
+                                            zeros((batch, length), ("batch", "length")), bounds[1], lengths_D,
+                                            last_BxD)
+            next_D, _ = _compile(self.prefill_finish, self.state, last_BxD, seeds_D, sampling=sampling)
+            if decode_batch > batch:
+                caches = _compile(self.pad_rows, caches, rows=decode_batch)
+        if decode:
+            _compile(self.decode, self.state, self.layers, caches, next_D, lengths_D, seeds_D, 0, sampling=sampling)
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -195,8 +345,7 @@ class Generator:
         lengths = self.place(lengths_B, ("batch",))
         seeds = self.place(seeds_B, ("batch",))
 
-        next_B, _, caches = self.prefill(self.state, self.layers, self.place(prompts_BxP, ("batch", "length")),
-                                         lengths, seeds, cache_len=cache_len, sampling=sampling)
+        next_B, _, caches = self.prefill_prompts(prompts_BxP, lengths, seeds, cache_len=cache_len, sampling=sampling)
         active = [True] * batch
         for index in range(max_new_tokens):
             tokens_B = next_B

@@ -2,16 +2,16 @@
 
 The engine owns `slots` rows of a per-layer KV cache of `cache_len` positions and one thread that loops:
 
-    admit   while a slot is free and a request waits: prefill its prompt (the Generator's jitted prefill,
-            batch 1, the prompt's length bucket) and insert its cache row, first token and sampling
+    admit   while a slot is free and a request waits: prefill its prompt (the Generator's prefill, batch 1,
+            the prompt's length bucket, in chunks beyond `prefill_chunk`) and insert its cache row, first token and sampling
             settings into the free slot (one jitted program; the other slots' caches are donated, not copied)
     decode  one jitted step over all slots at once: each slot feeds its last token at its own position and
             chooses its next one with its own settings (`slot_sampling.choose_rows`)
     deliver read the previous step's tokens (the step just queued runs meanwhile) and hand each to its
             request; a request that stops (a stop token, max_tokens, or cancelled) frees its slot.
 
-Shapes never depend on a request: prefill has one program per prompt bucket (powers of two up to
-`cache_len`), insert and decode one each; `warm_up` compiles them all at start-up, so nothing compiles on
+Shapes never depend on a request: prefill has one program per prompt bucket up to the generator's
+`prefill_chunk` and a few per chunk beyond, insert and decode one each; `warm_up` compiles them all at start-up, so nothing compiles on
 the request path. A slot's results equal the prompt decoded on its own (`Generator.generate` with the
 same seed): rows of a batch never mix, and cache positions past a slot's own are never attended to.
 
@@ -81,7 +81,7 @@ class Engine:
         self.slots = slots
         self.prefill_batch = generator.batch_sizes(1)[0]
         self.buckets = sorted({generator.bucket(n) for n in range(1, self.cache_len)})
-        model = nnx.merge(generator.graphdef, generator.state)
+        model = generator.merge(generator.state, [])[0]
         self.virtual_tokens = model.virtual_tokens
         self._cache_axes = {name: spec.logical_axes for name, spec in model.blocks.attn.cache_layout(1, 1).items()}
         self._insert = jax.jit(self._insert_program, donate_argnames=("caches", "state"))
@@ -238,9 +238,8 @@ class Engine:
         prompts_BxP = np.zeros((self.prefill_batch, generator.bucket(n)), np.int32)
         prompts_BxP[0, :n] = request.prompt
         lengths_B = np.full((self.prefill_batch,), n, np.int32)
-        _, logits_BxV, new_caches = generator.prefill(
-            generator.state, generator.layers, generator.place(prompts_BxP, ("batch", "length")),
-            generator.place(lengths_B, ("batch",)), generator.place(np.zeros_like(lengths_B), ("batch",)),
+        _, logits_BxV, new_caches = generator.prefill_prompts(
+            prompts_BxP, generator.place(lengths_B, ("batch",)), generator.place(np.zeros_like(lengths_B), ("batch",)),
             cache_len=self.cache_len, sampling=Sampling())
         settings = {"position": np.int32(n), "seed": np.int32(request.seed), "top_k": np.int32(request.top_k),
                     "temperature": np.float32(request.temperature), "top_p": np.float32(request.top_p)}
