@@ -124,20 +124,51 @@ def test_decode_compiles_once_per_bucket(generator):
     assert (generator.decode._cache_size(), generator.prefill._cache_size()) == after
 
 
-def test_no_recompilation_within_a_bucket(model, caplog):
-    """After one request, every prompt length of the same buckets runs without compiling anything."""
-    generator = Generator(model, min_bucket=8)
-    generator.generate([[3] * 9], max_new_tokens=4)  # prompt bucket 16, cache bucket 16
+@pytest.fixture(scope="module")
+def chunked(model) -> Generator:
+    return Generator(model, min_bucket=8, prefill_chunk=16)
+
+
+def test_warm_up_compiles_every_program_ahead(chunked, caplog):
+    """After `warm_up`, prompts of several lengths across prompt and cache buckets (one program up to the
+    chunk, chunked beyond) run without compiling anything; a request of another shape compiles."""
+    chunked.warm_up(batch_sizes=[3], max_new_tokens=4, prompt_lengths=[3, 40])
     compiled = lambda: [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        for length in range(9, 13):
-            generator.generate([list(range(1, length + 1))], max_new_tokens=4)
-            generator.generate([list(range(1, length + 1))], max_new_tokens=16 - length,
-                               sampling=Sampling(), seed=length)
-        within_bucket = compiled()
-        generator.generate([list(range(1, 21))], max_new_tokens=4)  # prompt bucket 32: new programs, logged
-    assert within_bucket == []
+        for length in (1, 4, 33, 60):  # buckets (prompt, cache): (8, 8), then (64, 64) in 4 chunks of 16
+            chunked.generate([list(range(1, length + 1))] * 3, max_new_tokens=4)
+        warmed = compiled()
+        chunked.generate([[1, 2]], max_new_tokens=1)  # batch 1: another prefill program, logged
+    assert warmed == []
     assert compiled() != []
+    with pytest.raises(ValueError, match=r"prompt_lengths \[61\] must be in \[1, 60\]"):
+        chunked.warm_up(batch_sizes=[1], max_new_tokens=4, prompt_lengths=[61])
+
+
+@pytest.mark.parametrize("attention", ["dense", "sliding_window(window=12)"])
+def test_chunked_prefill_equals_the_full_forward(model, chunked, attention):
+    """A prompt bucket of 64 in chunks of 16 (the first through the training-pass core, three over the
+    cache) gives each prompt's last-position logits of the full forward pass, and its first token."""
+    if attention != "dense":
+        cfg = model_config()
+        cfg.attention = attention
+        model = GPT(cfg, rngs=nnx.Rngs(3))
+        chunked = Generator(model, min_bucket=8, prefill_chunk=16)
+    lengths = np.array([40, 23, 60, 1], np.int32)  # ending in the third, second, fourth and first chunk
+    prompts = np.random.RandomState(2).randint(0, VOCAB, (4, 64)).astype(np.int32)
+    full = np.asarray(model(jnp.asarray(prompts)))[np.arange(4), lengths - 1]
+    next_B, logits, caches = chunked.prefill_prompts(prompts, jnp.asarray(lengths), jnp.zeros(4, jnp.int32),
+                                                     cache_len=64, sampling=Sampling())
+    np.testing.assert_allclose(logits, full, atol=1e-5)
+    np.testing.assert_array_equal(next_B, full.argmax(-1))
+    assert caches[0]["k"].shape[2] == 64
+
+
+def test_generator_holds_each_weight_once(model, generator):
+    """The per-layer copies replace the model's stacked layer arrays in what the generator holds."""
+    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+    assert "blocks" not in generator.state
+    assert nbytes((generator.state, generator.layers)) == nbytes(nnx.state(model))
 
 
 # An HLO instruction with an array output: its size (as dims), opcode, and rest of line (operands, calls=).
