@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cgpt_jax.model import parameterization
+from cgpt_jax.model import few_rows, parameterization
 from cgpt_jax.parallel.sharding import LogicalAxes, constrain
 
 
@@ -51,12 +51,16 @@ def matmul_rows(x_BxLxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
 
 def project(x_BxLxI: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
     """x @ kernel over x's last axis and the kernel's leading axes (their product is I), its other axes
-    flattened: `matmul_rows`. A quantized kernel (cgpt_jax/quantize) multiplies its integers without
-    writing out the float weight where it can."""
+    flattened: `matmul_rows`, or for few rows on CPU the streaming kernel (`few_rows`). A quantized kernel
+    (cgpt_jax/quantize) multiplies its integers without writing out the float weight where it can."""
     value = kernel.get_value()
+    x_BxLxI = x_BxLxI.astype(dtype)
     if hasattr(value, "matmul_rows"):
-        return value.matmul_rows(x_BxLxI.astype(dtype)).astype(dtype)
-    return matmul_rows(x_BxLxI.astype(dtype), kernel[...].astype(dtype).reshape(x_BxLxI.shape[-1], -1))
+        return value.matmul_rows(x_BxLxI).astype(dtype)
+    w_IxO = kernel[...].astype(dtype).reshape(x_BxLxI.shape[-1], -1)
+    if few_rows.uses_kernel(x_BxLxI):
+        return few_rows.matmul(x_BxLxI, w_IxO, transposed=False)
+    return matmul_rows(x_BxLxI, w_IxO)
 
 
 def take_rows(table: nnx.Variable, ids: jax.Array) -> jax.Array:
@@ -83,12 +87,16 @@ def logits_rows(x_BxLxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
 
 
 def tied_logits(x_BxLxD: jax.Array, table: nnx.Variable, dtype: jnp.dtype) -> jax.Array:
-    """`logits_rows` against the token table; a quantized table (cgpt_jax/quantize) multiplies its integers
-    without writing out the float table where it can."""
+    """`logits_rows` against the token table, or for few rows on CPU the streaming kernel (`few_rows`); a
+    quantized table (cgpt_jax/quantize) multiplies its integers without writing out the float table where
+    it can."""
     value = table.get_value()
     if hasattr(value, "matmul_rows"):
         return value.matmul_rows(x_BxLxD.astype(dtype))
-    return logits_rows(x_BxLxD, table[...].astype(dtype))
+    w_VxD = table[...].astype(dtype)
+    if few_rows.uses_kernel(x_BxLxD) and w_VxD.dtype == jnp.float32:
+        return few_rows.matmul(x_BxLxD, w_VxD, transposed=True)
+    return logits_rows(x_BxLxD, w_VxD)
 
 
 def _head(x_NxD: jax.Array, w_VxD: jax.Array) -> jax.Array:

@@ -4,13 +4,15 @@
         [--prompt_len=128] [--new_tokens=32] [--repeats=3] [--xla_baseline]
 
 The model is `cgpt_jax.infer.bench_decode`'s shape with random weights; each scheme quantizes the same
-float model. Each quantized model runs as the package runs it (on CPU, its few-row matmuls through the
-C++ kernel, `quantize/matmul.py`) and, with `--xla_baseline`, also as `SCHEME-xla`: every matmul through
-XLA's dequantize-then-matmul (`matmul.xla_only`). For each batch size every variant decodes greedily
-from the same random prompts with the `Generator`, the variants alternating
-(`bench_decode.interleaved_medians`); decode rate = batch · (new_tokens − 1) / (t(new_tokens) − t(1)),
-as in bench_decode. `decode_step_weight_mb` is what a decode step must read of the weights: all of them
-but the position table, of which one row. Prints one JSON object per batch size.
+float model. Each model runs as the package runs it (on CPU, its few-row matmuls through the streaming
+kernel, `cgpt_jax/model/few_rows.py`) and, with `--xla_baseline`, also as `NAME-xla`: every matmul
+through XLA (`few_rows.xla_only`; for a quantized model XLA's dequantize-then-matmul). For each batch
+size every variant decodes greedily from the same random prompts with the `Generator`, the variants
+alternating (`bench_decode.interleaved_medians`); decode rate = batch · (new_tokens − 1) / (t(new_tokens)
+− t(1)), as in bench_decode. `decode_step_weight_mb` is what a decode step must read of the weights: all
+of them but the position table, of which one row; `weight_fraction_of_bandwidth` is that times the steps
+per second over the machine's read bandwidth (`bench_decode.read_bandwidth`, the higher of its two,
+measured in the same process). Prints one JSON object per batch size.
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ from cgpt_jax.infer.bench_decode import (
     cpu_model,
     interleaved_medians,
     model_config,
+    read_bandwidth,
 )
-from cgpt_jax.model import GPT
-from cgpt_jax.quantize import matmul
+from cgpt_jax.model import GPT, few_rows
 
 
 def main(argv: list[str]) -> None:
@@ -44,7 +46,7 @@ def main(argv: list[str]) -> None:
     model = nnx.jit(lambda: GPT(model_config(args.shape), rngs=nnx.Rngs(0)))()
     models = {"float32": model, **{spec: quantize.apply(model, scheme) for spec, scheme in schemes.items()}}
     if args.xla_baseline:
-        models.update({f"{spec}-xla": models[spec] for spec in schemes})
+        models.update({f"{name}-xla": models[name] for name in list(models)})
     generators = {name: Generator(m) for name, m in models.items()}
     weight_bytes = {name: quantize.weight_bytes(nnx.state(m))["total"] for name, m in models.items()}
     step_bytes = {name: weight_bytes[name] - m.wpe.get_value().nbytes for name, m in models.items()}
@@ -53,9 +55,11 @@ def main(argv: list[str]) -> None:
         prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len)).tolist()
         runs = {name: functools.partial(_generate, g, prompts, name.endswith("-xla")) for name, g in generators.items()}
         load_start = os.getloadavg()
+        bandwidth = read_bandwidth()
         medians = interleaved_medians(runs, (1, args.new_tokens), args.repeats)
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                  "repeats": args.repeats, **machine, "load_average_start": load_start}
+                  "repeats": args.repeats, **machine, "load_average_start": load_start, **bandwidth}
+        bytes_per_s = max(bandwidth.values()) * 1e9
         reference = runs["float32"](args.new_tokens)
         for name, run in runs.items():
             first, full = medians[name, 1], medians[name, args.new_tokens]
@@ -65,6 +69,8 @@ def main(argv: list[str]) -> None:
                 "decode_step_weight_mb": round(step_bytes[name] / 1e6, 2),
                 "prefill_tokens_per_s": round(batch * args.prompt_len / first, 1),
                 "decode_tokens_per_s": round(batch * (args.new_tokens - 1) / (full - first), 2),
+                "weight_fraction_of_bandwidth": round(step_bytes[name] * (args.new_tokens - 1) / (full - first)
+                                                      / bytes_per_s, 3),
                 "greedy_tokens_equal_to_float32": float(np.mean(np.asarray(run(args.new_tokens)) ==
                                                                 np.asarray(reference)))}
         result["load_average_end"] = os.getloadavg()
@@ -72,7 +78,7 @@ def main(argv: list[str]) -> None:
 
 
 def _generate(generator: Generator, prompts: list[list[int]], xla_only: bool, n: int) -> list[list[int]]:
-    with matmul.xla_only() if xla_only else contextlib.nullcontext():  # decides only while tracing
+    with few_rows.xla_only() if xla_only else contextlib.nullcontext():  # decides only while tracing
         return generator.generate(prompts, max_new_tokens=n)
 
 
@@ -83,6 +89,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
     flags.DEFINE_integer("new_tokens", 32, "Tokens generated per prompt (the rate is measured between 1 and this).",
                          lower_bound=2)
-    flags.DEFINE_bool("xla_baseline", False, "Also run each scheme with every matmul through XLA's dequantization.")
+    flags.DEFINE_bool("xla_baseline", False, "Also run each model with every matmul through XLA (quantized: XLA's "
+                      "dequantization).")
     flags.DEFINE_integer("repeats", 3, "Timed runs per variant and length; the median is kept.")
     cli.run(main)

@@ -1,0 +1,423 @@
+// y = x · W for the few rows x of a decode step, reading the weight W once as a stream, as XLA FFI handlers
+// for XLA:CPU. W is float32, or weight-only quantized (int8, or int4 packed two per byte) with float32 scales.
+//
+// Why: with a handful of rows a matmul does 1–16 multiply-adds per weight it reads, so its speed is the
+// speed at which W streams from memory. XLA:CPU's GEMM on [2, 768] x [768, 3072] reads W well below that,
+// and for a quantized W it writes the dequantized float32 weight out and reads it back. Here each thread
+// owns a range of output columns and walks W sequentially through it, converting each piece of W to float
+// in registers once for all rows of x.
+//
+// Layouts (row-major): x [M, K] float32, y [M, N] float32. W is either
+//   KN (a projection, W [K, N]): w [K, N] float32 or int8, or [K, N/2] uint8 (int4), scale [G, N];
+//   NK (the tied LM head, W stored [N, K] and used transposed): w [N, K], or [N, K/2], scale [N, G].
+// 4-bit values are packed two per byte along the stored last axis, the low nibble first, two's complement.
+// K splits into G groups of g = K/G consecutive inputs, each with its own scale per output; W[k, n] =
+// q[k, n] · scale[k / g, n]. Products and sums are float32, as on XLA's path. With one group the scale is
+// applied once per output after the sum, otherwise to each converted vector of weights.
+//
+// KN: a thread's chunk of columns keeps the partial sums of all M rows in a buffer in cache; W is read 4
+// rows at a time (each row's part of the chunk contiguous), each weight vector feeding all M rows. An int4
+// vector holds 16 even and 16 odd columns (the low and high nibbles); the buffer keeps them apart and the
+// columns are put back in order when y is written.
+// NK: 4 stored rows of W at a time (contiguous in memory) against up to 4 rows of x in registers, one
+// horizontal sum per output. For int4 the inputs of x are reordered once per call into the nibbles' order
+// (per 32 inputs: the 16 even ones, then the 16 odd ones), so that no weight needs shuffling.
+#include <vector>
+
+#include "cpu_common.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace cgpt;
+
+typedef int8_t vb __attribute__((vector_size(W)));
+
+constexpr int C = 4;       // NK: stored weight rows (outputs) per block
+constexpr int R = 4;       // NK: rows of x per block, R·C accumulators in registers
+constexpr int KB = 8;      // KN: weight rows per step, so each partial sum is loaded and stored once per 8
+constexpr int64_t CHUNKS_PER_THREAD = 4;  // work items per thread: balance when a core is busy elsewhere
+
+struct Problem {
+  int64_t M, K, N, G, g;
+  int bits;             // 32 (float32 weights), 8 or 4
+  const void* w;
+  const float* scale;   // nullptr for float32 weights
+  const float* x;       // [M, K]; NK int4: inputs reordered (`reorder_for_int4`)
+  float* y;
+};
+
+// Inputs (NK) or columns (KN) per vector of stored weights: 16 float32 or int8 values, 32 int4 values.
+constexpr int64_t step_of(int bits) { return bits == 4 ? 2 * W : W; }
+
+// W[k, n] (KN) or W[n, k] stored (NK), dequantized, element by element: the tails of K or N and groups that
+// are not a whole number of vectors.
+inline float weight_at(const Problem& p, bool nk, int64_t k, int64_t n) {
+  const int64_t index = nk ? n * p.K + k : k * p.N + n;  // in the unpacked stored weight
+  if (p.bits == 32) return static_cast<const float*>(p.w)[index];
+  int value;
+  if (p.bits == 8) {
+    value = static_cast<const int8_t*>(p.w)[index];
+  } else {
+    const int8_t byte = static_cast<const int8_t*>(p.w)[index / 2];
+    value = index % 2 ? byte >> 4 : static_cast<int8_t>(byte << 4) >> 4;
+  }
+  return value * (nk ? p.scale[n * p.G + k / p.g] : p.scale[(k / p.g) * p.N + n]);
+}
+
+// 16 int8 at p, sign-extended. GCC turns the portable conversion into one scalar extension per byte,
+// hence the AVX-512 instruction where there is one.
+inline vi widen(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vb bytes;
+  std::memcpy(&bytes, p, sizeof bytes);
+  return __builtin_convertvector(bytes, vi);
+#endif
+}
+
+// The 16 (float32, int8) or 32 (int4: low nibbles, then high nibbles) values of the vector at `at`, as float.
+template <int BITS>
+inline void weight_vectors(const void* w, int64_t at, vf* out) {
+  if constexpr (BITS == 32) {
+    out[0] = load(static_cast<const float*>(w) + at);
+  } else {
+    const vi v = widen(static_cast<const int8_t*>(w) + (BITS == 4 ? at / 2 : at));
+    if constexpr (BITS == 8) {
+      out[0] = __builtin_convertvector(v, vf);
+    } else {
+      out[0] = __builtin_convertvector((v << 28) >> 28, vf);
+      out[1] = __builtin_convertvector(v >> 4, vf);
+    }
+  }
+}
+
+constexpr int parts_of(int bits) { return bits == 4 ? 2 : 1; }
+
+// --- KN ---
+
+// 32 consecutive floats → (the 16 at even positions, the 16 at odd positions), and back.
+inline void split_even_odd(const float* p, vf& even, vf& odd) {
+  const vf a = load(p), b = load(p + W);
+  even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+inline void merge_even_odd(vf even, vf odd, float* p) {
+  store(p, __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+  store(p + W, __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+}
+
+// sums[m0 + r, i·W ..] += Σ_j x[m0 + r, k0 + j] · w[j][i] for r < RB: RB independent chains of additions.
+template <int RB, int ROWS, int P>
+inline void kn_accumulate(const Problem& p, const vf (&w)[ROWS][P], int64_t m0, int64_t k0, float* sums, int64_t ld) {
+  for (int i = 0; i < P; ++i) {
+    vf acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = load(sums + r * ld + i * W);
+    for (int j = 0; j < ROWS; ++j)
+      for (int r = 0; r < RB; ++r) acc[r] += splat(p.x[(m0 + r) * p.K + k0 + j]) * w[j][i];
+    for (int r = 0; r < RB; ++r) store(sums + r * ld + i * W, acc[r]);
+  }
+}
+
+// sums[m, c] += Σ_{k in [k0, k0 + ROWS)} x[m, k] · W[k, n0 + c] for c < width (a whole number of vectors),
+// sums' rows `ld` apart; the weight vectors scaled by `group`'s scales when SCALE_EACH.
+template <int BITS, int ROWS, bool SCALE_EACH>
+inline void kn_rows(const Problem& p, int64_t k0, int64_t group, int64_t n0, int64_t width, float* sums, int64_t ld) {
+  constexpr int P = parts_of(BITS);
+  for (int64_t c = 0; c < width; c += step_of(BITS)) {
+    vf w[ROWS][P];
+    for (int j = 0; j < ROWS; ++j) weight_vectors<BITS>(p.w, (k0 + j) * p.N + n0 + c, w[j]);
+    if constexpr (SCALE_EACH) {
+      vf s[P];
+      if constexpr (BITS == 4) split_even_odd(p.scale + group * p.N + n0 + c, s[0], s[1]);
+      else s[0] = load(p.scale + group * p.N + n0 + c);
+      for (int j = 0; j < ROWS; ++j)
+        for (int i = 0; i < P; ++i) w[j][i] *= s[i];
+    }
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) kn_accumulate<4, ROWS, P>(p, w, m, k0, sums + m * ld + c, ld);
+    for (; m + 2 <= p.M; m += 2) kn_accumulate<2, ROWS, P>(p, w, m, k0, sums + m * ld + c, ld);
+    if (m < p.M) kn_accumulate<1, ROWS, P>(p, w, m, k0, sums + m * ld + c, ld);
+  }
+}
+
+// sums[m, c] = Σ_{k in [k0, k1)} x[m, k] · W[k, n0 + c], KB weight rows at a time within each group (with
+// SCALE_EACH, k0 and k1 are group boundaries).
+template <int BITS, bool SCALE_EACH>
+void kn_part(const Problem& p, int64_t k0, int64_t k1, int64_t n0, int64_t width, float* sums, int64_t ld) {
+  for (int64_t m = 0; m < p.M; ++m) std::fill(sums + m * ld, sums + m * ld + width, 0.0f);
+  for (int64_t begin = k0, end; begin < k1; begin = end) {
+    const int64_t group = begin / p.g;
+    end = SCALE_EACH ? (group + 1) * p.g : k1;
+    int64_t k = begin;
+    for (; k + KB <= end; k += KB) kn_rows<BITS, KB, SCALE_EACH>(p, k, group, n0, width, sums, ld);
+    for (; k < end; ++k) kn_rows<BITS, 1, SCALE_EACH>(p, k, group, n0, width, sums, ld);
+  }
+}
+
+// y[:, n0..N-1], the columns past the last whole vector, element by element.
+void kn_tail(const Problem& p, int64_t n0) {
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t n = n0; n < p.N; ++n) {
+      float sum = 0;
+      for (int64_t k = 0; k < p.K; ++k) sum += p.x[m * p.K + k] * weight_at(p, false, k, n);
+      p.y[m * p.N + n] = sum;
+    }
+}
+
+// The work splits into column chunks narrow enough that the partial sums of all M rows stay in L1 cache,
+// and K into parts (whole groups) so that every thread has several items: an item reads its rows' parts of
+// the chunk, each a contiguous run of memory, once. The parts' sums are added up at the end.
+constexpr int64_t SUMS_IN_L1 = 4096;  // floats
+
+template <int BITS>
+void kn(ffi::ThreadPool& pool, const Problem& p) {
+  const int64_t vectors_end = p.N / step_of(BITS) * step_of(BITS);
+  const int64_t width = std::clamp<int64_t>(SUMS_IN_L1 / p.M / 64 * 64, 64, std::max<int64_t>(64, vectors_end));
+  const int64_t chunks = (vectors_end + width - 1) / width;
+  const bool scale_each = p.scale != nullptr && p.G > 1;
+  const int64_t granule = scale_each ? p.g : KB;  // the parts' boundaries
+  const int64_t wanted = CHUNKS_PER_THREAD * pool.num_threads();
+  const int64_t parts_wanted = std::clamp<int64_t>((wanted + chunks - 1) / std::max<int64_t>(chunks, 1), 1,
+                                                   (p.K + granule - 1) / granule);
+  const int64_t part_len = ((p.K + parts_wanted - 1) / parts_wanted + granule - 1) / granule * granule;
+  const int64_t parts = (p.K + part_len - 1) / part_len;
+  // Each item's sums contiguous, [M, width]: rows of sums a multiple of 4 KiB apart would share cache sets.
+  thread_local std::vector<float> memory;
+  if ((int64_t)memory.size() < parts * chunks * p.M * width) memory.resize(parts * chunks * p.M * width);
+  float* partial = memory.data();  // thread_local: the caller's, handed to the helpers by pointer
+  auto sums_of = [&](int64_t part, int64_t chunk) { return partial + (part * chunks + chunk) * p.M * width; };
+  parallel_for(pool, parts * chunks + 1, [&](int64_t i) {
+    if (i == parts * chunks) {
+      kn_tail(p, vectors_end);
+      return;
+    }
+    const int64_t part = i / chunks, chunk = i % chunks, n0 = chunk * width;
+    const int64_t k0 = part * part_len, k1 = std::min(p.K, k0 + part_len);
+    const int64_t columns = std::min(width, vectors_end - n0);
+    if (scale_each) kn_part<BITS, true>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
+    else kn_part<BITS, false>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
+  });
+  const bool scale_after = p.scale != nullptr && !scale_each;
+  for (int64_t m = 0; m < p.M; ++m) {
+    float* y = p.y + m * p.N;
+    for (int64_t c = 0; c < vectors_end; c += W) {
+      const int64_t at = m * width + c % width;
+      vf sum = load(sums_of(0, c / width) + at);
+      for (int64_t part = 1; part < parts; ++part) sum += load(sums_of(part, c / width) + at);
+      store(y + c, sum);
+    }
+    if constexpr (BITS == 4)  // each 32 columns: the even ones, then the odd ones
+      for (int64_t c = 0; c < vectors_end; c += 2 * W) merge_even_odd(load(y + c), load(y + c + W), y + c);
+    if (scale_after)
+      for (int64_t c = 0; c < vectors_end; c += W) store(y + c, load(y + c) * load(p.scale + c));
+  }
+}
+
+// --- NK ---
+
+// The sums of the lanes of a, b, c and d, as lanes 0, 4, 8 and 12: halving additions, 3 shuffles each.
+inline vf hsum4(vf a, vf b, vf c, vf d) {
+  const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf abcd = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const vf pairs = abcd + __builtin_shufflevector(abcd, abcd, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return pairs + __builtin_shufflevector(pairs, pairs, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+}
+
+// y[r0..r0+ROWS-1, n0..n0+count-1] = x · (stored rows n0..)ᵀ: whole vectors in registers (SCALE_EACH: each
+// scaled by its group's scale, the group a whole number of vectors), the inputs past them element by element.
+// A block past N (count < C) reads its last row again and stores only `count` outputs.
+template <int BITS, int ROWS, bool SCALE_EACH>
+void nk_block(const Problem& p, int64_t r0, int64_t n0, int64_t count) {
+  constexpr int P = parts_of(BITS);
+  constexpr int64_t S = step_of(BITS);
+  const int64_t vectors_end = p.K / S * S;
+  int64_t rows[C];
+  for (int c = 0; c < C; ++c) rows[c] = std::min<int64_t>(n0 + c, p.N - 1);
+  vf acc[ROWS][C] = {};
+  for (int64_t group = 0; group < (SCALE_EACH ? p.G : 1); ++group) {
+    vf s[C];
+    if constexpr (SCALE_EACH)
+      for (int c = 0; c < C; ++c) s[c] = splat(p.scale[rows[c] * p.G + group]);
+    const int64_t begin = SCALE_EACH ? group * p.g : 0, end = SCALE_EACH ? (group + 1) * p.g : vectors_end;
+    for (int64_t k = begin; k < end; k += S) {
+      vf w[C][P];
+      for (int c = 0; c < C; ++c) {
+        weight_vectors<BITS>(p.w, rows[c] * p.K + k, w[c]);
+        if constexpr (SCALE_EACH)
+          for (int i = 0; i < P; ++i) w[c][i] *= s[c];
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        const float* xr = p.x + (r0 + r) * p.K + k;
+        for (int i = 0; i < P; ++i) {
+          const vf xv = load(xr + i * W);
+          for (int c = 0; c < C; ++c) acc[r][c] += xv * w[c][i];
+        }
+      }
+    }
+  }
+  const bool scale_after = p.scale != nullptr && !SCALE_EACH;
+  for (int r = 0; r < ROWS; ++r) {
+    const vf sums = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    for (int c = 0; c < count; ++c) {
+      float tail = 0;  // inputs past the last whole vector, in their natural order
+      for (int64_t k = vectors_end; k < p.K; ++k) tail += p.x[(r0 + r) * p.K + k] * weight_at(p, true, k, rows[c]);
+      const float sum = scale_after ? sums[4 * c] * p.scale[rows[c]] : sums[4 * c];
+      p.y[(r0 + r) * p.N + n0 + c] = sum + tail;
+    }
+  }
+}
+
+// y[r0..r0+ROWS-1, n] for the stored rows n in [n0, n0 + count), element by element (groups that are not a
+// whole number of vectors).
+void nk_elementwise(const Problem& p, const float* x_natural, int64_t n0, int64_t count) {
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t n = n0; n < n0 + count; ++n) {
+      float sum = 0;
+      for (int64_t k = 0; k < p.K; ++k) sum += x_natural[m * p.K + k] * weight_at(p, true, k, n);
+      p.y[m * p.N + n] = sum;
+    }
+}
+
+template <int BITS, bool SCALE_EACH>
+void nk_rows(const Problem& p, int64_t n0, int64_t count) {
+  for (int64_t block = n0; block < n0 + count; block += C) {
+    const int64_t outputs = std::min<int64_t>(C, n0 + count - block);
+    int64_t r0 = 0;
+    for (; r0 + R <= p.M; r0 += R) nk_block<BITS, R, SCALE_EACH>(p, r0, block, outputs);
+    switch (p.M - r0) {
+      case 1: nk_block<BITS, 1, SCALE_EACH>(p, r0, block, outputs); break;
+      case 2: nk_block<BITS, 2, SCALE_EACH>(p, r0, block, outputs); break;
+      case 3: nk_block<BITS, 3, SCALE_EACH>(p, r0, block, outputs); break;
+    }
+  }
+}
+
+// x's inputs in the order of an int4 vector's values: per 32 inputs the 16 even ones, then the 16 odd
+// ones; the inputs past the last 32 as they are.
+void reorder_for_int4(const float* x, int64_t M, int64_t K, float* out) {
+  const int64_t vectors_end = K / (2 * W) * (2 * W);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float* to = out + m * K;
+    for (int64_t k = 0; k < vectors_end; k += 2 * W) {
+      vf even, odd;
+      split_even_odd(row + k, even, odd);
+      store(to + k, even);
+      store(to + k + W, odd);
+    }
+    std::copy(row + vectors_end, row + K, to + vectors_end);
+  }
+}
+
+template <int BITS>
+void nk(ffi::ThreadPool& pool, Problem p) {
+  const float* x_natural = p.x;
+  thread_local std::vector<float> reordered;
+  if (BITS == 4) {
+    if ((int64_t)reordered.size() < p.M * p.K) reordered.resize(p.M * p.K);
+    reorder_for_int4(p.x, p.M, p.K, reordered.data());
+    p.x = reordered.data();
+  }
+  const bool scale_each = p.scale != nullptr && p.G > 1;
+  const bool elementwise = scale_each && p.g % step_of(BITS) != 0;
+  const int64_t items = CHUNKS_PER_THREAD * pool.num_threads();
+  const int64_t rows_per_item = std::max<int64_t>(C, (p.N / items + C - 1) / C * C);
+  parallel_for(pool, (p.N + rows_per_item - 1) / rows_per_item, [&](int64_t i) {
+    const int64_t n0 = i * rows_per_item, count = std::min(rows_per_item, p.N - n0);
+    if (elementwise) nk_elementwise(p, x_natural, n0, count);
+    else if (scale_each) nk_rows<BITS, true>(p, n0, count);
+    else nk_rows<BITS, false>(p, n0, count);
+  });
+}
+
+// --- The handlers ---
+
+using Matrix = ffi::Buffer<ffi::F32, 2>;  // aliases: the handler macros below split a comma in a template
+using ResultMatrix = ffi::ResultBuffer<ffi::F32, 2>;
+
+// Checks the shapes, then runs KN or NK; scale_dims is empty for float32 weights.
+ffi::Error Run(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const float* scale,
+               ffi::Span<const int64_t> scale_dims, int bits, bool transposed, ResultMatrix y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("streaming matmul: the weight must be 2-D");
+  Problem p;
+  p.bits = bits;
+  p.M = xd[0];
+  p.K = xd[1];
+  const int64_t packing = bits == 4 ? 2 : 1;
+  p.N = transposed ? wd[0] : wd[1] * packing;
+  const int64_t stored_k = transposed ? wd[1] * packing : wd[0];
+  if (stored_k != p.K) return ffi::Error::InvalidArgument("streaming matmul: x [M, K] and the weight do not agree");
+  if (scale != nullptr) {
+    p.G = transposed ? scale_dims[1] : scale_dims[0];
+    if (p.G < 1 || p.K % p.G || (transposed ? scale_dims[0] : scale_dims[1]) != p.N)
+      return ffi::Error::InvalidArgument("streaming matmul: the weight and scale shapes do not agree");
+  } else {
+    p.G = 1;
+  }
+  p.g = p.K / p.G;
+  p.w = w.untyped_data();
+  p.scale = scale;
+  p.x = x.typed_data();
+  p.y = y->typed_data();
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  if (p.K == 0) {
+    std::fill(p.y, p.y + p.M * p.N, 0.0f);
+    return ffi::Error::Success();
+  }
+  switch (bits * (transposed ? -1 : 1)) {
+    case 32: kn<32>(pool, p); break;
+    case 8: kn<8>(pool, p); break;
+    case 4: kn<4>(pool, p); break;
+    case -32: nk<32>(pool, p); break;
+    case -8: nk<8>(pool, p); break;
+    case -4: nk<4>(pool, p); break;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error FloatMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, int32_t transposed, ResultMatrix y) {
+  if (w.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("streaming matmul: a float weight must be float32");
+  return Run(pool, x, w, nullptr, {}, 32, transposed != 0, y);
+}
+
+ffi::Error QuantizedMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer q, Matrix scale, int32_t bits,
+                           int32_t transposed, ResultMatrix y) {
+  const ffi::DataType expected = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
+  if ((bits != 4 && bits != 8) || q.element_type() != expected)
+    return ffi::Error::InvalidArgument("streaming matmul: bits must be 8 (int8 weight) or 4 (uint8 packed weight)");
+  return Run(pool, x, q, scale.typed_data(), scale.dimensions(), bits, transposed != 0, y);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StreamingFloatMatmul, FloatMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()          // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()  // w: float32
+                                  .Attr<int32_t>("transposed")  // 1: the weight is stored [N, K]
+                                  .Ret<Matrix>());              // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StreamingQuantizedMatmul, QuantizedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()          // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()  // q: int8, or uint8 with two int4 values
+                                  .Arg<Matrix>()          // scale
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("transposed")  // 1: the weight is stored [N, K]
+                                  .Ret<Matrix>());              // y [M, N]

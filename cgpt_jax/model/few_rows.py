@@ -1,0 +1,103 @@
+"""x @ W for few rows (a decode step): on CPU through the streaming kernel, elsewhere XLA's matmul. One
+decision for float32 and quantized weights.
+
+With at most `MAX_ROWS` rows a matmul reads each weight once for a few multiply-adds, so its speed is the
+speed at which W streams from memory; the kernel (`cgpt_jax/kernels/streaming_matmul.py`) reads it at the
+machine's bandwidth, XLA:CPU's GEMM well below it, and for a quantized W XLA also writes the dequantized
+float32 weight out and reads it back (docs/quantization.md). More rows (a prefill, training) are
+compute-bound, where XLA's GEMM is faster. The callers are `layers.project` and `layers.tied_logits` for
+float weights and `cgpt_jax/quantize/matmul.py` for quantized ones.
+
+Under a mesh (`activation_sharding`) the kernel runs on each device's rows (x split by 'batch' and
+'length' as activations are) against the whole weight, which XLA gathers from its shards first, as FSDP
+does; rows that the mesh does not divide take XLA's path. The float path is differentiable: its
+gradient is XLA's, so a few-row training step runs too.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import warnings
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from cgpt_jax.kernels import streaming_matmul
+from cgpt_jax.parallel.sharding import fits_shards, map_shards
+
+MAX_ROWS = 32
+ROW_AXES = ("batch", "length", None)
+_switch = threading.local()
+
+
+@contextlib.contextmanager
+def xla_only() -> Iterator[None]:
+    """While tracing inside this context, few-row matmuls take XLA's path (the benchmark's baseline, the
+    tests' reference)."""
+    previous = getattr(_switch, "xla_only", False)
+    _switch.xla_only = True
+    try:
+        yield
+    finally:
+        _switch.xla_only = previous
+
+
+@functools.cache
+def _kernel_loaded() -> bool:
+    try:
+        streaming_matmul.load()
+        return True
+    except streaming_matmul.KernelUnavailable as error:
+        warnings.warn(f"few-row matmuls run through XLA on CPU: {error}", stacklevel=2)
+        return False
+
+
+def uses_kernel(x_BxLxI: jax.Array) -> bool:
+    """Whether x's matmuls run the kernel: CPU, float32, at most MAX_ROWS rows, a mesh that divides them."""
+    batch, length, _ = x_BxLxI.shape
+    return (not getattr(_switch, "xla_only", False) and jax.default_backend() == "cpu"
+            and x_BxLxI.dtype == jnp.float32 and batch * length <= MAX_ROWS
+            and fits_shards(x_BxLxI.shape, ROW_AXES) and _kernel_loaded())
+
+
+def matmul(x_BxLxK: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, bits: int = 32,
+           transposed: bool) -> jax.Array:
+    """x @ W over x's last axis through the kernel → float32 [B, L, N]; w (and scale) 2-D as
+    `streaming_matmul.matmul` takes them. Call only where `uses_kernel(x)`."""
+    if bits == 32:
+        def float_kernel(x_BxLxK: jax.Array, w: jax.Array) -> jax.Array:
+            return _float_rows(x_BxLxK, w, transposed)
+        return map_shards(float_kernel, (ROW_AXES, (None, None)), ROW_AXES)(x_BxLxK, w)
+    kernel = functools.partial(_quantized_rows, bits=bits, transposed=transposed)
+    return map_shards(kernel, (ROW_AXES, (None, None), (None, None)), ROW_AXES)(x_BxLxK, w, scale)
+
+
+def _quantized_rows(x_BxLxK: jax.Array, q: jax.Array, scale: jax.Array, *, bits: int, transposed: bool) -> jax.Array:
+    batch, length, inputs = x_BxLxK.shape
+    y_MxN = streaming_matmul.matmul(x_BxLxK.reshape(-1, inputs), q, scale, bits=bits, transposed=transposed)
+    return y_MxN.reshape(batch, length, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _float_rows(x_BxLxK: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    batch, length, inputs = x_BxLxK.shape
+    y_MxN = streaming_matmul.matmul(x_BxLxK.reshape(-1, inputs), w, transposed=transposed)
+    return y_MxN.reshape(batch, length, -1)
+
+
+def _float_rows_fwd(x_BxLxK: jax.Array, w: jax.Array, transposed: bool):
+    return _float_rows(x_BxLxK, w, transposed), (x_BxLxK, w)
+
+
+def _float_rows_bwd(transposed: bool, residuals, g_BxLxN: jax.Array):
+    x_BxLxK, w = residuals
+    x_MxK, g_MxN = x_BxLxK.reshape(-1, x_BxLxK.shape[-1]), g_BxLxN.reshape(-1, g_BxLxN.shape[-1])
+    w_KxN = w.T if transposed else w
+    dx_MxK = g_MxN @ w_KxN.T
+    dw_KxN = x_MxK.T @ g_MxN
+    return dx_MxK.reshape(x_BxLxK.shape), (dw_KxN.T if transposed else dw_KxN)
+
+
+_float_rows.defvjp(_float_rows_fwd, _float_rows_bwd)
