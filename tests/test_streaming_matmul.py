@@ -13,10 +13,9 @@ from flax import nnx
 
 from cgpt_jax import quantize
 from cgpt_jax.kernels import streaming_matmul
-from cgpt_jax.model import GPT
+from cgpt_jax.model import GPT, few_rows
 from cgpt_jax.parallel.mesh import make_mesh
 from cgpt_jax.parallel.sharding import activation_sharding, state_shardings
-from cgpt_jax.model import few_rows
 from cgpt_jax.quantize.array import pack_int4
 from tests.helpers import tiny_config
 

@@ -3,8 +3,8 @@
 //
 // Why: with a handful of rows a matmul does 1–16 multiply-adds per weight it reads, so its speed is the
 // speed at which W streams from memory. XLA:CPU's GEMM on [2, 768] x [768, 3072] reads W well below that,
-// and for a quantized W it writes the dequantized float32 weight out and reads it back. Here each thread
-// owns a range of output columns and walks W sequentially through it, converting each piece of W to float
+// and for a quantized W it writes the dequantized float32 weight out and reads it back. Here W splits into
+// work items that each read their part of W in contiguous runs, once, converting each piece of W to float
 // in registers once for all rows of x.
 //
 // Layouts (row-major): x [M, K] float32, y [M, N] float32. W is either
@@ -15,10 +15,12 @@
 // q[k, n] · scale[k / g, n]. Products and sums are float32, as on XLA's path. With one group the scale is
 // applied once per output after the sum, otherwise to each converted vector of weights.
 //
-// KN: a thread's chunk of columns keeps the partial sums of all M rows in a buffer in cache; W is read 4
-// rows at a time (each row's part of the chunk contiguous), each weight vector feeding all M rows. An int4
-// vector holds 16 even and 16 odd columns (the low and high nibbles); the buffer keeps them apart and the
-// columns are put back in order when y is written.
+// KN: the work splits into column chunks narrow enough that the partial sums of all M rows stay in L1
+// cache, and K into parts (whole groups), so that each thread has several items and an item reads each of
+// its weight rows' part of the chunk as one contiguous run; 8 weight rows at a time, each weight vector
+// converted once and used by all M rows. The parts' sums are added up at the end. An int4 vector holds 16
+// even and 16 odd columns (the low and high nibbles); the sums keep them apart and the columns are put
+// back in order when y is written.
 // NK: 4 stored rows of W at a time (contiguous in memory) against up to 4 rows of x in registers, one
 // horizontal sum per output. For int4 the inputs of x are reordered once per call into the nibbles' order
 // (per 32 inputs: the 16 even ones, then the 16 odd ones), so that no weight needs shuffling.
@@ -100,6 +102,17 @@ inline void weight_vectors(const void* w, int64_t at, vf* out) {
 
 constexpr int parts_of(int bits) { return bits == 4 ? 2 : 1; }
 
+// Asks for the cache line holding weight element `at` (of the unpacked stored weight) ahead of its use:
+// the hardware prefetcher follows one long stream well but not the short runs of many rows at once.
+template <int BITS>
+inline void prefetch_weight(const void* w, int64_t at) {
+  __builtin_prefetch(static_cast<const char*>(w) + at * BITS / 8);
+}
+
+// Whether column or input `c` (of a run that starts on a cache line) begins a cache line of weights.
+template <int BITS>
+inline bool starts_line(int64_t c) { return c * BITS / 8 % 64 == 0; }
+
 // --- KN ---
 
 // 32 consecutive floats → (the 16 at even positions, the 16 at odd positions), and back.
@@ -134,6 +147,8 @@ inline void kn_rows(const Problem& p, int64_t k0, int64_t group, int64_t n0, int
   for (int64_t c = 0; c < width; c += step_of(BITS)) {
     vf w[ROWS][P];
     for (int j = 0; j < ROWS; ++j) weight_vectors<BITS>(p.w, (k0 + j) * p.N + n0 + c, w[j]);
+    if (starts_line<BITS>(c))  // the same columns of the next ROWS weight rows
+      for (int j = 0; j < ROWS && k0 + ROWS + j < p.K; ++j) prefetch_weight<BITS>(p.w, (k0 + ROWS + j) * p.N + n0 + c);
     if constexpr (SCALE_EACH) {
       vf s[P];
       if constexpr (BITS == 4) split_even_odd(p.scale + group * p.N + n0 + c, s[0], s[1]);
@@ -180,8 +195,9 @@ constexpr int64_t SUMS_IN_L1 = 4096;  // floats
 template <int BITS>
 void kn(ffi::ThreadPool& pool, const Problem& p) {
   const int64_t vectors_end = p.N / step_of(BITS) * step_of(BITS);
-  const int64_t width = std::clamp<int64_t>(SUMS_IN_L1 / p.M / 64 * 64, 64, std::max<int64_t>(64, vectors_end));
-  const int64_t chunks = (vectors_end + width - 1) / width;
+  const int64_t widest = std::max<int64_t>(64, SUMS_IN_L1 / p.M / 64 * 64);
+  const int64_t chunks = (vectors_end + widest - 1) / widest;  // of equal widths, whole cache lines
+  const int64_t width = std::max<int64_t>(64, (vectors_end / std::max<int64_t>(chunks, 1) + 63) / 64 * 64);
   const bool scale_each = p.scale != nullptr && p.G > 1;
   const int64_t granule = scale_each ? p.g : KB;  // the parts' boundaries
   const int64_t wanted = CHUNKS_PER_THREAD * pool.num_threads();
@@ -237,14 +253,15 @@ inline vf hsum4(vf a, vf b, vf c, vf d) {
 
 // y[r0..r0+ROWS-1, n0..n0+count-1] = x · (stored rows n0..)ᵀ: whole vectors in registers (SCALE_EACH: each
 // scaled by its group's scale, the group a whole number of vectors), the inputs past them element by element.
-// A block past N (count < C) reads its last row again and stores only `count` outputs.
+// The weight rows are p.w's rows w_row0.. (n0.., or 0.. of a dequantized block); a block past N (count < C)
+// reads its last row again and stores only `count` outputs.
 template <int BITS, int ROWS, bool SCALE_EACH>
-void nk_block(const Problem& p, int64_t r0, int64_t n0, int64_t count) {
+void nk_block(const Problem& p, int64_t w_row0, int64_t r0, int64_t n0, int64_t count) {
   constexpr int P = parts_of(BITS);
   constexpr int64_t S = step_of(BITS);
   const int64_t vectors_end = p.K / S * S;
   int64_t rows[C];
-  for (int c = 0; c < C; ++c) rows[c] = std::min<int64_t>(n0 + c, p.N - 1);
+  for (int c = 0; c < C; ++c) rows[c] = w_row0 + std::min<int64_t>(c, count - 1);
   vf acc[ROWS][C] = {};
   for (int64_t group = 0; group < (SCALE_EACH ? p.G : 1); ++group) {
     vf s[C];
@@ -253,6 +270,8 @@ void nk_block(const Problem& p, int64_t r0, int64_t n0, int64_t count) {
     const int64_t begin = SCALE_EACH ? group * p.g : 0, end = SCALE_EACH ? (group + 1) * p.g : vectors_end;
     for (int64_t k = begin; k < end; k += S) {
       vf w[C][P];
+      if (starts_line<BITS>(k))  // the same inputs of the next block of stored rows
+        for (int c = 0; c < C && rows[c] + C < p.N; ++c) prefetch_weight<BITS>(p.w, (rows[c] + C) * p.K + k);
       for (int c = 0; c < C; ++c) {
         weight_vectors<BITS>(p.w, rows[c] * p.K + k, w[c]);
         if constexpr (SCALE_EACH)
@@ -290,16 +309,55 @@ void nk_elementwise(const Problem& p, const float* x_natural, int64_t n0, int64_
     }
 }
 
+// Stored rows n0.. (count of them, the last repeated up to C) dequantized into rows [C, K] of float32, in
+// x's order: the whole vectors as `weight_vectors` gives them (int4: reordered), then the tail.
+template <int BITS>
+void nk_dequantize(const Problem& p, int64_t n0, int64_t count, float* rows) {
+  constexpr int64_t S = step_of(BITS);
+  const int64_t vectors_end = p.K / S * S;
+  for (int c = 0; c < C; ++c) {
+    const int64_t n = n0 + std::min<int64_t>(c, count - 1);
+    float* row = rows + c * p.K;
+    for (int64_t k = 0; k < vectors_end; k += S) {  // a group is one or a whole number of vectors
+      vf w[parts_of(BITS)];
+      weight_vectors<BITS>(p.w, n * p.K + k, w);
+      const vf s = splat(p.scale[n * p.G + k / p.g]);
+      for (int i = 0; i < parts_of(BITS); ++i) store(row + k + i * W, w[i] * s);
+    }
+    for (int64_t k = vectors_end; k < p.K; ++k) row[k] = weight_at(p, true, k, n);
+  }
+}
+
+// y[:, block..block+count-1] for all rows of x: blocks of R rows in registers, then the rest.
+template <int BITS, bool SCALE_EACH>
+void nk_all_rows(const Problem& p, int64_t w_row0, int64_t block, int64_t count) {
+  int64_t r0 = 0;
+  for (; r0 + R <= p.M; r0 += R) nk_block<BITS, R, SCALE_EACH>(p, w_row0, r0, block, count);
+  switch (p.M - r0) {
+    case 1: nk_block<BITS, 1, SCALE_EACH>(p, w_row0, r0, block, count); break;
+    case 2: nk_block<BITS, 2, SCALE_EACH>(p, w_row0, r0, block, count); break;
+    case 3: nk_block<BITS, 3, SCALE_EACH>(p, w_row0, r0, block, count); break;
+  }
+}
+
+// y[:, n0..n0+count-1], C stored rows at a time. With more than R rows of x a quantized block is first
+// dequantized into a buffer in L1 cache, so that it is converted once rather than once per R rows.
 template <int BITS, bool SCALE_EACH>
 void nk_rows(const Problem& p, int64_t n0, int64_t count) {
+  const bool buffered = BITS != 32 && p.M > R;
+  thread_local std::vector<float> memory;
+  if (buffered && (int64_t)memory.size() < C * p.K) memory.resize(C * p.K);
+  Problem dequantized = p;  // the buffer as a float32 weight of C rows, scales applied
+  dequantized.bits = 32;
+  dequantized.w = memory.data();
+  dequantized.scale = nullptr;
   for (int64_t block = n0; block < n0 + count; block += C) {
     const int64_t outputs = std::min<int64_t>(C, n0 + count - block);
-    int64_t r0 = 0;
-    for (; r0 + R <= p.M; r0 += R) nk_block<BITS, R, SCALE_EACH>(p, r0, block, outputs);
-    switch (p.M - r0) {
-      case 1: nk_block<BITS, 1, SCALE_EACH>(p, r0, block, outputs); break;
-      case 2: nk_block<BITS, 2, SCALE_EACH>(p, r0, block, outputs); break;
-      case 3: nk_block<BITS, 3, SCALE_EACH>(p, r0, block, outputs); break;
+    if (buffered) {
+      nk_dequantize<BITS>(p, block, outputs, memory.data());
+      nk_all_rows<32, false>(dequantized, 0, block, outputs);
+    } else {
+      nk_all_rows<BITS, SCALE_EACH>(p, block, block, outputs);
     }
   }
 }

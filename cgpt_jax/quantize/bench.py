@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
         prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len)).tolist()
         runs = {name: functools.partial(_generate, g, prompts, name.endswith("-xla")) for name, g in generators.items()}
         load_start = os.getloadavg()
-        bandwidth = read_bandwidth()
+        bandwidth = read_bandwidth(os.cpu_count() or 1)
         medians = interleaved_medians(runs, (1, args.new_tokens), args.repeats)
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                   "repeats": args.repeats, **machine, "load_average_start": load_start, **bandwidth}
