@@ -97,34 +97,37 @@ def _forward_hlo_and_logits(model: GPT, tokens_BxL: jax.Array, mesh=None, rules=
     return hlo, np.asarray(forward(state, tokens_BxL))
 
 
-TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 64, (8, 4)), jnp.int32)  # 32 rows: the kernel's
+TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 64, (8, 4)), jnp.int32)
 
 
 @needs_compiler
 @pytest.mark.parametrize("spec", ["float32", "int8", "int4"])
 def test_model_through_the_kernel_equals_xla_and_shards(spec):
-    """The model's forward pass on 32 rows calls the kernel for its 4 projections per layer and the tied
-    head, and gives XLA's logits to float32 rounding; on 8 devices (data, fsdp, tensor = 2, the weights
-    sharded by the rules; float32 and int4) each device runs it on its own 8 rows and the logits are the
-    one-device ones. With more rows (a prefill, training) the matmuls are XLA's."""
+    """The model's forward pass on the kernel's most rows (16 float32, 32 quantized) calls the kernel for
+    its 4 projections per layer and the tied head, and gives XLA's logits to float32 rounding; on 8 devices
+    (data, fsdp, tensor = 2, the weights sharded by the rules; float32 and int4) each device runs it on its
+    own quarter of the rows and the logits are the one-device ones. With more rows (a prefill, training)
+    the matmuls are XLA's."""
     model = _tiny_model(spec)
-    hlo, logits = _forward_hlo_and_logits(model, TOKENS)
+    rows = few_rows.MAX_ROWS["float" if spec == "float32" else "quantized"]
+    tokens_BxL = TOKENS[:rows // TOKENS.shape[1]]
+    hlo, logits = _forward_hlo_and_logits(model, tokens_BxL)
     assert model.cfg.scan_layers and len(_kernel_calls(hlo)) == 4 + 1, _kernel_calls(hlo)  # the layer body's, the head's
     with few_rows.xla_only():
-        xla_hlo, xla_logits = _forward_hlo_and_logits(model, TOKENS)
+        xla_hlo, xla_logits = _forward_hlo_and_logits(model, tokens_BxL)
     assert not _kernel_calls(xla_hlo)
     scale = np.max(np.abs(xla_logits))
     np.testing.assert_allclose(logits, xla_logits, rtol=0, atol=2e-6 * scale)
-    assert not _kernel_calls(_forward_hlo_and_logits(model, jnp.concatenate([TOKENS, TOKENS]))[0])
+    assert not _kernel_calls(_forward_hlo_and_logits(model, jnp.concatenate([tokens_BxL, tokens_BxL]))[0])
     if spec == "int8":
         return  # int8 and int4 run the same code under a mesh
 
     config = tiny_config(data=2, fsdp=2, tensor=2)
     mesh = make_mesh(config.mesh, jax.devices())
     with activation_sharding(mesh, config.mesh.rules):
-        sharded_hlo, sharded_logits = _forward_hlo_and_logits(model, TOKENS, mesh, config.mesh.rules)
+        sharded_hlo, sharded_logits = _forward_hlo_and_logits(model, tokens_BxL, mesh, config.mesh.rules)
     calls = _kernel_calls(sharded_hlo)
-    assert calls and all("f32[8," in line.split("custom-call(")[0] for line in calls), calls[:2]
+    assert calls and all(f"f32[{rows // 4}," in line.split("custom-call(")[0] for line in calls), calls[:2]
     np.testing.assert_allclose(sharded_logits, logits, rtol=0, atol=2e-6 * scale)
 
 

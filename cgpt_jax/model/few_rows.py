@@ -1,11 +1,12 @@
 """x @ W for few rows (a decode step): on CPU through the streaming kernel, elsewhere XLA's matmul. One
 decision for float32 and quantized weights.
 
-With at most `MAX_ROWS` rows a matmul reads each weight once for a few multiply-adds, so its speed is the
-speed at which W streams from memory; the kernel (`cgpt_jax/kernels/streaming_matmul.py`) reads it at the
-machine's bandwidth, XLA:CPU's GEMM well below it, and for a quantized W XLA also writes the dequantized
-float32 weight out and reads it back (docs/quantization.md). More rows (a prefill, training) are
-compute-bound, where XLA's GEMM is faster. The callers are `layers.project` and `layers.tied_logits` for
+With a few rows a matmul reads each weight once for a few multiply-adds, so its speed is the speed at
+which W streams from memory; the kernel (`cgpt_jax/kernels/streaming_matmul.py`) reads it at the machine's
+bandwidth, XLA:CPU's GEMM below it, and for a quantized W XLA also writes the dequantized float32 weight
+out and reads it back (docs/quantization.md). More rows (a prefill, training) are compute-bound, where
+XLA's GEMM is faster: the crossover, measured on the 111M shapes, is between 16 and 32 rows for float32
+weights (`MAX_ROWS`), above 32 for quantized ones, whose XLA path also pays the dequantization. The callers are `layers.project` and `layers.tied_logits` for
 float weights and `cgpt_jax/quantize/matmul.py` for quantized ones.
 
 Under a mesh (`activation_sharding`) the kernel runs on each device's rows (x split by 'batch' and
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from cgpt_jax.kernels import streaming_matmul
 from cgpt_jax.parallel.sharding import fits_shards, map_shards
 
-MAX_ROWS = 32
+MAX_ROWS = {"float": 16, "quantized": 32}  # the most rows that run the kernel, by weight kind
 ROW_AXES = ("batch", "length", None)
 _switch = threading.local()
 
@@ -54,11 +55,12 @@ def _kernel_loaded() -> bool:
         return False
 
 
-def uses_kernel(x_BxLxI: jax.Array) -> bool:
-    """Whether x's matmuls run the kernel: CPU, float32, at most MAX_ROWS rows, a mesh that divides them."""
+def uses_kernel(x_BxLxI: jax.Array, *, quantized: bool) -> bool:
+    """Whether x's matmul with a float32 or a quantized weight runs the kernel: CPU, float32 activations, at
+    most MAX_ROWS rows, a mesh that divides them."""
     batch, length, _ = x_BxLxI.shape
     return (not getattr(_switch, "xla_only", False) and jax.default_backend() == "cpu"
-            and x_BxLxI.dtype == jnp.float32 and batch * length <= MAX_ROWS
+            and x_BxLxI.dtype == jnp.float32 and batch * length <= MAX_ROWS["quantized" if quantized else "float"]
             and fits_shards(x_BxLxI.shape, ROW_AXES) and _kernel_loaded())
 
 

@@ -58,7 +58,7 @@ def project(x_BxLxI: jax.Array, kernel: nnx.Variable, dtype: jnp.dtype) -> jax.A
     if hasattr(value, "matmul_rows"):
         return value.matmul_rows(x_BxLxI).astype(dtype)
     w_IxO = kernel[...].astype(dtype).reshape(x_BxLxI.shape[-1], -1)
-    if few_rows.uses_kernel(x_BxLxI):
+    if few_rows.uses_kernel(x_BxLxI, quantized=False):
         return few_rows.matmul(x_BxLxI, w_IxO, transposed=False)
     return matmul_rows(x_BxLxI, w_IxO)
 
@@ -94,7 +94,7 @@ def tied_logits(x_BxLxD: jax.Array, table: nnx.Variable, dtype: jnp.dtype) -> ja
     if hasattr(value, "matmul_rows"):
         return value.matmul_rows(x_BxLxD.astype(dtype))
     w_VxD = table[...].astype(dtype)
-    if few_rows.uses_kernel(x_BxLxD) and w_VxD.dtype == jnp.float32:
+    if few_rows.uses_kernel(x_BxLxD, quantized=False) and w_VxD.dtype == jnp.float32:
         return few_rows.matmul(x_BxLxD, w_VxD, transposed=True)
     return logits_rows(x_BxLxD, w_VxD)
 

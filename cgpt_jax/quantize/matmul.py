@@ -31,7 +31,7 @@ def _transposed(w: QuantizedArray) -> bool | None:
 
 def uses_kernel(w: QuantizedArray, x_BxLxI: jax.Array) -> bool:
     """Whether `matmul_rows(w, x)` runs the streaming kernel (`few_rows.uses_kernel`, W's inputs at one end)."""
-    return _transposed(w) is not None and few_rows.uses_kernel(x_BxLxI)
+    return _transposed(w) is not None and few_rows.uses_kernel(x_BxLxI, quantized=True)
 
 
 def matmul_rows(w: QuantizedArray, x_BxLxI: jax.Array) -> jax.Array:
