@@ -12,7 +12,8 @@ column per label).
 --input is a .jsonl or .csv/.tsv file (the text in the field named by --text_field) or any other file with
 one text per line (blank lines skipped). The run's best checkpoint (DIR/best/) is used when it has one,
 else its newest; texts longer than the run's max_len are cut to their first max_len tokens, as in training.
---quantize=int8|int4|int4:group=G runs the classifier with weight-only quantized weights (cgpt_jax/quantize).
+--quantize=int8|int4|int4:group=G runs the classifier with weight-only quantized weights (cgpt_jax/quantize);
+--checkpoint may also be a quantized classifier checkpoint (python -m cgpt_jax.quantize --checkpoint=RUN_DIR).
 """
 from __future__ import annotations
 

@@ -119,6 +119,10 @@ def _load_quantized(directory: storage.Path, tensor_parallel: int,
     if quantize.is_checkpoint(directory):
         mesh = _tensor_mesh(tensor_parallel)
         saved = quantize.load(directory, scheme=scheme, mesh=mesh)
+        if saved.classifier is not None:
+            raise ValueError(f"--checkpoint={directory} is a quantized classifier of {saved.classifier.num_labels} "
+                             f"labels, not a language model — classify texts with python -m cgpt_jax.classify "
+                             f"--checkpoint={directory}")
         return Loaded(saved.model, saved.tokenizer, saved.eos_ids, saved.rules), mesh
     loaded, mesh = load(str(directory), tensor_parallel)
     return dataclasses.replace(loaded, model=quantize.apply(loaded.model, scheme)), mesh

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from cgpt_jax import classify
+from cgpt_jax import classify, generate, quantize
 from cgpt_jax.errors import InputError
 from cgpt_jax.finetune.data import bucket_length, length_batches, tokenize
 from cgpt_jax.finetune.model import SequenceClassifier
@@ -126,3 +126,28 @@ def test_an_exported_run_predicts_the_same_in_transformers_and_from_its_hf_direc
     imported = load_classifier(str(out))
     assert imported.label_names == classifier.label_names and imported.source == str(out)
     np.testing.assert_allclose(imported.predict(texts, batch_size=4)[0], ours, atol=1e-6)
+
+
+def test_a_quantized_classifier_checkpoint_predicts_as_quantizing_on_the_fly(run_dir, tmp_path):
+    out = tmp_path / "int8"
+    done = subprocess.run([sys.executable, "-m", "cgpt_jax.quantize", f"--checkpoint={run_dir}", "--scheme=int8",
+                           f"--output={out}"], capture_output=True, text=True, timeout=300, env=one_device_env())
+    assert done.returncode == 0, done.stderr
+    written = json.loads(done.stdout)
+    assert written["quantized_bytes"]["total"] < written["float_bytes"] / 2
+
+    texts = ["Message(object)", "walk(self)", "x"]
+    saved = load_classifier(str(out))
+    on_the_fly = load_classifier(run_dir, quantize.parse("int8"))
+    score = saved.model.score.get_value()
+    assert isinstance(score, quantize.QuantizedArray) and score.bits == 8  # restored as integers
+    assert (saved.label_names, saved.loss, saved.max_len) == (on_the_fly.label_names, on_the_fly.loss,
+                                                              on_the_fly.max_len)
+    assert saved.tokenizer.sha256 == on_the_fly.tokenizer.sha256
+    np.testing.assert_array_equal(saved.predict(texts, batch_size=2)[0], on_the_fly.predict(texts, batch_size=2)[0])
+
+    with pytest.raises(InputError, match="holds a model quantized with int8; int4 was asked for"):
+        load_classifier(str(out), quantize.parse("int4"))
+    with pytest.raises(ValueError, match=f"--checkpoint={out} is a quantized classifier of 2 labels, not a language "
+                                         f"model — classify texts with python -m cgpt_jax.classify"):
+        generate.load(str(out))

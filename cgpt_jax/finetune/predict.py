@@ -6,7 +6,8 @@ backbone, checked against the hash the run recorded); or an HF GPT2ForSequenceCl
 (cgpt_jax/interop/hf.py) with its tokenizer. `Classifier.predict` tokenizes like training
 (truncated to the run's max_len, padded on the right) and scores the texts in batches of one length
 bucket each, so the jitted forward compiles once per bucket. `load_classifier(DIR, scheme)` quantizes
-the classifier's weights after loading (cgpt_jax/quantize).
+the classifier's weights after loading (cgpt_jax/quantize); DIR may also be a quantized classifier
+checkpoint (`python -m cgpt_jax.quantize --checkpoint=RUN`), loaded as saved.
 """
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ class Classifier:
     max_len: int  # longer texts are cut to their first max_len tokens (a run's train.seq_len)
     source: str  # the checkpoint ('DIR/checkpoints/STEP') or HF directory the parameters came from
     multi_label: bool = False  # trained on label sets: each label whose sigmoid is >= 0.5 applies
+    method: str = "full"  # the PEFT method whose parameters `model` holds ('full': none; LoRA is merged)
+
+    def head(self) -> quantize.ClassifierHead:
+        """What a quantized checkpoint of this classifier records beside its weights."""
+        return quantize.ClassifierHead(self.model.num_labels, self.label_names, self.loss, self.max_len,
+                                       self.multi_label, self.method)
 
     def forward(self, tokens_BxL: np.ndarray, lengths_B: np.ndarray) -> jax.Array:
         """Class logits [B, C]; jitted, so one compile per (B, L)."""
@@ -110,14 +117,40 @@ def _hf_classifier(directory: storage.Path) -> Classifier:
                       imported.config.model.max_seq_len, str(directory))
 
 
+def is_classifier(directory: storage.Path) -> bool:
+    """Whether `directory` holds a classifier: a fine-tuning run with labels, or an HF directory of a
+    ...ForSequenceClassification model (other directories are language models or not models at all)."""
+    config_file = directory / run_dir.CONFIG
+    if not config_file.is_file():
+        return False
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    if "model_type" in raw:
+        return any(name.endswith("ForSequenceClassification") for name in raw.get("architectures") or [])
+    return raw.get("finetune", {}).get("num_labels", -1) != -1
+
+
 def load_classifier(path: str, scheme: quantize.Scheme | None = None) -> Classifier:
-    """A fine-tuning run's classifier (see the module docstring), or an HF GPT2ForSequenceClassification
-    directory's, on the first device; its weights quantized with `scheme` when given. `path` may be local,
-    gs:// or s3://."""
+    """A fine-tuning run's classifier (see the module docstring), an HF GPT2ForSequenceClassification
+    directory's or a quantized classifier checkpoint's, on the first device; its weights quantized with
+    `scheme` when given (a quantized checkpoint must have been written with it). `path` may be local, gs://
+    or s3://."""
+    if quantize.is_checkpoint(storage.path(path)):
+        return _load_quantized_classifier(storage.path(path), scheme)
     classifier = _load_float_classifier(storage.path(path))
     if scheme is None:
         return classifier
     return dataclasses.replace(classifier, model=quantize.apply(classifier.model, scheme))
+
+
+def _load_quantized_classifier(directory: storage.Path, scheme: quantize.Scheme | None) -> Classifier:
+    saved = quantize.load(directory, scheme=scheme)
+    if saved.classifier is None:
+        raise InputError(f"--checkpoint={directory} is a quantized language model, not a classifier — it "
+                         f"generates text: python -m cgpt_jax.generate --checkpoint={directory}")
+    head = saved.classifier
+    tokenizer = TextTokenizer(saved.tokenizer, str(directory / quantize.checkpoint.TOKENIZER))
+    return Classifier(saved.model, tokenizer, head.label_names, head.loss, head.max_len, str(directory),
+                      multi_label=head.multi_label, method=head.method)
 
 
 def _load_float_classifier(directory: storage.Path) -> Classifier:
@@ -148,4 +181,5 @@ def _load_float_classifier(directory: storage.Path) -> Classifier:
         model = peft_training.merge(model)  # LoRA folded in: the base model's forward pass and speed
     return Classifier(model, tokenizer, list(description["label_names"]), raw["finetune"]["loss"],
                       raw["train"]["seq_len"], str(storage.path(source.directory, str(source.step))),
-                      multi_label=bool(description.get("multi_label", False)))
+                      multi_label=bool(description.get("multi_label", False)),
+                      method=method if model.peft is not None else "full")

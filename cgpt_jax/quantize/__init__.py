@@ -12,8 +12,8 @@ through `QuantizedArray.matmul_rows` (`matmul.py`: on CPU a C++ kernel reads the
 few rows of a decode step), so the forward pass, the KV-cache `Generator`, the evaluation scorer and the
 classifier run it unchanged; the weights and scales shard by
 the weight's logical axes (`cgpt_jax.parallel.sharding.state_shardings`). `python -m cgpt_jax.quantize`
-writes a quantized checkpoint; `generate`, `classify` and the evaluation harness take `--quantize` /
-`quantize=` and quantized checkpoint directories. Inference only: nothing trains a quantized model.
+writes a quantized checkpoint (of a language model or of a fine-tuned classifier); `generate`, `classify`
+and the evaluation harness take `--quantize` / `quantize=` and quantized checkpoint directories. Inference only: nothing trains a quantized model.
 
 Why not qwix's model-level PTQ (`qwix.quantize_model` with `PtqProvider`): on this model it fails (the
 tied LM head's quantized replacement of `wte` breaks the embedding lookup, `jnp.take` of a `WithAux`), it
@@ -22,9 +22,9 @@ finds weights by inspecting stack frames and tracers, which does not reach the l
 The numerics (symmetric absmax, per-channel or tiled scales) are the same as `qwix.quantize`'s.
 """
 from cgpt_jax.quantize.array import QuantizedArray, dequantize
-from cgpt_jax.quantize.checkpoint import Loaded, is_checkpoint, load, save
+from cgpt_jax.quantize.checkpoint import ClassifierHead, Loaded, is_checkpoint, load, save
 from cgpt_jax.quantize.model import apply, check, quantize_state, weight_bytes
 from cgpt_jax.quantize.scheme import Scheme, parse
 
-__all__ = ["Loaded", "QuantizedArray", "Scheme", "apply", "check", "dequantize", "is_checkpoint", "load", "parse",
+__all__ = ["ClassifierHead", "Loaded", "QuantizedArray", "Scheme", "apply", "check", "dequantize", "is_checkpoint", "load", "parse",
            "quantize_state", "save", "weight_bytes"]

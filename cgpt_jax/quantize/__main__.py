@@ -1,9 +1,11 @@
-"""Write a quantized checkpoint once, from a training run or a Hugging Face directory.
+"""Write a quantized checkpoint once, from a training run, a fine-tuned classifier or a Hugging Face directory.
 
     python -m cgpt_jax.quantize --checkpoint=RUN_OR_HF_DIR --scheme=int8|int4|int4:group=G --output=DIR
 
 `generate --checkpoint=DIR`, the evaluation harness (`checkpoint=DIR`) and `quantize.load(DIR)` then load
-it without materialising float32 weights. Prints the weight bytes before and after.
+a language model's without materialising float32 weights, and `classify --checkpoint=DIR` a classifier's
+(a fine-tuning run with labels, or an HF ...ForSequenceClassification directory). Prints the weight bytes
+before and after.
 """
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import json
 
 from absl import app, flags
 from flax import nnx
+from tokenizers import Tokenizer
 
 from cgpt_jax import cli, quantize, storage
 from cgpt_jax.errors import InputError
+from cgpt_jax.finetune import predict
 from cgpt_jax.generate import load
+from cgpt_jax.parallel.sharding import DEFAULT_RULES
 from cgpt_jax.quantize.checkpoint import source_identity
 from cgpt_jax.train.checkpoint import CheckpointError
 
@@ -37,14 +42,21 @@ def main(argv: list[str]) -> None:
     storage.check_workdir(str(output), "--output")  # a bucket that exists and takes writes
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"--output={given.output} exists and is not an empty directory — give a new directory")
-    try:
-        loaded, _ = load(source)
-    except (ValueError, CheckpointError) as e:
-        raise InputError(str(e)) from e
-    float_state = nnx.state(loaded.model)
-    model = quantize.apply(loaded.model, scheme)
-    quantize.save(output, model, scheme, source=source_identity(source, float_state), rules=loaded.rules,
-                  tokenizer=loaded.tokenizer, eos_ids=loaded.eos_ids)
+    if predict.is_classifier(storage.path(source)):
+        classifier = predict.load_classifier(source)
+        float_state = nnx.state(classifier.model)
+        model = quantize.apply(classifier.model, scheme)
+        quantize.save(output, model, scheme, source=source_identity(source, float_state), rules=DEFAULT_RULES,
+                      tokenizer=Tokenizer.from_str(classifier.tokenizer.json), classifier=classifier.head())
+    else:
+        try:
+            loaded, _ = load(source)
+        except (ValueError, CheckpointError) as e:
+            raise InputError(str(e)) from e
+        float_state = nnx.state(loaded.model)
+        model = quantize.apply(loaded.model, scheme)
+        quantize.save(output, model, scheme, source=source_identity(source, float_state), rules=loaded.rules,
+                      tokenizer=loaded.tokenizer, eos_ids=loaded.eos_ids)
     print(json.dumps({"output": str(output), "scheme": scheme.name,
                       "float_bytes": quantize.weight_bytes(float_state)["total"],
                       "quantized_bytes": quantize.weight_bytes(nnx.state(model))}))

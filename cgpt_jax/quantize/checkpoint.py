@@ -4,11 +4,13 @@ Layout of a quantized checkpoint directory:
 
     quantized.json   the scheme, the model config, where the weights came from (`source`: the float
                      checkpoint's path and the hash of its per-tensor fingerprint), the logical-axis rules,
-                     the end-of-text ids, the quantized state's tensor specs and fingerprint
+                     the end-of-text ids, the quantized state's tensor specs and fingerprint; for a
+                     fine-tuned classifier also `classifier` (`ClassifierHead`: its labels, loss, max_len
+                     and the PEFT method whose parameters the weights hold)
     params/          the quantized nnx state (Orbax): integers, scales, and the weights kept float
     tokenizer.json   the source's tokenizer, when it has one
 
-`load` builds the abstract model, quantizes it abstractly (`jax.eval_shape`) to get the integer and scale
+`load` builds the abstract model (a GPT, or a SequenceClassifier for a classifier), quantizes it abstractly (`jax.eval_shape`) to get the integer and scale
 shapes, and restores straight into them on the target shardings; the restored state must match the
 fingerprint taken when it was saved. Loading with another scheme or onto another model is refused.
 """
@@ -29,8 +31,10 @@ from tokenizers import Tokenizer
 
 from cgpt_jax import storage
 from cgpt_jax.errors import InputError
+from cgpt_jax.finetune.model import SequenceClassifier
 from cgpt_jax.model import GPT, abstract_model
 from cgpt_jax.parallel.sharding import Rules, state_shardings
+from cgpt_jax.peft.training import abstract_with_method
 from cgpt_jax.quantize.model import quantize_state, weight_bytes
 from cgpt_jax.quantize.scheme import Scheme, parse
 from cgpt_jax.train.checkpoint import fingerprint, orbax_atomicity, tensor_specs
@@ -41,13 +45,25 @@ TOKENIZER = "tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifierHead:
+    """What a quantized classifier checkpoint records beside its weights, for `classify` to use it."""
+    num_labels: int
+    label_names: list[str]
+    loss: str  # 'softmax' | 'sigmoid', as trained
+    max_len: int  # longer texts are cut to their first max_len tokens
+    multi_label: bool
+    method: str  # the PEFT method whose parameters the weights hold ('full': none; LoRA is merged first)
+
+
+@dataclasses.dataclass(frozen=True)
 class Loaded:
-    model: GPT  # its weights are QuantizedArrays
+    model: GPT  # its weights are QuantizedArrays; a SequenceClassifier when `classifier` is set
     scheme: Scheme
     tokenizer: Tokenizer | None
     eos_ids: tuple[int, ...]
     rules: Rules
     source: dict[str, Any]
+    classifier: ClassifierHead | None = None
 
 
 def is_checkpoint(directory: str | storage.Path) -> bool:
@@ -61,8 +77,10 @@ def source_identity(path: str | storage.Path, float_state: nnx.State) -> dict[st
 
 
 def save(directory: str | storage.Path, model: GPT, scheme: Scheme, *, source: dict[str, Any],
-         rules: Rules, tokenizer: Tokenizer | None = None, eos_ids: tuple[int, ...] = ()) -> None:
-    """Write the quantized `model` (from `quantize.apply(float_model, scheme)`) to a new directory."""
+         rules: Rules, tokenizer: Tokenizer | None = None, eos_ids: tuple[int, ...] = (),
+         classifier: ClassifierHead | None = None) -> None:
+    """Write the quantized `model` (from `quantize.apply(float_model, scheme)`) to a new directory; a
+    classifier's `model` is its SequenceClassifier, described by `classifier`."""
     directory = storage.path(directory)  # absolute: Orbax takes absolute paths only
     if directory.exists() and any(directory.iterdir()):
         raise InputError(f"{directory} is not empty — give a new directory for the quantized checkpoint")
@@ -75,6 +93,8 @@ def save(directory: str | storage.Path, model: GPT, scheme: Scheme, *, source: d
     manifest = {"scheme": scheme.name, "model": model.cfg.to_dict(), "source": source,
                 "rules": [[name, axes] for name, axes in rules], "eos_ids": list(eos_ids),
                 "weight_bytes": weight_bytes(state), "tensors": tensor_specs(state), "fingerprint": fingerprint(state)}
+    if classifier is not None:
+        manifest["classifier"] = dataclasses.asdict(classifier)
     storage.write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1))  # last: marks it complete
 
 
@@ -104,7 +124,8 @@ def load(directory: str | storage.Path, *, scheme: Scheme | None = None,
         raise InputError(f"{directory} holds another model (model.{', model.'.join(differences)} differ) — "
                          f"load it with its own config, or quantize this model")
     rules = [(name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in manifest["rules"]]
-    graphdef, abstract = nnx.split(abstract_model(cfg))
+    classifier = ClassifierHead(**manifest["classifier"]) if "classifier" in manifest else None
+    graphdef, abstract = nnx.split(_abstract(cfg, classifier))
     abstract = jax.eval_shape(functools.partial(quantize_state, scheme=saved_scheme), abstract)
     if mesh is not None:
         shardings = state_shardings(abstract, mesh, rules)
@@ -122,4 +143,12 @@ def load(directory: str | storage.Path, *, scheme: Scheme | None = None,
     tokenizer_file = directory / TOKENIZER
     tokenizer = Tokenizer.from_str(tokenizer_file.read_text(encoding="utf-8")) if tokenizer_file.is_file() else None
     return Loaded(nnx.merge(graphdef, state), saved_scheme, tokenizer, tuple(manifest["eos_ids"]), rules,
-                  manifest["source"])
+                  manifest["source"], classifier)
+
+
+def _abstract(cfg: ml_collections.ConfigDict, classifier: ClassifierHead | None) -> GPT:
+    """The float model the checkpoint was quantized from, shapes only."""
+    if classifier is None:
+        return abstract_model(cfg)
+    return abstract_with_method(lambda: SequenceClassifier(cfg, classifier.num_labels, rngs=nnx.Rngs(0)),
+                                classifier.method, cfg)
