@@ -126,9 +126,9 @@ def main(argv: list[str]) -> None:
     import torch
     import transformers
 
+    if not args.torch_threads or not all(t.isdigit() and int(t) >= 1 for t in args.torch_threads):
+        raise app.UsageError(f"--torch_threads={','.join(args.torch_threads)} must list positive thread counts")
     torch_threads = sorted({int(t) for t in args.torch_threads})
-    if not torch_threads or min(torch_threads) < 1:
-        raise app.UsageError(f"--torch_threads={args.torch_threads} must list positive thread counts")
     model = nnx.jit(lambda: GPT(model_config(args.shape), rngs=nnx.Rngs(0)))()
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(model, directory)
