@@ -4,8 +4,10 @@ XLA:CPU allocates an executable's temporary buffers as one block per execution (
 step: activations, gradients, attention probabilities) and frees it when the step ends. glibc's malloc
 hands out such a block with a fresh mmap (every block above 32 MB, and any block that a thread's own
 arena cannot hold), so every step begins by page-faulting the whole block in and zeroing it: measured on
-the d64 ladder step, 33,000 page faults and 70 ms of kernel time per 100 ms step. With one arena, no mmap
-and no trimming, the block is reused from the heap; PyTorch's smaller per-op buffers never hit this.
+the d64 ladder step, 33,000 page faults and 70 ms of kernel time per 100 ms step. With no mmap and no
+trimming, the block is reused from the heap; PyTorch's smaller per-op buffers never hit this. The
+number of arenas stays glibc's: a single arena serialises XLA's compiler threads on one lock, which made
+compile-heavy work (the test suite) a quarter slower and the ladder's runs no faster (docs/performance.md).
 
 `retain_freed_memory()` must run before JAX starts its CPU client (its threads bind to malloc arenas
 then); the command-line entry points call it first. `CGPT_HOST_MALLOC=default` leaves malloc alone.
@@ -19,7 +21,6 @@ import sys
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 
 
 def retain_freed_memory() -> bool:
@@ -31,7 +32,6 @@ def retain_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return False
-    # One arena (a thread arena cannot grow past 64 MB, so its big blocks would be mmapped), never mmap,
-    # and never return the top of the heap to the OS. Each call returns 1 on success.
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+    # Never mmap (a block a thread arena cannot hold then comes from the main heap) and never return the
+    # top of the heap to the OS. Each call returns 1 on success.
+    return all(mallopt(param, value) == 1 for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
