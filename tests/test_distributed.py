@@ -20,7 +20,8 @@ TINY = ["--config=experiments/cerebras_gpt.py:size=tiny", "--config.model.d_mode
 
 def _start(args: list[str], devices: int, process_id: int | None = None, n_processes: int | None = None,
            port: int | None = None, env: dict | None = None) -> subprocess.Popen:
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"  # conftest.py
+    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+             "--xla_cpu_use_fusion_emitters=false")  # as conftest.py sets them
     env = {**os.environ, **(env or {}), "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     cluster = ([f"--coordinator_address=localhost:{port}", f"--num_processes={n_processes}",
                 f"--process_id={process_id}"] if n_processes else [])
