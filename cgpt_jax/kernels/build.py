@@ -18,6 +18,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
+from collections.abc import Callable
 
 import jax
 import jaxlib
@@ -117,3 +119,14 @@ def load(source: pathlib.Path, targets: tuple[tuple[str, str], ...]) -> pathlib.
     for target, symbol in targets:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return path
+
+
+def loads(load_kernel: Callable[[], object], fallback: str) -> bool:
+    """Whether `load_kernel()` registers its kernel; where it cannot, warns "`fallback`: why" and returns
+    False, and the caller runs its pure-JAX equivalent."""
+    try:
+        load_kernel()
+        return True
+    except KernelUnavailable as error:
+        warnings.warn(f"{fallback}: {error}", stacklevel=3)
+        return False

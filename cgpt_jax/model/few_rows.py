@@ -20,13 +20,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import warnings
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 
-from cgpt_jax.kernels import streaming_matmul
+from cgpt_jax.kernels import build as kernel_build, streaming_matmul
 from cgpt_jax.parallel.sharding import fits_shards, map_shards
 
 MAX_ROWS = {"float": 16, "quantized": 32}  # the most rows that run the kernel, by weight kind
@@ -48,12 +47,7 @@ def xla_only() -> Iterator[None]:
 
 @functools.cache
 def _kernel_loaded() -> bool:
-    try:
-        streaming_matmul.load()
-        return True
-    except streaming_matmul.KernelUnavailable as error:
-        warnings.warn(f"few-row matmuls run through XLA on CPU: {error}", stacklevel=2)
-        return False
+    return kernel_build.loads(streaming_matmul.load, "few-row matmuls run through XLA on CPU")
 
 
 def uses_kernel(x_BxLxI: jax.Array, *, quantized: bool) -> bool:

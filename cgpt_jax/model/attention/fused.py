@@ -13,13 +13,12 @@ float32 rounding.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from cgpt_jax.kernels import cpu_attention
+from cgpt_jax.kernels import build as kernel_build, cpu_attention
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.dense import DenseAttention
 from cgpt_jax.parallel.sharding import fits_shards, map_shards
@@ -39,12 +38,7 @@ def _implementation(q_BxTxHxK: jax.Array, causal_self_attention: bool) -> str:
 
 @functools.cache
 def _cpu_kernel_loaded() -> bool:
-    try:
-        cpu_attention.load()
-        return True
-    except cpu_attention.KernelUnavailable as error:
-        warnings.warn(f"fused attention runs JAX's XLA implementation on CPU: {error}", stacklevel=2)
-        return False
+    return kernel_build.loads(cpu_attention.load, "fused attention runs JAX's XLA implementation on CPU")
 
 
 @register("fused")
