@@ -251,18 +251,46 @@ inline vf hsum4(vf a, vf b, vf c, vf d) {
   return pairs + __builtin_shufflevector(pairs, pairs, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
 }
 
-// y[r0..r0+ROWS-1, n0..n0+count-1] = x · (stored rows n0..)ᵀ: whole vectors in registers (SCALE_EACH: each
-// scaled by its group's scale, the group a whole number of vectors), the inputs past them element by element.
-// The weight rows are p.w's rows w_row0.. (n0.., or 0.. of a dequantized block); a block past N (count < C)
-// reads its last row again and stores only `count` outputs.
+// acc[r][c] = x[r0 + r, :K'] · (stored row rows[c])[:K'], K' the whole vectors (SCALE_EACH: each vector of
+// weights scaled by its group's scale, the group a whole number of vectors), one stored row after another:
+// the C rows, contiguous in memory, are read as one stream. Two chains of additions per row of x, so that
+// the additions' latency does not bound the stream. For all of x's rows at once (M <= R), float32 weights.
 template <int BITS, int ROWS, bool SCALE_EACH>
-void nk_block(const Problem& p, int64_t w_row0, int64_t r0, int64_t n0, int64_t count) {
+__attribute__((always_inline)) inline void nk_sums_row_by_row(const Problem& p, const int64_t (&rows)[C], int64_t r0, vf (&acc)[ROWS][C]) {
   constexpr int P = parts_of(BITS);
   constexpr int64_t S = step_of(BITS);
   const int64_t vectors_end = p.K / S * S;
-  int64_t rows[C];
-  for (int c = 0; c < C; ++c) rows[c] = w_row0 + std::min<int64_t>(c, count - 1);
-  vf acc[ROWS][C] = {};
+  for (int c = 0; c < C; ++c) {
+    vf even[ROWS] = {}, odd[ROWS] = {};
+    auto add = [&](int64_t k, vf scale, vf (&into)[ROWS]) {
+      vf w[P];
+      weight_vectors<BITS>(p.w, rows[c] * p.K + k, w);
+      if constexpr (SCALE_EACH)
+        for (int i = 0; i < P; ++i) w[i] *= scale;
+      for (int r = 0; r < ROWS; ++r)
+        for (int i = 0; i < P; ++i) into[r] += load(p.x + (r0 + r) * p.K + k + i * W) * w[i];
+    };
+    for (int64_t group = 0; group < (SCALE_EACH ? p.G : 1); ++group) {
+      const vf scale = SCALE_EACH ? splat(p.scale[rows[c] * p.G + group]) : vf{};
+      const int64_t begin = SCALE_EACH ? group * p.g : 0, end = SCALE_EACH ? (group + 1) * p.g : vectors_end;
+      int64_t k = begin;
+      for (; k + 2 * S <= end; k += 2 * S) {
+        add(k, scale, even);
+        add(k + S, scale, odd);
+      }
+      if (k < end) add(k, scale, even);
+    }
+    for (int r = 0; r < ROWS; ++r) acc[r][c] = even[r] + odd[r];
+  }
+}
+
+// The same sums, the C stored rows interleaved: each vector of x is loaded once for all C of them, which
+// is faster where the block is read again for each further R rows of x (M > R), from L1 cache.
+template <int BITS, int ROWS, bool SCALE_EACH>
+__attribute__((always_inline)) inline void nk_sums_interleaved(const Problem& p, const int64_t (&rows)[C], int64_t r0, vf (&acc)[ROWS][C]) {
+  constexpr int P = parts_of(BITS);
+  constexpr int64_t S = step_of(BITS);
+  const int64_t vectors_end = p.K / S * S;
   for (int64_t group = 0; group < (SCALE_EACH ? p.G : 1); ++group) {
     vf s[C];
     if constexpr (SCALE_EACH)
@@ -286,6 +314,19 @@ void nk_block(const Problem& p, int64_t w_row0, int64_t r0, int64_t n0, int64_t 
       }
     }
   }
+}
+
+// y[r0..r0+ROWS-1, n0..n0+count-1] = x · (stored rows n0..)ᵀ: whole vectors in registers, the inputs past
+// them element by element. The weight rows are p.w's rows w_row0.. (n0.., or 0.. of a dequantized block); a
+// block past N (count < C) reads its last row again and stores only `count` outputs.
+template <int BITS, int ROWS, bool SCALE_EACH, bool ROW_BY_ROW>
+void nk_block(const Problem& p, int64_t w_row0, int64_t r0, int64_t n0, int64_t count) {
+  const int64_t vectors_end = p.K / step_of(BITS) * step_of(BITS);
+  int64_t rows[C];
+  for (int c = 0; c < C; ++c) rows[c] = w_row0 + std::min<int64_t>(c, count - 1);
+  vf acc[ROWS][C] = {};
+  if constexpr (ROW_BY_ROW) nk_sums_row_by_row<BITS, ROWS, SCALE_EACH>(p, rows, r0, acc);
+  else nk_sums_interleaved<BITS, ROWS, SCALE_EACH>(p, rows, r0, acc);
   const bool scale_after = p.scale != nullptr && !SCALE_EACH;
   for (int r = 0; r < ROWS; ++r) {
     const vf sums = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
@@ -328,15 +369,23 @@ void nk_dequantize(const Problem& p, int64_t n0, int64_t count, float* rows) {
   }
 }
 
-// y[:, block..block+count-1] for all rows of x: blocks of R rows in registers, then the rest.
+// y[:, block..block+count-1] for all rows of x: blocks of R rows in registers, then the rest. Float32
+// weights against at most R rows are read one stored row after another (`nk_sums_row_by_row`); quantized
+// ones not, as their conversion, not the stream, bounds them, and the interleaved order converts less.
 template <int BITS, bool SCALE_EACH>
 void nk_all_rows(const Problem& p, int64_t w_row0, int64_t block, int64_t count) {
+  if (BITS == 32) switch (p.M) {
+    case 1: return nk_block<BITS, 1, SCALE_EACH, true>(p, w_row0, 0, block, count);
+    case 2: return nk_block<BITS, 2, SCALE_EACH, true>(p, w_row0, 0, block, count);
+    case 3: return nk_block<BITS, 3, SCALE_EACH, true>(p, w_row0, 0, block, count);
+    case 4: return nk_block<BITS, 4, SCALE_EACH, true>(p, w_row0, 0, block, count);
+  }
   int64_t r0 = 0;
-  for (; r0 + R <= p.M; r0 += R) nk_block<BITS, R, SCALE_EACH>(p, w_row0, r0, block, count);
+  for (; r0 + R <= p.M; r0 += R) nk_block<BITS, R, SCALE_EACH, false>(p, w_row0, r0, block, count);
   switch (p.M - r0) {
-    case 1: nk_block<BITS, 1, SCALE_EACH>(p, w_row0, r0, block, count); break;
-    case 2: nk_block<BITS, 2, SCALE_EACH>(p, w_row0, r0, block, count); break;
-    case 3: nk_block<BITS, 3, SCALE_EACH>(p, w_row0, r0, block, count); break;
+    case 1: nk_block<BITS, 1, SCALE_EACH, false>(p, w_row0, r0, block, count); break;
+    case 2: nk_block<BITS, 2, SCALE_EACH, false>(p, w_row0, r0, block, count); break;
+    case 3: nk_block<BITS, 3, SCALE_EACH, false>(p, w_row0, r0, block, count); break;
   }
 }
 
