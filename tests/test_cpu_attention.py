@@ -1,6 +1,6 @@
 """The C++ CPU attention kernel (cgpt_jax/kernels/cpu_attention.py): values and gradients against the
 pure-JAX reference, sharded against unsharded, its use by `fused`, and what happens where it cannot be
-built."""
+built; its decode-step attention over a cache against float64, and which variants decode through it."""
 from __future__ import annotations
 
 import functools
@@ -20,7 +20,8 @@ from flax import nnx
 from cgpt_jax.bench.runners import compile_train_step, random_tokens
 from cgpt_jax.kernels import build as kernel_build
 from cgpt_jax.kernels import cpu_attention
-from cgpt_jax.model.attention import fused
+from cgpt_jax.infer.sampling import Sampling
+from cgpt_jax.model.attention import dense, fused
 from cgpt_jax.model.attention.base import attend
 from cgpt_jax.parallel.mesh import MESH_AXES
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, map_shards
@@ -263,3 +264,94 @@ def test_a_built_kernel_is_reused(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(kernel_build, "_compile", lambda *args: calls.append(args))
     assert cpu_attention.build() == first and first.stat().st_mtime_ns == built and calls == []
+
+
+# --- a decode step's queries over a cache -------------------------------------------------------------
+
+# (B, T, H, G, S, K): multi-head, grouped (GQA) and one key/value head (MQA), a decode step's one query and
+# several, odd head dims (partial vectors), a cache longer than the positions in use.
+CACHED_CASES = [(2, 1, 4, 4, 16, 8), (3, 2, 8, 2, 37, 20), (2, 1, 12, 12, 256, 64), (1, 16, 4, 1, 70, 33),
+                (2, 3, 6, 3, 9, 1)]
+
+
+def float64_cached_attention(q, k, v, positions, scale):
+    """softmax over the cache slots 0..position of each query, in float64 numpy; [B, T, H, K]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    heads, kv_heads = q.shape[2], k.shape[1]
+    k, v = (np.repeat(a, heads // kv_heads, axis=1) for a in (k, v))  # [B, H, S, K]
+    logits = scale * np.einsum("bthk,bhsk->bhts", q, k)
+    visible = np.arange(k.shape[2])[None, None, None, :] <= positions[:, None, :, None]
+    logits = np.where(visible, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsk->bthk", p, v)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", CACHED_CASES, ids=["x".join(map(str, s)) for s in CACHED_CASES])
+def test_cached_attention_is_as_accurate_as_xla(shape):
+    """Against float64, each query seeing the slots up to its position (the first slot, the last, in
+    between): the kernel's error is at most 2.5 times XLA's float32 error on the same inputs."""
+    cpu_attention.load()
+    batch, queries, heads, kv_heads, slots, head_dim = shape
+    keys = jax.random.split(jax.random.key(sum(shape)), 3)
+    q = 3 * jax.random.normal(keys[0], (batch, queries, heads, head_dim))
+    k, v = (3 * jax.random.normal(key, (batch, kv_heads, slots, head_dim)) for key in keys[1:])
+    last = np.linspace(queries - 1, slots - 1, batch).astype(np.int32)  # sequence b's last query's position
+    positions = last[:, None] - np.arange(queries)[::-1]
+    scale = float(1 / np.sqrt(head_dim))
+    got = jax.jit(functools.partial(cpu_attention.cached_attention, scale=scale))(q, k, v, positions)
+    visible = jnp.arange(slots)[None, None, :] <= positions[:, :, None]
+    xla = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), visible, None, scale)
+    truth = float64_cached_attention(q, k, v, positions, scale)
+    kernel_error = np.max(np.abs(np.asarray(got) - truth))
+    xla_error = max(np.max(np.abs(np.asarray(xla) - truth)), 1.2e-7 * np.max(np.abs(truth)))
+    assert kernel_error <= 2.5 * xla_error, (kernel_error, xla_error)
+
+
+@needs_compiler
+def test_cached_attention_positions_outside_the_cache():
+    """A negative position sees no key (zeros); one past the cache sees all of it."""
+    cpu_attention.load()
+    q = jax.random.normal(jax.random.key(0), (2, 1, 2, 8))
+    k, v = (jax.random.normal(jax.random.key(i), (2, 2, 5, 8)) for i in (1, 2))
+    got = np.asarray(cpu_attention.cached_attention(q, k, v, jnp.array([[-1], [9]]), 0.5))
+    np.testing.assert_array_equal(got[0], 0)
+    np.testing.assert_allclose(got[1], float64_cached_attention(q, k, v, np.array([[0], [4]]), 0.5)[1], atol=1e-6)
+
+
+def decode_step_hlo(attention: str) -> str:
+    from cgpt_jax.infer import Generator
+    from cgpt_jax.model import GPT
+
+    cfg = tiny_config().model
+    cfg.attention = attention
+    generator = Generator(GPT(cfg, rngs=nnx.Rngs(0)), min_bucket=8)
+    caches = generator.merge(generator.state, generator.layers)[0].init_layer_caches(2, 16)
+    tokens = jnp.zeros((2,), jnp.int32)
+    return generator.decode.lower(generator.state, generator.layers, caches, tokens, tokens + 1, tokens, 0,
+                                  sampling=Sampling()).as_text()
+
+
+@needs_compiler
+@pytest.mark.parametrize("attention, kernel", [
+    ("dense", True), ("gqa(kv_heads=2)+rope", True), ("mqa", True), ("fused", True), ("blockwise(block=4)", True),
+    ("alibi", False), ("sliding_window(window=4)", False)])
+def test_decode_steps_attend_through_the_kernel_where_attention_is_plain_causal(attention, kernel):
+    """Variants whose attention is plain causal softmax decode through the cache kernel; one with a logit
+    bias (alibi) or another mask (sliding_window) through its own steps. Their decoding equals the full
+    forward pass either way (tests/test_attention_conformance.py)."""
+    assert (cpu_attention.CACHED_TARGET in decode_step_hlo(attention)) == kernel
+
+
+def test_decode_falls_back_to_xla_with_a_warning(monkeypatch):
+    def unavailable():
+        raise cpu_attention.KernelUnavailable("no C++ compiler (test)")
+
+    monkeypatch.setattr(cpu_attention, "load", unavailable)
+    dense._cache_kernel_loaded.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"over the cache through XLA on CPU: no C\+\+ compiler \(test\)"):
+            assert cpu_attention.CACHED_TARGET not in decode_step_hlo("dense")
+    finally:
+        dense._cache_kernel_loaded.cache_clear()

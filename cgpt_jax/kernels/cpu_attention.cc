@@ -9,6 +9,12 @@
 // largest scaled logit and the reciprocal of its softmax denominator, saved by the forward pass so the
 // backward pass recomputes exactly the forward probabilities without a second softmax (FlashAttention
 // keeps the log-sum-exp instead, which rounds to the precision of the largest logit).
+//
+// A third handler attends a few new queries (a decode step) over a key/value cache: XLA computes the
+// scores of every slot of the cache's bucket, for padding rows as well, one thread at a time; here each
+// (sequence, head) pair reads only the keys and values up to its query's position, on all threads.
+// Layouts: q, o [B, T, H, K]; the caches k, v head-major [B, G, S, K] (G key/value heads, query head h
+// reading head h / (H / G)); positions [B, T] int32, the cache slot s holding position s.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -267,6 +273,81 @@ ffi::Error Backward(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, Array4 o
   return ffi::Error::Success();
 }
 
+
+// --- Queries over a cache ---
+
+struct CacheDims {
+  int64_t B, T, H, G, S, K;
+};
+
+// o[b, t, h] = softmax(scale · q[b, t, h] · k[b, g, :n]ᵀ) · v[b, g, :n] for each query t of pair (b, h),
+// n = its position + 1 (the keys it sees), g = h / (H / G). Scores live in `scores` ([round_up(S)]).
+void cached_pair(const CacheDims& d, const float* q, const float* k, const float* v, const int32_t* positions,
+                 float scale, int64_t pair, float* scores, float* o) {
+  const int64_t b = pair / d.H, h = pair % d.H, g = h / (d.H / d.G);
+  const float* keys = k + (b * d.G + g) * d.S * d.K;
+  const float* values = v + (b * d.G + g) * d.S * d.K;
+  const int64_t vectors_end = d.K / W * W;
+  for (int64_t t = 0; t < d.T; ++t) {
+    const float* query = q + ((b * d.T + t) * d.H + h) * d.K;
+    float* out = o + ((b * d.T + t) * d.H + h) * d.K;
+    const int64_t n = std::clamp<int64_t>(int64_t{positions[b * d.T + t]} + 1, 0, d.S);
+    if (n == 0) {  // a position before the cache: no key to see
+      std::fill(out, out + d.K, 0.0f);
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* key = keys + j * d.K;
+      vf sum_v = {};
+      for (int64_t c = 0; c < vectors_end; c += W) sum_v += load(query + c) * load(key + c);
+      float sum = hsum(sum_v);
+      for (int64_t c = vectors_end; c < d.K; ++c) sum += query[c] * key[c];
+      scores[j] = scale * sum;
+    }
+    const int64_t n_vec = round_up(n);
+    vf max_v = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
+      const vf x = load(scores + j0);
+      max_v = visible(j0, n - 1) && x > max_v ? x : max_v;
+    }
+    const float max = hmax(max_v);
+    vf sum_v = {};
+    for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
+      const vf p = visible(j0, n - 1) ? exp_v(load(scores + j0) - splat(max)) : splat(0.0f);
+      sum_v += p;
+      store(scores + j0, p);
+    }
+    const float inverse_sum = 1.0f / hsum(sum_v);
+    std::fill(out, out + d.K, 0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* value = values + j * d.K;
+      const vf p = splat(scores[j]);
+      for (int64_t c = 0; c < vectors_end; c += W) store(out + c, load(out + c) + p * load(value + c));
+      for (int64_t c = vectors_end; c < d.K; ++c) out[c] += scores[j] * value[c];
+    }
+    for (int64_t c = 0; c < d.K; ++c) out[c] *= inverse_sum;
+  }
+}
+
+using Positions = ffi::Buffer<ffi::S32, 2>;
+
+ffi::Error Cached(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, Positions positions,
+                  float scale, Result4 o) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), pd = positions.dimensions();
+  const CacheDims d{qd[0], qd[1], qd[2], kd[1], kd[2], qd[3]};
+  if (!std::equal(kd.begin(), kd.end(), v.dimensions().begin(), v.dimensions().end()) || kd[0] != d.B ||
+      kd[3] != d.K || d.G < 1 || d.H % d.G != 0 || pd[0] != d.B || pd[1] != d.T)
+    return ffi::Error::InvalidArgument("cached attention: expected q [B, T, H, K], caches k and v [B, G, S, K] "
+                                       "with H a multiple of G, and positions [B, T]");
+  parallel_for(pool, d.B * d.H, [&](int64_t pair) {
+    thread_local std::vector<float> scores;
+    if ((int64_t)scores.size() < round_up(d.S)) scores.resize(round_up(d.S));
+    cached_pair(d, q.typed_data(), k.typed_data(), v.typed_data(), positions.typed_data(), scale, pair,
+                scores.data(), o->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionForward, Forward,
@@ -292,3 +373,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionBackward, Backward,
                                   .Ret<Array4>()    // dq
                                   .Ret<Array4>()    // dk
                                   .Ret<Array4>());  // dv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttention, Cached,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Array4>()                    // q [B, T, H, K]
+                                  .Arg<Array4>()                    // k cache [B, G, S, K]
+                                  .Arg<Array4>()                    // v cache [B, G, S, K]
+                                  .Arg<Positions>()                 // positions [B, T]
+                                  .Attr<float>("scale")
+                                  .Ret<Array4>());  // o [B, T, H, K]

@@ -9,6 +9,9 @@ Against float64, its values and gradients are as accurate as `base.attend`'s in 
 its error, ≈1x at most shapes), also where one key dominates a row (tests/test_cpu_attention.py): the
 backward pass recomputes the forward probabilities exactly and takes the softmax row term as Σ p·dL/dp.
 
+`cached_attention` attends a decode step's few queries over a key/value cache, each reading only the
+keys up to its own position (XLA scores every slot of the cache's bucket, padding rows' included).
+
 The kernel is compiled for this machine on first use and cached (`cgpt_jax/kernels/build.py`); `build()`
 and `load()` raise `KernelUnavailable` with the reason when that fails (no compiler, a compile error);
 `fused` attention then runs JAX's XLA implementation instead.
@@ -25,10 +28,13 @@ import numpy as np
 from cgpt_jax.kernels import build as kernel_build
 from cgpt_jax.kernels.build import KernelUnavailable, compiler
 
-__all__ = ["KernelUnavailable", "applies", "build", "causal_attention", "compiler", "load"]
+__all__ = ["KernelUnavailable", "applies", "applies_cached", "build", "cached_attention", "causal_attention",
+           "compiler", "load"]
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 FORWARD_TARGET, BACKWARD_TARGET = "cgpt_causal_attention_forward", "cgpt_causal_attention_backward"
+CACHED_TARGET = "cgpt_cached_attention"
+MAX_CACHED_QUERIES = 16  # queries per sequence that `cached_attention` takes: a decode step's, not a prefill's
 
 
 def build() -> pathlib.Path:
@@ -39,7 +45,8 @@ def build() -> pathlib.Path:
 def load() -> pathlib.Path:
     """Build the kernel and register it with XLA:CPU, once per process; returns the library's path."""
     return kernel_build.load(SOURCE, ((FORWARD_TARGET, "CausalAttentionForward"),
-                                      (BACKWARD_TARGET, "CausalAttentionBackward")))
+                                      (BACKWARD_TARGET, "CausalAttentionBackward"),
+                                      (CACHED_TARGET, "CachedAttention")))
 
 
 def applies(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array) -> bool:
@@ -76,3 +83,24 @@ def _causal_attention_bwd(scale, residuals, do_BxLxHxK):
 
 
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
+def applies_cached(q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array) -> bool:
+    """`cached_attention`'s domain: CPU, float32, at most MAX_CACHED_QUERIES queries per sequence, H query
+    heads a multiple of the cache's G heads."""
+    batch, queries, heads, head_dim = q_BxTxHxK.shape
+    kv_heads = k_BxGxSxK.shape[1]
+    return (jax.default_backend() == "cpu" and queries <= MAX_CACHED_QUERIES and k_BxGxSxK.shape == v_BxGxSxK.shape
+            and k_BxGxSxK.shape[0] == batch and k_BxGxSxK.shape[3] == head_dim and heads % kv_heads == 0
+            and all(x.dtype == jnp.float32 for x in (q_BxTxHxK, k_BxGxSxK, v_BxGxSxK)))
+
+
+def cached_attention(q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, q_pos_BxT: jax.Array,
+                     scale: float) -> jax.Array:
+    """softmax(scale·QKᵀ)·V → [B, T, H, K], query t of sequence b seeing the cache slots 0..q_pos[b, t] (slot s
+    holds position s; a negative position sees none and gives zeros); not differentiable. Call `load()`
+    first."""
+    call = jax.ffi.ffi_call(CACHED_TARGET, jax.ShapeDtypeStruct(q_BxTxHxK.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT.astype(jnp.int32), scale=np.float32(scale))
+

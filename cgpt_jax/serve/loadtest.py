@@ -82,12 +82,13 @@ def _offline(generator, eos_ids: tuple[int, ...], bodies: list[dict]) -> tuple[l
     """Each request alone on the offline generator: (answers, baseline figures)."""
     run = lambda body: generator.generate([body["prompt"]], max_new_tokens=body["max_tokens"],
                                           stop_tokens=eos_ids)[0]
-    shapes = {}
-    for body in bodies:  # compile every shape first: the baseline times serving, not compiling
-        shapes.setdefault((generator.bucket(len(body["prompt"])),
-                           generator.cache_len(len(body["prompt"]), body["max_tokens"])), body)
-    for body in shapes.values():
-        run(body)
+    prompt_lengths: dict[int, set[int]] = {}  # by max_tokens
+    for body in bodies:
+        prompt_lengths.setdefault(body["max_tokens"], set()).add(len(body["prompt"]))
+    for max_tokens, lengths in prompt_lengths.items():  # the baseline times serving, not compiling
+        generator.warm_up([1], max_tokens, sorted(lengths))
+    shapes = {(generator.bucket(n), generator.cache_len(n, max_tokens))
+              for max_tokens, lengths in prompt_lengths.items() for n in lengths}
     start = time.perf_counter()
     answers = [run(body) for body in bodies]
     seconds = time.perf_counter() - start

@@ -40,7 +40,7 @@ model: 4 heads of 8 dims, 16 positions) and `dense_equal_options` (where the var
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,14 @@ class Attention(nnx.Module):
     def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """`extend` from an empty cache at positions 0..T-1; a variant may compute it faster."""
         return self.extend(x_BxTxD, cache, jnp.zeros((x_BxTxD.shape[0],), jnp.int32))
+
+
+def softmax_core(mix: Callable) -> Callable:
+    """Declares a variant's `mix` plain softmax attention, however it computes it, so that the variant's
+    decode steps may attend over the cache through the CPU kernel instead (`DenseAttention.extend`). A
+    `mix` that changes the computation leaves it off."""
+    mix.softmax_core = True
+    return mix
 
 
 # --- shared numerical cores ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cgpt_jax.model.attention import register
-from cgpt_jax.model.attention.base import scores, weighted_values
+from cgpt_jax.model.attention.base import scores, softmax_core, weighted_values
 from cgpt_jax.model.attention.dense import DenseAttention
 
 
@@ -33,6 +33,7 @@ class BlockwiseAttention(DenseAttention):
     def dense_equal_options(cls, model_cfg, seq_len: int) -> dict[str, Any] | None:
         return {"block": max(1, seq_len // 3)}  # several blocks, the last one padded
 
+    @softmax_core
     def mix(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
             q_pos_BxT: jax.Array | None, k_pos_S: jax.Array | None) -> jax.Array:
         batch, length, heads, head_dim = q_BxTxHxK.shape

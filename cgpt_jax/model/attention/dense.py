@@ -13,9 +13,14 @@ replaces the step it changes (a variant that adds parameters of its own extends 
 
 Steps address tokens by position, so the same hooks serve training (positions 0..L-1) and decoding
 (new tokens at start_B + 0..T-1 against a cache whose slot s holds position s).
+
+A decode step of a variant whose attention is plain causal softmax (dense's `visible` and `score_bias`,
+a `mix` declared `@softmax_core`) attends over the cache through the CPU kernel where it applies
+(`_attends_cache_on_cpu`; docs/attention.md).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, ClassVar
 
@@ -23,11 +28,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cgpt_jax.kernels import build as kernel_build, cpu_attention
 from cgpt_jax.model import parameterization
 from cgpt_jax.model.attention import register
-from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, write_cache
+from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, softmax_core, write_cache
 from cgpt_jax.model.layers import bias_param, project, weight_param
-from cgpt_jax.parallel.sharding import constrain
+from cgpt_jax.parallel.sharding import constrain, fits_shards, map_shards
+
+# A decode step's queries and positions as the cache kernel runs them, per shard of batch and heads; the
+# cache's length stays whole on each device.
+QUERY_AXES = ("batch", None, "act_heads", None)
+POSITION_AXES = ("batch", None)
+
+
+@functools.cache
+def _cache_kernel_loaded() -> bool:
+    return kernel_build.loads(cpu_attention.load, "decode steps attend over the cache through XLA on CPU")
 
 
 @register("dense")
@@ -88,6 +104,7 @@ class DenseAttention(Attention):
         """Additive logit bias [B, H, T, S] (B, H may be 1), or None."""
         return None
 
+    @softmax_core
     def mix(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
             q_pos_BxT: jax.Array | None, k_pos_S: jax.Array | None) -> jax.Array:
         """Attention of q over k, v → [B, T, H, K]. Positions None: self-attention over 0..L-1
@@ -147,9 +164,30 @@ class DenseAttention(Attention):
         layout = self.cache_layout(batch, max_len)
         cache = {"k": constrain(write_cache(cache["k"], k, start_B), layout["k"].logical_axes),
                  "v": constrain(write_cache(cache["v"], v, start_B), layout["v"].logical_axes)}
-        k_BxSxGxK, v_BxSxGxK = (jnp.swapaxes(cache[name], 1, 2) for name in ("k", "v"))
-        y = self.mix(q, k_BxSxGxK, v_BxSxGxK, q_pos_BxT, jnp.arange(max_len))
+        if self._attends_cache_on_cpu(q, cache):
+            cache_axes = self._cache_kernel_axes()
+            attend_cache = functools.partial(cpu_attention.cached_attention, scale=self.scale)
+            y = map_shards(attend_cache, (QUERY_AXES, cache_axes, cache_axes, POSITION_AXES), QUERY_AXES)(
+                q, cache["k"], cache["v"], q_pos_BxT)
+        else:
+            k_BxSxGxK, v_BxSxGxK = (jnp.swapaxes(cache[name], 1, 2) for name in ("k", "v"))
+            y = self.mix(q, k_BxSxGxK, v_BxSxGxK, q_pos_BxT, jnp.arange(max_len))
         return self.output(y), cache
+
+    def _cache_kernel_axes(self) -> tuple[str | None, ...]:
+        return ("batch", "kv_heads" if self.kv_heads > 1 else None, None, None)
+
+    def _attends_cache_on_cpu(self, q_BxTxHxK: jax.Array, cache: Cache) -> bool:
+        """Whether `extend` attends over the cache through the CPU kernel, which reads each query's keys up to
+        its position only: the variant's attention is plain causal softmax (`visible` and `score_bias` as
+        here, a `softmax_core` mix), on the kernel's domain (a decode step's few queries, float32) and a
+        mesh that divides it."""
+        variant = type(self)
+        return (getattr(variant.mix, "softmax_core", False) and variant.visible is DenseAttention.visible
+                and variant.score_bias is DenseAttention.score_bias
+                and cpu_attention.applies_cached(q_BxTxHxK, cache["k"], cache["v"])
+                and fits_shards(q_BxTxHxK.shape, QUERY_AXES)
+                and fits_shards(cache["k"].shape, self._cache_kernel_axes()) and _cache_kernel_loaded())
 
     def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         # The cache is empty, so the new tokens see only each other: the training pass's causal core over

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from cgpt_jax.kernels import build as kernel_build, cpu_attention
 from cgpt_jax.model.attention import register
+from cgpt_jax.model.attention.base import softmax_core
 from cgpt_jax.model.attention.dense import DenseAttention
 from cgpt_jax.parallel.sharding import fits_shards, map_shards
 
@@ -47,6 +48,7 @@ class FusedAttention(DenseAttention):
     def dense_equal_options(cls, model_cfg, seq_len: int) -> dict[str, Any] | None:
         return {}
 
+    @softmax_core
     def mix(self, q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
             q_pos_BxT: jax.Array | None, k_pos_S: jax.Array | None) -> jax.Array:
         # The training pass with the plain causal mask needs no mask array: the kernels skip masked tiles.
