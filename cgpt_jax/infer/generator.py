@@ -8,7 +8,8 @@ dropped from `state` after the copy (kept only for a PEFT prompt/prefix, whose v
 computed from them). A decode step reads each weight once, updates the donated per-layer caches in
 place, and returns the sampled token ids: the LM head, the sampling and the cache writes are one
 program, and the host reads one int32 per sequence per step. Prefill computes the LM head only at each
-prompt's last position.
+prompt's last position. On CPU the weights' buffers are moved onto huge pages (`host_memory`), which the
+step streams faster.
 
 Shapes are bucketed so that a session compiles a handful of programs, not one per request or token:
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
@@ -43,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from cgpt_jax import host_memory
 from cgpt_jax.infer.sampling import Sampling, choose
 from cgpt_jax.model import GPT
 from cgpt_jax.model.gpt import Block
@@ -113,6 +115,7 @@ class Generator:
         if not model.virtual_tokens:
             state = nnx.State({name: sub for name, sub in state.items() if name != "blocks"})
         self.state = state
+        host_memory.back_with_huge_pages((self.state, self.layers))  # a decode step streams every weight
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "sampling"))
         self.prefill_first = jax.jit(self._prefill_first, static_argnames=("cache_len",))
         self.prefill_next = jax.jit(self._prefill_next, donate_argnames=("caches", "last_BxD"))

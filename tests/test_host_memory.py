@@ -1,0 +1,64 @@
+"""cgpt_jax/host_memory.py: weights moved onto huge pages keep their values and lie on huge pages, and the
+generator moves its weights."""
+from __future__ import annotations
+
+import pathlib
+import platform
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cgpt_jax import host_memory
+from cgpt_jax.infer import Generator
+from cgpt_jax.model import GPT
+from tests.helpers import tiny_config
+
+
+def transparent_huge_pages() -> str:
+    """The kernel's THP mode ('always', 'madvise', 'never'), or why there is none to use here."""
+    try:
+        mode = re.search(r"\[(\w+)\]", pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text())
+    except OSError:
+        return "absent"
+    release = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
+    return mode.group(1) if release >= (6, 1) else "no MADV_COLLAPSE before Linux 6.1"
+
+
+def huge_page_kib_at(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds `address`."""
+    lines = pathlib.Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        span = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            inside = int(span.group(1), 16) <= address < int(span.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"),
+                    reason=f"transparent huge pages cannot be asked for here ({transparent_huge_pages()})")
+def test_arrays_move_onto_huge_pages_with_their_values():
+    values = np.random.default_rng(0).normal(size=(3 << 20,)).astype(np.float32)  # 12 MiB
+    array = jnp.asarray(values)
+    moved = host_memory.back_with_huge_pages({"weight": array, "again": [array], "not an array": 3})
+    assert moved >= 4 << 20  # the whole 2 MiB pages inside 12 MiB, however it is aligned; counted once
+    assert moved <= values.nbytes
+    assert huge_page_kib_at(array.unsafe_buffer_pointer() + values.nbytes // 2) >= 2048
+    np.testing.assert_array_equal(np.asarray(array), values)
+
+
+def test_the_generator_moves_its_weights(monkeypatch):
+    moved = []
+    monkeypatch.setattr(host_memory, "back_with_huge_pages", moved.append)
+    generator = Generator(GPT(tiny_config().model, rngs=nnx.Rngs(0)))
+    assert moved == [(generator.state, generator.layers)]
+
+
+def test_opting_out_leaves_the_pages_alone(monkeypatch):
+    monkeypatch.setenv("CGPT_HOST_MALLOC", "default")
+    assert host_memory.back_with_huge_pages(jnp.ones((1 << 22,))) == 0
