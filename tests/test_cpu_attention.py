@@ -355,3 +355,29 @@ def test_decode_falls_back_to_xla_with_a_warning(monkeypatch):
             assert cpu_attention.CACHED_TARGET not in decode_step_hlo("dense")
     finally:
         dense._cache_kernel_loaded.cache_clear()
+
+
+@needs_compiler
+def test_extend_through_the_kernel_has_the_xla_path_gradient(monkeypatch):
+    """A prefix or prompt being trained attends over a cache: `extend`'s values and gradients (in x, the
+    cache and the weights) through the kernel equal those of the variant's own steps."""
+    layer = dense.DenseAttention(tiny_config().model, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    cache = {name: jax.random.normal(jax.random.key(i), (2, 4, 16, 8)) for i, name in ((2, "k"), (3, "v"))}
+    start = jnp.array([5, 9])
+
+    def value_and_grads() -> tuple[str, list[jax.Array]]:
+        def loss(weights, x, cache):  # a new function each time: JAX caches traces by function
+            y, new_cache = nnx.merge(graphdef, weights).extend(x, cache, start)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(new_cache["k"] * new_cache["v"])
+        program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return program.lower(weights, x, cache).as_text(), jax.tree.leaves(program(weights, x, cache))
+
+    graphdef, weights = nnx.split(layer)
+    hlo, through_kernel = value_and_grads()
+    assert cpu_attention.CACHED_TARGET in hlo
+    monkeypatch.setattr(dense, "_cache_kernel_loaded", lambda: False)
+    hlo, through_xla = value_and_grads()
+    assert cpu_attention.CACHED_TARGET not in hlo
+    for got, want in zip(through_kernel, through_xla):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

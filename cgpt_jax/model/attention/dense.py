@@ -165,14 +165,39 @@ class DenseAttention(Attention):
         cache = {"k": constrain(write_cache(cache["k"], k, start_B), layout["k"].logical_axes),
                  "v": constrain(write_cache(cache["v"], v, start_B), layout["v"].logical_axes)}
         if self._attends_cache_on_cpu(q, cache):
-            cache_axes = self._cache_kernel_axes()
-            attend_cache = functools.partial(cpu_attention.cached_attention, scale=self.scale)
-            y = map_shards(attend_cache, (QUERY_AXES, cache_axes, cache_axes, POSITION_AXES), QUERY_AXES)(
-                q, cache["k"], cache["v"], q_pos_BxT)
+            y = self._attend_cache_on_cpu(q, cache["k"], cache["v"], q_pos_BxT)
         else:
-            k_BxSxGxK, v_BxSxGxK = (jnp.swapaxes(cache[name], 1, 2) for name in ("k", "v"))
-            y = self.mix(q, k_BxSxGxK, v_BxSxGxK, q_pos_BxT, jnp.arange(max_len))
+            y = self._attend_cache(q, cache["k"], cache["v"], q_pos_BxT)
         return self.output(y), cache
+
+    def _attend_cache(self, q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array,
+                      q_pos_BxT: jax.Array) -> jax.Array:
+        """The queries over the whole cache, through the variant's own steps."""
+        k_BxSxGxK, v_BxSxGxK = jnp.swapaxes(k_BxGxSxK, 1, 2), jnp.swapaxes(v_BxGxSxK, 1, 2)
+        return self.mix(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_pos_BxT, jnp.arange(k_BxGxSxK.shape[2]))
+
+    def _attend_cache_on_cpu(self, q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array,
+                             q_pos_BxT: jax.Array) -> jax.Array:
+        """`_attend_cache` through the CPU kernel, with `_attend_cache`'s gradient (a prefix or prompt being
+        trained attends over a cache)."""
+        cache_axes = self._cache_kernel_axes()
+        kernel = functools.partial(cpu_attention.cached_attention, scale=self.scale)
+        kernel = map_shards(kernel, (QUERY_AXES, cache_axes, cache_axes, POSITION_AXES), QUERY_AXES)
+
+        @jax.custom_vjp
+        def attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT):
+            return kernel(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
+
+        def forward(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT):
+            return attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT), (q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
+
+        def backward(residuals, dy_BxTxHxK):
+            *floats, q_pos_BxT = residuals
+            _, pullback = jax.vjp(lambda q, k, v: self._attend_cache(q, k, v, q_pos_BxT), *floats)
+            return (*pullback(dy_BxTxHxK), None)
+
+        attend.defvjp(forward, backward)
+        return attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
 
     def _cache_kernel_axes(self) -> tuple[str | None, ...]:
         return ("batch", "kv_heads" if self.kv_heads > 1 else None, None, None)
