@@ -17,7 +17,7 @@ then); the command-line entry points call it first.
 Huge pages, so that streaming a weight reads it at the memory's speed: a decode step reads every weight
 once, and on 4 KiB pages the hardware prefetcher starts over at every page, where Linux's transparent
 huge pages (2 MiB) give it runs 512 times as long; XLA:CPU's buffers are plain malloc memory, which
-Linux backs with huge pages only where asked (`madvise`, the default THP mode). `back_with_huge_pages`
+Linux backs with huge pages only where asked when its THP mode is `madvise` (as here). `back_with_huge_pages`
 asks for the buffers of the arrays given; the generator calls it on its weights (docs/performance.md).
 
 `CGPT_HOST_MALLOC=default` leaves malloc and the pages alone.
@@ -54,7 +54,8 @@ def back_with_huge_pages(tree: Any) -> int:
     """Ask Linux to back the host buffers of `tree`'s CPU arrays with 2 MiB pages: each whole 2 MiB-aligned
     span inside a buffer, now where the kernel can (MADV_COLLAPSE, Linux 6.1+) and otherwise when its
     khugepaged gets to it (MADV_HUGEPAGE). The arrays' values are unchanged. Returns the bytes moved onto
-    huge pages now (0 where Linux has no transparent huge pages or they are off)."""
+    huge pages now (0 where Linux cannot: no transparent huge pages, a kernel before 6.1, THP disabled for
+    the process, no free 2 MiB pages)."""
     if os.environ.get("CGPT_HOST_MALLOC", "retain") == "default" or not sys.platform.startswith("linux"):
         return 0
     import jax  # here, not at the top: retain_freed_memory must be importable before JAX starts
@@ -68,12 +69,12 @@ def back_with_huge_pages(tree: Any) -> int:
     arrays = {id(leaf): leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)}  # each once
     for array in jax.block_until_ready(list(arrays.values())):
         for shard in array.addressable_shards:
-            if shard.device.platform != "cpu" or shard.data.nbytes < _HUGE_PAGE:
+            size = shard.data.on_device_size_in_bytes()
+            if shard.device.platform != "cpu" or size < _HUGE_PAGE:
                 continue
             address = shard.data.unsafe_buffer_pointer()
-            start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
-            end = (address + shard.data.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+            start = -(-address // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the buffer only
+            end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
             if end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0:
                 moved += (end - start) if madvise(start, end - start, _MADV_COLLAPSE) == 0 else 0
     return moved
-

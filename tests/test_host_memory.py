@@ -24,7 +24,11 @@ def transparent_huge_pages() -> str:
     except OSError:
         return "absent"
     release = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
-    return mode.group(1) if release >= (6, 1) else "no MADV_COLLAPSE before Linux 6.1"
+    if release < (6, 1):
+        return "no MADV_COLLAPSE before Linux 6.1"
+    if re.search(r"^THP_enabled:\s*0", pathlib.Path("/proc/self/status").read_text(), re.MULTILINE):
+        return "disabled for this process"
+    return mode.group(1)
 
 
 def huge_page_kib_at(address: int) -> int:

@@ -41,12 +41,13 @@ def float64_case(m: int, k: int, n: int, bits: int, groups: int, transposed: boo
     return x, stored, scale, x.astype(np.float64) @ w_KxN, np.abs(x.astype(np.float64)) @ np.abs(w_KxN)
 
 
-# (M, K, N, groups): one row and several (up to 4 rows read row by row; more in blocks of 4, 2 and 1 rows), N with a partial last vector and
+# (M, K, N, groups): one row and several (NK float32 weights: up to 4 rows read row by row, with an even and
+# an odd number of whole vectors; otherwise blocks of 4, 2 and 1 rows), N with a partial last vector and
 # several column chunks (the last narrower), K with a partial last vector and split into several parts,
 # odd group counts, groups shorter than a vector (element by element), and the 16-input groups of
 # int4:group=16 on an 80-wide model. Float32 weights take no groups.
-SHAPES = [(1, 64, 96, 1), (2, 96, 50, 3), (4, 96, 70, 3), (17, 80, 40, 5), (5, 48, 130, 3), (3, 40, 62, 20), (9, 256, 64, 8),
-          (16, 64, 300, 2), (6, 70, 34, 1)]
+SHAPES = [(1, 64, 96, 1), (2, 96, 50, 3), (4, 96, 70, 3), (2, 48, 50, 3), (17, 80, 40, 5), (5, 48, 130, 3),
+          (3, 40, 62, 20), (9, 256, 64, 8), (16, 64, 300, 2), (6, 70, 34, 1)]
 
 
 @needs_compiler

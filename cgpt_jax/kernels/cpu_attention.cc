@@ -273,7 +273,6 @@ ffi::Error Backward(ffi::ThreadPool pool, Array4 q, Array4 k, Array4 v, Array4 o
   return ffi::Error::Success();
 }
 
-
 // --- Queries over a cache ---
 
 struct CacheDims {

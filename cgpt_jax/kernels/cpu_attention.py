@@ -98,9 +98,8 @@ def applies_cached(q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Ar
 def cached_attention(q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, q_pos_BxT: jax.Array,
                      scale: float) -> jax.Array:
     """softmax(scale·QKᵀ)·V → [B, T, H, K], query t of sequence b seeing the cache slots 0..q_pos[b, t] (slot s
-    holds position s; a negative position sees none and gives zeros); not differentiable. Call `load()`
-    first."""
+    holds position s; a negative position, which the model never makes, sees none and gives zeros); not
+    differentiable (`DenseAttention.extend` gives it its XLA path's gradient). Call `load()` first."""
     call = jax.ffi.ffi_call(CACHED_TARGET, jax.ShapeDtypeStruct(q_BxTxHxK.shape, jnp.float32),
                             vmap_method="sequential")
     return call(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT.astype(jnp.int32), scale=np.float32(scale))
-

@@ -251,35 +251,28 @@ inline vf hsum4(vf a, vf b, vf c, vf d) {
   return pairs + __builtin_shufflevector(pairs, pairs, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
 }
 
-// acc[r][c] = x[r0 + r, :K'] · (stored row rows[c])[:K'], K' the whole vectors (SCALE_EACH: each vector of
-// weights scaled by its group's scale, the group a whole number of vectors), one stored row after another:
-// the C rows, contiguous in memory, are read as one stream. Two chains of additions per row of x, so that
-// the additions' latency does not bound the stream. For all of x's rows at once (M <= R), float32 weights.
-template <int BITS, int ROWS, bool SCALE_EACH>
-__attribute__((always_inline)) inline void nk_sums_row_by_row(const Problem& p, const int64_t (&rows)[C], int64_t r0, vf (&acc)[ROWS][C]) {
-  constexpr int P = parts_of(BITS);
-  constexpr int64_t S = step_of(BITS);
-  const int64_t vectors_end = p.K / S * S;
+// acc[r][c] = x[r0 + r, :K'] · (stored row rows[c])[:K'] for float32 weights, K' the whole vectors, one
+// stored row after another: the C rows, contiguous in memory, are read as one stream. Two chains of
+// additions per row of x, so that the additions' latency does not bound the stream. For all of x's rows
+// at once (M <= R).
+// Both ways are always inlined, so that acc stays in registers.
+template <int ROWS>
+__attribute__((always_inline)) inline void nk_sums_row_by_row(const Problem& p, const int64_t (&rows)[C], int64_t r0,
+                                                              vf (&acc)[ROWS][C]) {
+  const int64_t vectors_end = p.K / W * W;
+  const float* w = static_cast<const float*>(p.w);
   for (int c = 0; c < C; ++c) {
     vf even[ROWS] = {}, odd[ROWS] = {};
-    auto add = [&](int64_t k, vf scale, vf (&into)[ROWS]) {
-      vf w[P];
-      weight_vectors<BITS>(p.w, rows[c] * p.K + k, w);
-      if constexpr (SCALE_EACH)
-        for (int i = 0; i < P; ++i) w[i] *= scale;
-      for (int r = 0; r < ROWS; ++r)
-        for (int i = 0; i < P; ++i) into[r] += load(p.x + (r0 + r) * p.K + k + i * W) * w[i];
+    auto add = [&](int64_t k, vf (&into)[ROWS]) {
+      const vf weights = load(w + rows[c] * p.K + k);
+      for (int r = 0; r < ROWS; ++r) into[r] += load(p.x + (r0 + r) * p.K + k) * weights;
     };
-    for (int64_t group = 0; group < (SCALE_EACH ? p.G : 1); ++group) {
-      const vf scale = SCALE_EACH ? splat(p.scale[rows[c] * p.G + group]) : vf{};
-      const int64_t begin = SCALE_EACH ? group * p.g : 0, end = SCALE_EACH ? (group + 1) * p.g : vectors_end;
-      int64_t k = begin;
-      for (; k + 2 * S <= end; k += 2 * S) {
-        add(k, scale, even);
-        add(k + S, scale, odd);
-      }
-      if (k < end) add(k, scale, even);
+    int64_t k = 0;
+    for (; k + 2 * W <= vectors_end; k += 2 * W) {
+      add(k, even);
+      add(k + W, odd);
     }
+    if (k < vectors_end) add(k, even);
     for (int r = 0; r < ROWS; ++r) acc[r][c] = even[r] + odd[r];
   }
 }
@@ -287,7 +280,8 @@ __attribute__((always_inline)) inline void nk_sums_row_by_row(const Problem& p, 
 // The same sums, the C stored rows interleaved: each vector of x is loaded once for all C of them, which
 // is faster where the block is read again for each further R rows of x (M > R), from L1 cache.
 template <int BITS, int ROWS, bool SCALE_EACH>
-__attribute__((always_inline)) inline void nk_sums_interleaved(const Problem& p, const int64_t (&rows)[C], int64_t r0, vf (&acc)[ROWS][C]) {
+__attribute__((always_inline)) inline void nk_sums_interleaved(const Problem& p, const int64_t (&rows)[C], int64_t r0,
+                                                             vf (&acc)[ROWS][C]) {
   constexpr int P = parts_of(BITS);
   constexpr int64_t S = step_of(BITS);
   const int64_t vectors_end = p.K / S * S;
@@ -325,8 +319,12 @@ void nk_block(const Problem& p, int64_t w_row0, int64_t r0, int64_t n0, int64_t 
   int64_t rows[C];
   for (int c = 0; c < C; ++c) rows[c] = w_row0 + std::min<int64_t>(c, count - 1);
   vf acc[ROWS][C] = {};
-  if constexpr (ROW_BY_ROW) nk_sums_row_by_row<BITS, ROWS, SCALE_EACH>(p, rows, r0, acc);
-  else nk_sums_interleaved<BITS, ROWS, SCALE_EACH>(p, rows, r0, acc);
+  if constexpr (ROW_BY_ROW) {
+    static_assert(BITS == 32 && !SCALE_EACH, "row by row is for float32 weights");
+    nk_sums_row_by_row<ROWS>(p, rows, r0, acc);
+  } else {
+    nk_sums_interleaved<BITS, ROWS, SCALE_EACH>(p, rows, r0, acc);
+  }
   const bool scale_after = p.scale != nullptr && !SCALE_EACH;
   for (int r = 0; r < ROWS; ++r) {
     const vf sums = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
@@ -374,7 +372,7 @@ void nk_dequantize(const Problem& p, int64_t n0, int64_t count, float* rows) {
 // ones not, as their conversion, not the stream, bounds them, and the interleaved order converts less.
 template <int BITS, bool SCALE_EACH>
 void nk_all_rows(const Problem& p, int64_t w_row0, int64_t block, int64_t count) {
-  if (BITS == 32) switch (p.M) {
+  if constexpr (BITS == 32 && !SCALE_EACH) switch (p.M) {
     case 1: return nk_block<BITS, 1, SCALE_EACH, true>(p, w_row0, 0, block, count);
     case 2: return nk_block<BITS, 2, SCALE_EACH, true>(p, w_row0, 0, block, count);
     case 3: return nk_block<BITS, 3, SCALE_EACH, true>(p, w_row0, 0, block, count);

@@ -121,6 +121,12 @@ def fits_shards(shape: Sequence[int], axes: LogicalAxes) -> bool:
     return all(size % _axis_product(mesh, entry) == 0 for size, entry in zip(shape, logical_to_spec(axes, rules)))
 
 
+def mesh_axes(axes: LogicalAxes) -> PartitionSpec | None:
+    """The mesh axes these logical names map to under the current `activation_sharding`; None outside it."""
+    current = getattr(_context, "value", None)
+    return None if current is None else logical_to_spec(axes, current[1])
+
+
 def map_shards(fn: Callable[..., jax.Array], in_axes: Sequence[LogicalAxes],
                out_axes: LogicalAxes) -> Callable[..., jax.Array]:
     """`fn` run on each device's shard of its arguments, split by logical names as `constrain` would,

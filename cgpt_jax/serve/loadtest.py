@@ -82,13 +82,16 @@ def _offline(generator, eos_ids: tuple[int, ...], bodies: list[dict]) -> tuple[l
     """Each request alone on the offline generator: (answers, baseline figures)."""
     run = lambda body: generator.generate([body["prompt"]], max_new_tokens=body["max_tokens"],
                                           stop_tokens=eos_ids)[0]
-    prompt_lengths: dict[int, set[int]] = {}  # by max_tokens
+    # (prompt bucket, cache bucket) → the lengths of its request with the most new tokens (one of 2 or more
+    # needs the decode step too)
+    shapes: dict[tuple[int, int], tuple[int, int]] = {}
     for body in bodies:
-        prompt_lengths.setdefault(body["max_tokens"], set()).add(len(body["prompt"]))
-    for max_tokens, lengths in prompt_lengths.items():  # the baseline times serving, not compiling
-        generator.warm_up([1], max_tokens, sorted(lengths))
-    shapes = {(generator.bucket(n), generator.cache_len(n, max_tokens))
-              for max_tokens, lengths in prompt_lengths.items() for n in lengths}
+        n, max_tokens = len(body["prompt"]), body["max_tokens"]
+        shape = (generator.bucket(n), generator.cache_len(n, max_tokens))
+        if max_tokens > shapes.get(shape, (0, 0))[1]:
+            shapes[shape] = (n, max_tokens)
+    for n, max_tokens in shapes.values():  # the baseline times serving, not compiling
+        generator.warm_up([1], max_tokens, [n])
     start = time.perf_counter()
     answers = [run(body) for body in bodies]
     seconds = time.perf_counter() - start

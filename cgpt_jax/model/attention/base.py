@@ -107,7 +107,8 @@ class Attention(nnx.Module):
 def softmax_core(mix: Callable) -> Callable:
     """Declares a variant's `mix` plain softmax attention, however it computes it, so that the variant's
     decode steps may attend over the cache through the CPU kernel instead (`DenseAttention.extend`). A
-    `mix` that changes the computation leaves it off."""
+    `mix` that changes the computation leaves it off (and must not copy it from another `mix`, as
+    `functools.wraps` would)."""
     mix.softmax_core = True
     return mix
 

@@ -33,7 +33,7 @@ from cgpt_jax.model import parameterization
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, softmax_core, write_cache
 from cgpt_jax.model.layers import bias_param, project, weight_param
-from cgpt_jax.parallel.sharding import constrain, fits_shards, map_shards
+from cgpt_jax.parallel.sharding import constrain, fits_shards, map_shards, mesh_axes
 
 # A decode step's queries and positions as the cache kernel runs them, per shard of batch and heads; the
 # cache's length stays whole on each device.
@@ -179,25 +179,27 @@ class DenseAttention(Attention):
     def _attend_cache_on_cpu(self, q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array,
                              q_pos_BxT: jax.Array) -> jax.Array:
         """`_attend_cache` through the CPU kernel, with `_attend_cache`'s gradient (a prefix or prompt being
-        trained attends over a cache)."""
+        trained attends over a cache); reverse mode only (a custom VJP)."""
         cache_axes = self._cache_kernel_axes()
         kernel = functools.partial(cpu_attention.cached_attention, scale=self.scale)
         kernel = map_shards(kernel, (QUERY_AXES, cache_axes, cache_axes, POSITION_AXES), QUERY_AXES)
 
         @jax.custom_vjp
-        def attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT):
+        def attend_cache(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT):
             return kernel(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
 
         def forward(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT):
-            return attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT), (q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
+            residuals = (q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
+            return attend_cache(*residuals), residuals
 
         def backward(residuals, dy_BxTxHxK):
             *floats, q_pos_BxT = residuals
-            _, pullback = jax.vjp(lambda q, k, v: self._attend_cache(q, k, v, q_pos_BxT), *floats)
-            return (*pullback(dy_BxTxHxK), None)
+            _, pullback = jax.vjp(lambda q_BxTxHxK, k_BxGxSxK, v_BxGxSxK: self._attend_cache(
+                q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT), *floats)
+            return (*pullback(dy_BxTxHxK), None)  # positions are integers: no cotangent
 
-        attend.defvjp(forward, backward)
-        return attend(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
+        attend_cache.defvjp(forward, backward)
+        return attend_cache(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, q_pos_BxT)
 
     def _cache_kernel_axes(self) -> tuple[str | None, ...]:
         return ("batch", "kv_heads" if self.kv_heads > 1 else None, None, None)
@@ -206,11 +208,14 @@ class DenseAttention(Attention):
         """Whether `extend` attends over the cache through the CPU kernel, which reads each query's keys up to
         its position only: the variant's attention is plain causal softmax (`visible` and `score_bias` as
         here, a `softmax_core` mix), on the kernel's domain (a decode step's few queries, float32) and a
-        mesh that divides it."""
+        mesh that divides it as the kernel runs: query and cache heads split alike (so that each shard's
+        query heads read its own cache heads), the cache's length whole (or it would be gathered)."""
         variant = type(self)
+        spec = mesh_axes(("act_heads", "kv_heads", "length"))
         return (getattr(variant.mix, "softmax_core", False) and variant.visible is DenseAttention.visible
                 and variant.score_bias is DenseAttention.score_bias
                 and cpu_attention.applies_cached(q_BxTxHxK, cache["k"], cache["v"])
+                and (spec is None or (spec[2] is None and (self.kv_heads == 1 or spec[0] == spec[1])))
                 and fits_shards(q_BxTxHxK.shape, QUERY_AXES)
                 and fits_shards(cache["k"].shape, self._cache_kernel_axes()) and _cache_kernel_loaded())
 
