@@ -21,6 +21,7 @@ from cgpt_jax.bench.runners import compile_train_step, random_tokens
 from cgpt_jax.kernels import build as kernel_build
 from cgpt_jax.kernels import cpu_attention
 from cgpt_jax.infer.sampling import Sampling
+from cgpt_jax.model import attention as attention_registry
 from cgpt_jax.model.attention import dense, fused
 from cgpt_jax.model.attention.base import attend
 from cgpt_jax.parallel.mesh import MESH_AXES
@@ -381,3 +382,35 @@ def test_extend_through_the_kernel_has_the_xla_path_gradient(monkeypatch):
     assert cpu_attention.CACHED_TARGET not in hlo
     for got, want in zip(through_kernel, through_xla):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("attention, rules, kernel", [
+    ("dense", DEFAULT_RULES, True),                                   # heads and cache heads over 'tensor'
+    ("mqa", DEFAULT_RULES, True),                                     # one cache head, whole on each device
+    ("dense", _rules_with(act_heads=None), False),                    # query heads whole, cache heads split
+    ("dense", _rules_with(length="fsdp"), False),                     # the cache's length split
+], ids=["heads-alike", "mqa", "heads-unlike", "length-split"])
+def test_decode_under_a_mesh_uses_the_kernel_only_where_shards_line_up(attention, rules, kernel):
+    """On a (2, 2, 2) mesh `extend` of a decode step gives the unsharded values, through the kernel where
+    each shard's query heads read its own cache heads and the cache's length is whole, else through XLA."""
+    cpu_attention.load()
+    cfg = tiny_config().model
+    cfg.attention = attention
+    layer = attention_registry.build(attention).make(cfg, rngs=nnx.Rngs(0))
+    cache = {name: jax.random.normal(jax.random.key(i), (4, layer.kv_heads, 16, 8)) for i, name in ((2, "k"), (3, "v"))}
+    x, start = jax.random.normal(jax.random.key(1), (4, 1, 32)), jnp.array([3, 15, 0, 9])
+    graphdef, weights = nnx.split(layer)
+
+    def extend(weights, x, cache):
+        return nnx.merge(graphdef, weights).extend(x, cache, start)
+
+    expected = jax.jit(extend)(weights, x, cache)
+    mesh = jax.make_mesh((2, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:8])
+    with activation_sharding(mesh, rules):
+        sharded = jax.jit(lambda weights, x, cache: extend(weights, x, cache))
+        hlo = sharded.lower(weights, x, cache).as_text()
+        result = sharded(weights, x, cache)
+    assert (cpu_attention.CACHED_TARGET in hlo) == kernel
+    for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -211,11 +211,12 @@ class DenseAttention(Attention):
         mesh that divides it as the kernel runs: query and cache heads split alike (so that each shard's
         query heads read its own cache heads), the cache's length whole (or it would be gathered)."""
         variant = type(self)
-        spec = mesh_axes(("act_heads", "kv_heads", "length"))
+        # One name at a time: a spec names each mesh axis once, so the second use of 'tensor' would read None.
+        heads, kv_heads, length = (mesh_axes((name,)) for name in ("act_heads", "kv_heads", "length"))
         return (getattr(variant.mix, "softmax_core", False) and variant.visible is DenseAttention.visible
                 and variant.score_bias is DenseAttention.score_bias
                 and cpu_attention.applies_cached(q_BxTxHxK, cache["k"], cache["v"])
-                and (spec is None or (spec[2] is None and (self.kv_heads == 1 or spec[0] == spec[1])))
+                and (heads is None or (length[0] is None and (self.kv_heads == 1 or heads == kv_heads)))
                 and fits_shards(q_BxTxHxK.shape, QUERY_AXES)
                 and fits_shards(cache["k"].shape, self._cache_kernel_axes()) and _cache_kernel_loaded())
 
