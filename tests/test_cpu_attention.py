@@ -238,11 +238,16 @@ def test_unwritable_cache_is_reported(monkeypatch, tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
-def test_fused_falls_back_to_xla_with_a_warning(monkeypatch):
+def make_kernel_unavailable(monkeypatch) -> None:
+    """`cpu_attention.load` fails as on a machine without a C++ compiler."""
     def unavailable():
         raise cpu_attention.KernelUnavailable("no C++ compiler (test)")
 
     monkeypatch.setattr(cpu_attention, "load", unavailable)
+
+
+def test_fused_falls_back_to_xla_with_a_warning(monkeypatch):
+    make_kernel_unavailable(monkeypatch)
     fused._cpu_kernel_loaded.cache_clear()
     try:
         layer = fused_layer()
@@ -346,10 +351,7 @@ def test_decode_steps_attend_through_the_kernel_where_attention_is_plain_causal(
 
 
 def test_decode_falls_back_to_xla_with_a_warning(monkeypatch):
-    def unavailable():
-        raise cpu_attention.KernelUnavailable("no C++ compiler (test)")
-
-    monkeypatch.setattr(cpu_attention, "load", unavailable)
+    make_kernel_unavailable(monkeypatch)
     dense._cache_kernel_loaded.cache_clear()
     try:
         with pytest.warns(UserWarning, match=r"over the cache through XLA on CPU: no C\+\+ compiler \(test\)"):

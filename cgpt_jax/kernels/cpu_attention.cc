@@ -54,6 +54,25 @@ inline vf exp_v(vf x) {
   return p * two_n;
 }
 
+// One query's scores s[0..n_vec) (whole vectors) → e^(s - max) over the keys it sees (key <= last), 0 past
+// them; returns the max and sets inverse_sum to 1 / the sum.
+inline float unnormalized_softmax(float* s, int64_t n_vec, int64_t last, float& inverse_sum) {
+  vf max_v = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
+    const vf x = load(s + j0);
+    max_v = visible(j0, last) && x > max_v ? x : max_v;
+  }
+  const float max = hmax(max_v);
+  vf sum_v = {};
+  for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
+    const vf p = visible(j0, last) ? exp_v(load(s + j0) - splat(max)) : splat(0.0f);
+    sum_v += p;
+    store(s + j0, p);
+  }
+  inverse_sum = 1.0f / hsum(sum_v);
+  return max;
+}
+
 struct Dims {
   int64_t B, L, H, K;
   int64_t Lp, Kp;  // L and K rounded up to whole vectors
@@ -168,20 +187,7 @@ void forward_pair(const Dims& d, const float* q, const float* k, const float* v,
     float inverse_sum[R];  // 1 / the softmax denominator of each row
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      float* s = ws.s + r * d.Lp;
-      vf max_v = splat(-std::numeric_limits<float>::infinity());
-      for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
-        const vf x = load(s + j0);
-        max_v = visible(j0, i) && x > max_v ? x : max_v;
-      }
-      const float max = hmax(max_v);
-      vf sum_v = {};
-      for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
-        const vf p = visible(j0, i) ? exp_v(load(s + j0) - splat(max)) : splat(0.0f);
-        sum_v += p;
-        store(s + j0, p);
-      }
-      inverse_sum[r] = 1.0f / hsum(sum_v);
+      const float max = unnormalized_softmax(ws.s + r * d.Lp, n_vec, i, inverse_sum[r]);
       stats[2 * (pair * d.L + i)] = max;
       stats[2 * (pair * d.L + i) + 1] = inverse_sum[r];
     }
@@ -303,20 +309,8 @@ void cached_pair(const CacheDims& d, const float* q, const float* k, const float
       for (int64_t c = vectors_end; c < d.K; ++c) sum += query[c] * key[c];
       scores[j] = scale * sum;
     }
-    const int64_t n_vec = round_up(n);
-    vf max_v = splat(-std::numeric_limits<float>::infinity());
-    for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
-      const vf x = load(scores + j0);
-      max_v = visible(j0, n - 1) && x > max_v ? x : max_v;
-    }
-    const float max = hmax(max_v);
-    vf sum_v = {};
-    for (int64_t j0 = 0; j0 < n_vec; j0 += W) {
-      const vf p = visible(j0, n - 1) ? exp_v(load(scores + j0) - splat(max)) : splat(0.0f);
-      sum_v += p;
-      store(scores + j0, p);
-    }
-    const float inverse_sum = 1.0f / hsum(sum_v);
+    float inverse_sum;
+    unnormalized_softmax(scores, round_up(n), n - 1, inverse_sum);
     std::fill(out, out + d.K, 0.0f);
     for (int64_t j = 0; j < n; ++j) {
       const float* value = values + j * d.K;
