@@ -18,7 +18,7 @@ from flax import nnx
 
 from cgpt_jax import generate
 from cgpt_jax.infer import Generator, Sampling
-from cgpt_jax.infer.sampling import filter_logits
+from cgpt_jax.infer.sampling import filter_logits, greedy as greedy_choice
 from cgpt_jax.interop import hf
 from cgpt_jax.model import GPT
 from cgpt_jax.parallel.mesh import make_mesh
@@ -103,6 +103,17 @@ def test_filter_logits_top_k_and_top_p():
     assert kept(Sampling(temperature=1.0, top_p=0.81)) == [True, False, True, True]
     scaled = filter_logits(logits, Sampling(temperature=2.0))
     np.testing.assert_allclose(scaled, logits / 2.0)
+
+
+def test_greedy_equals_argmax():
+    """The greedy choice is jnp.argmax's, ties, NaN and infinities included, at a vocabulary's width."""
+    rows = np.random.RandomState(0).randn(4, 50304).astype(np.float32)
+    rows[1, [7, 900, 50000]] = 9.0  # a tie: the first id
+    rows[2, [30, 40]] = [np.inf, np.nan]  # NaN wins wherever it is, as in argmax
+    rows[3] = -np.inf
+    edge = np.array([[1, 3, 3, 0], [np.nan, 1, np.nan, 5], [0, np.inf, np.inf, 1]], np.float32)
+    for logits in (rows, edge):
+        np.testing.assert_array_equal(greedy_choice(jnp.asarray(logits)), np.argmax(logits, axis=-1))
 
 
 def test_stop_tokens_and_max_new_tokens(generator):
@@ -196,15 +207,24 @@ def copies_of_size(hlo: str, sizes: set[int]) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("attention, rows", [("dense", 1), ("gqa(kv_heads=2)+rope", 1), ("mqa", 1), ("alibi", 2),
+                                              ("gqa(kv_heads=2)+sliding_window(window=4)+alibi", 2)])
 @pytest.mark.parametrize("prompts", [1, 3])
-def test_decode_step_copies_no_weight_or_cache(model, generator, prompts):
+def test_decode_step_copies_no_weight_or_cache(attention, rows, prompts):
     """The compiled decode step reads weights and caches where they lie (no instruction writes an array
-    the size of a weight matrix, the embedding or a layer's cache), and updates the caches in place."""
+    the size of a weight matrix, the embedding or a layer's cache), and updates the caches in place. A
+    single prompt decodes one row where the attention reads the cache through the CPU kernel, two where
+    XLA's path would copy a one-row cache (`decode_rows`)."""
+    cfg = model_config()
+    cfg.attention = attention
+    model = GPT(cfg, rngs=nnx.Rngs(7))
+    generator = Generator(model, min_bucket=8)
     batch, cache_len = generator.batch_sizes(prompts)[1], 16
+    assert batch == max(rows, 4 if prompts == 3 else 1)
     caches = model.init_layer_caches(batch, cache_len)
     weight_sizes = {x.size for path, x in jax.tree_util.tree_leaves_with_path(generator.layers)
                     if "kernel" in jax.tree_util.keystr(path)}
-    weight_sizes |= {model.wte[...].size, model.wpe[...].size}
+    weight_sizes |= {model.wte[...].size} | ({model.wpe[...].size} if model.wpe is not None else set())
     cache_sizes = {x.size for cache in caches for x in cache.values()}
     token_B = jnp.zeros((batch,), jnp.int32)
     hlo = generator.decode.lower(generator.state, generator.layers, caches, token_B, token_B + 1, token_B, 0,

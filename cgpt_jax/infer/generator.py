@@ -14,8 +14,8 @@ step streams faster.
 Shapes are bucketed so that a session compiles a handful of programs, not one per request or token:
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
 power-of-two number of positions C ≥ longest prompt + max_new_tokens (both capped at the context),
-and the batch is padded to a power of two that the mesh's batch axes divide (at least 2 for decode:
-`batch_sizes`). The decode step has one shape for the whole continuation; its position is a traced
+and the batch is padded to a power of two that the mesh's batch axes divide (for decode at least the
+rows that keep the cache in place: `batch_sizes`). The decode step has one shape for the whole continuation; its position is a traced
 argument. `warm_up` compiles every program a request can use ahead of it.
 
 Prefill: a prompt bucket of at most `prefill_chunk` positions is one program, the variant's
@@ -108,6 +108,8 @@ class Generator:
             self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
         else:
             self.batch_shards = 1
+        with self.sharding_context():
+            self.decode_rows = model.blocks.attn.decode_rows(min(min_bucket, self.max_len))
         self.block_graphdef = nnx.graphdef(model.blocks)
         self.layers = jax.jit(self._unstack)(state)
         # The programs read the layers from `layers`; only a PEFT prompt/prefix still needs the stack.
@@ -304,10 +306,10 @@ class Generator:
 
     def batch_sizes(self, batch: int) -> tuple[int, int]:
         """(prefill, decode) batch of a request of `batch` prompts: a power of two that the mesh's batch
-        axes divide, and for decode at least 2: with one row XLA:CPU fuses the cache update into both the
-        cache output and the attention's read, and copies each layer's cache three times per step."""
+        axes divide, and for decode at least the attention's `decode_rows` (2 where one row would make
+        XLA:CPU copy each layer's cache every step, 1 where the step reads the cache in place)."""
         padded = -(-_next_power_of_two(batch) // self.batch_shards) * self.batch_shards
-        return padded, max(2, padded)
+        return padded, max(self.decode_rows, padded)
 
     def cache_len(self, longest_prompt: int, max_new_tokens: int) -> int:
         """Cache positions of a request whose longest prompt has `longest_prompt` tokens."""

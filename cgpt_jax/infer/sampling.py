@@ -45,6 +45,17 @@ def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
     return logits_BxV
 
 
+def greedy(logits_BxV: jax.Array) -> jax.Array:
+    """jnp.argmax over the vocabulary (the first of equal maxima; the first NaN where there is one), int32 [B],
+    as a max and then the lowest id that reaches it: two plain reductions, which XLA:CPU vectorises where
+    its argmax (one reduction over value-index pairs) runs element by element (docs/performance.md)."""
+    best_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+    nan_BxV = jnp.isnan(logits_BxV)  # apart: XLA:CPU's max may pass over a NaN
+    reaches_BxV = jnp.where(jnp.any(nan_BxV, axis=-1, keepdims=True), nan_BxV, logits_BxV == best_Bx1)
+    ids_V = jnp.arange(logits_BxV.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(reaches_BxV, ids_V, logits_BxV.shape[-1] - 1), axis=-1)
+
+
 def choose(logits_BxV: jax.Array, seeds_B: jax.Array, index: jax.Array, sampling: Sampling) -> jax.Array:
     """The next token of each row, int32 [B].
 
@@ -52,7 +63,7 @@ def choose(logits_BxV: jax.Array, seeds_B: jax.Array, index: jax.Array, sampling
     and the position `index` in its continuation, never on the other rows of the batch.
     """
     if sampling.temperature == 0.0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        return greedy(logits_BxV)
     logits_BxV = filter_logits(logits_BxV, sampling)
     keys_B = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), index))(seeds_B)
     return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)

@@ -18,7 +18,8 @@
 // KN: the work splits into column chunks narrow enough that the partial sums of all M rows stay in L1
 // cache, and K into parts (whole groups), so that each thread has several items and an item reads each of
 // its weight rows' part of the chunk as one contiguous run; 8 weight rows at a time, each weight vector
-// converted once and used by all M rows. The parts' sums are added up at the end. An int4 vector holds 16
+// converted once and used by all M rows. A float32 W against one row of x is read one weight row after
+// another instead: a single stream through memory, where each row's sums cost one load and one store. The parts' sums are added up at the end. An int4 vector holds 16
 // even and 16 odd columns (the low and high nibbles); the sums keep them apart and the columns are put
 // back in order when y is written.
 // NK: 4 stored rows of W at a time (contiguous in memory) against up to 4 rows of x in registers, one
@@ -163,16 +164,16 @@ inline void kn_rows(const Problem& p, int64_t k0, int64_t group, int64_t n0, int
   }
 }
 
-// sums[m, c] = Σ_{k in [k0, k1)} x[m, k] · W[k, n0 + c], KB weight rows at a time within each group (with
+// sums[m, c] = Σ_{k in [k0, k1)} x[m, k] · W[k, n0 + c], ROWS weight rows at a time within each group (with
 // SCALE_EACH, k0 and k1 are group boundaries).
-template <int BITS, bool SCALE_EACH>
+template <int BITS, bool SCALE_EACH, int ROWS>
 void kn_part(const Problem& p, int64_t k0, int64_t k1, int64_t n0, int64_t width, float* sums, int64_t ld) {
   for (int64_t m = 0; m < p.M; ++m) std::fill(sums + m * ld, sums + m * ld + width, 0.0f);
   for (int64_t begin = k0, end; begin < k1; begin = end) {
     const int64_t group = begin / p.g;
     end = SCALE_EACH ? (group + 1) * p.g : k1;
     int64_t k = begin;
-    for (; k + KB <= end; k += KB) kn_rows<BITS, KB, SCALE_EACH>(p, k, group, n0, width, sums, ld);
+    for (; k + ROWS <= end; k += ROWS) kn_rows<BITS, ROWS, SCALE_EACH>(p, k, group, n0, width, sums, ld);
     for (; k < end; ++k) kn_rows<BITS, 1, SCALE_EACH>(p, k, group, n0, width, sums, ld);
   }
 }
@@ -218,8 +219,9 @@ void kn(ffi::ThreadPool& pool, const Problem& p) {
     const int64_t part = i / chunks, chunk = i % chunks, n0 = chunk * width;
     const int64_t k0 = part * part_len, k1 = std::min(p.K, k0 + part_len);
     const int64_t columns = std::min(width, vectors_end - n0);
-    if (scale_each) kn_part<BITS, true>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
-    else kn_part<BITS, false>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
+    if (scale_each) kn_part<BITS, true, KB>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
+    else if (BITS == 32 && p.M == 1) kn_part<BITS, false, 1>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
+    else kn_part<BITS, false, KB>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
   });
   const bool scale_after = p.scale != nullptr && !scale_each;
   for (int64_t m = 0; m < p.M; ++m) {

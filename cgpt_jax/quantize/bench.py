@@ -11,8 +11,9 @@ size every variant decodes greedily from the same random prompts with the `Gener
 alternating (`bench_decode.interleaved_medians`); decode rate = batch · (new_tokens − 1) / (t(new_tokens)
 − t(1)), as in bench_decode. `decode_step_weight_mb` is what a decode step must read of the weights: all
 of them but the position table, of which one row; `weight_fraction_of_bandwidth` is that times the steps
-per second over the machine's read bandwidth (`bench_decode.read_bandwidth`, the higher of its two,
-measured in the same process). Prints one JSON object per batch size.
+per second over the machine's read bandwidth, measured as bench_decode does: a streaming sum timed in
+turn with the variants (`bench_decode.StreamingRead`; its best-of figures up front are printed as well).
+Prints one JSON object per batch size.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import contextlib
 import functools
 import json
 import os
+import statistics
 
 import jax
 import numpy as np
@@ -30,10 +32,10 @@ from cgpt_jax import cli, quantize
 from cgpt_jax.infer import Generator
 from cgpt_jax.infer.bench_decode import (
     SHAPES,
+    StreamingRead,
     cpu_model,
     interleaved_medians,
     model_config,
-    read_bandwidth,
 )
 from cgpt_jax.model import GPT, few_rows
 
@@ -51,15 +53,17 @@ def main(argv: list[str]) -> None:
     weight_bytes = {name: quantize.weight_bytes(nnx.state(m))["total"] for name, m in models.items()}
     step_bytes = {name: weight_bytes[name] - m.wpe.get_value().nbytes for name, m in models.items()}
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()}
+    read = StreamingRead(os.cpu_count() or 1)
     for batch in (int(b) for b in args.batch):
         prompts = np.random.RandomState(0).randint(0, 50257, (batch, args.prompt_len)).tolist()
         runs = {name: functools.partial(_generate, g, prompts, name.endswith("-xla")) for name, g in generators.items()}
         load_start = os.getloadavg()
-        bandwidth = read_bandwidth(os.cpu_count() or 1)
-        medians = interleaved_medians(runs, (1, args.new_tokens), args.repeats)
+        best = read.best_gb_per_s()
+        medians = interleaved_medians({**runs, "read": read}, (1, args.new_tokens), args.repeats)
+        bytes_per_s = read.array.nbytes / statistics.mean([medians["read", 1], medians["read", args.new_tokens]])
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                  "repeats": args.repeats, **machine, "load_average_start": load_start, **bandwidth}
-        bytes_per_s = max(bandwidth.values()) * 1e9
+                  "repeats": args.repeats, **machine, "load_average_start": load_start, **best,
+                  "read_gb_per_s_alongside": round(bytes_per_s / 1e9, 2)}
         reference = runs["float32"](args.new_tokens)
         for name, run in runs.items():
             first, full = medians[name, 1], medians[name, args.new_tokens]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cgpt_jax.infer.sampling import greedy
+
 
 def _filtered(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
               ) -> jax.Array:
@@ -45,7 +47,7 @@ def choose_rows(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Ar
     A row with temperature 0 is greedy (its top_k / top_p are ignored); the others draw with key
     fold_in(key(seeds_B[b]), index_B[b]).
     """
-    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    greedy_B = greedy(logits_BxV)
 
     def sample() -> jax.Array:
         filtered_BxV = _filtered(logits_BxV, temperature_B, top_k_B, top_p_B)

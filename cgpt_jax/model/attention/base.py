@@ -103,6 +103,12 @@ class Attention(nnx.Module):
         """`extend` from an empty cache at positions 0..T-1; a variant may compute it faster."""
         return self.extend(x_BxTxD, cache, jnp.zeros((x_BxTxD.shape[0],), jnp.int32))
 
+    def decode_rows(self, cache_len: int) -> int:
+        """The fewest rows a decode step over a cache of `cache_len` positions should run (the generator pads
+        a smaller batch with rows it never reads). 2 unless a variant knows better: with one row XLA:CPU
+        lays the cache out anew for the attention's products and copies it every step."""
+        return 2
+
 
 def softmax_core(mix: Callable) -> Callable:
     """Declares a variant's `mix` plain softmax attention, however it computes it, so that the variant's

@@ -220,6 +220,14 @@ class DenseAttention(Attention):
                 and fits_shards(q_BxTxHxK.shape, QUERY_AXES)
                 and fits_shards(cache["k"].shape, self._cache_kernel_axes()) and _cache_kernel_loaded())
 
+    def decode_rows(self, cache_len: int) -> int:
+        # One row where the step attends through the CPU kernel, which reads the cache where it lies (call
+        # under the mesh's activation-sharding rules, as the step is traced).
+        q = jax.ShapeDtypeStruct((1, 1, self.n_heads, self.head_dim), self.compute_dtype)
+        cache = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype)
+                 for name, spec in self.cache_layout(1, cache_len).items()}
+        return 1 if self._attends_cache_on_cpu(q, cache) else super().decode_rows(cache_len)
+
     def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         # The cache is empty, so the new tokens see only each other: the training pass's causal core over
         # T keys (the fused kernel where it applies) instead of a masked pass over the whole cache.

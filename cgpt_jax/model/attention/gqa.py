@@ -11,7 +11,7 @@ from flax import nnx
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.base import REQUIRED
 from cgpt_jax.model.attention.dense import DenseAttention
-from cgpt_jax.model.layers import bias_param, weight_param
+from cgpt_jax.model.layers import bias_param, project, weight_param
 from cgpt_jax.parallel.sharding import constrain
 
 
@@ -46,13 +46,14 @@ class GroupedQueryAttention(DenseAttention):
 
     def project(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = self.compute_dtype
-        x_BxTxD = x_BxTxD.astype(dt)
-        q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_kernel[...].astype(dt))
-        q_BxTxHxK = constrain(q_BxTxHxK + self.q_bias[...].astype(dt), ("batch", "length", "act_heads", None))
-        kv_Bx2xTxGxK = jnp.einsum("btd,dsgk->bstgk", x_BxTxD, self.kv_kernel[...].astype(dt))
-        kv_Bx2xTxGxK = kv_Bx2xTxGxK + self.kv_bias[...].astype(dt)[None, :, None]
-        kv_axes = ("batch", "length", "act_heads" if self.kv_heads > 1 else None, None)
-        return q_BxTxHxK, constrain(kv_Bx2xTxGxK[:, 0], kv_axes), constrain(kv_Bx2xTxGxK[:, 1], kv_axes)
+        batch, length, _ = x_BxTxD.shape
+        h, g, k = self.n_heads, self.kv_heads, self.head_dim
+        q_BxTxHxK = project(x_BxTxD, self.q_kernel, dt).reshape(batch, length, h, k) + self.q_bias[...].astype(dt)
+        q_BxTxHxK = constrain(q_BxTxHxK, ("batch", "length", "act_heads", None))
+        kv_BxTx2xGxK = project(x_BxTxD, self.kv_kernel, dt).reshape(batch, length, 2, g, k)
+        kv_BxTx2xGxK = kv_BxTx2xGxK + self.kv_bias[...].astype(dt)
+        kv_axes = ("batch", "length", "act_heads" if g > 1 else None, None)
+        return q_BxTxHxK, constrain(kv_BxTx2xGxK[:, :, 0], kv_axes), constrain(kv_BxTx2xGxK[:, :, 1], kv_axes)
 
     def params_from_dense(self, dense: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Mean-pool each group's key and value heads (the GQA paper's uptraining init); exact when
