@@ -148,7 +148,7 @@ def test_sharded_decode_equals_full_forward(trained, quantized):
     qmodel = quantized["int4"]
     mesh = make_mesh(tiny_config(data=2, fsdp=2, tensor=2).mesh, jax.devices())
     sharded = Generator(qmodel, mesh=mesh, rules=config.mesh.rules, min_bucket=8)
-    up = sharded.layers[0]["mlp"]["up_kernel"].get_value()  # the Generator holds the layers one by one
+    up = sharded.layers[0]["mlp"]["up_kernel"]  # the Generator holds the layers one by one, as pure dicts
     assert tuple(up.qvalue.sharding.spec) == ("fsdp", "tensor")  # [embed, mlp] by the rules
     tokens = sharded.generate(PROMPTS, max_new_tokens=6)
     context = np.zeros(TOKENS.shape, np.int32)

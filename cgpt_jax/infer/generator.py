@@ -52,6 +52,9 @@ from cgpt_jax.model.attention.base import Cache
 from cgpt_jax.parallel.sharding import DEFAULT_RULES, Rules, activation_sharding, logical_to_spec, state_shardings
 
 
+Weights = dict[str, Any]  # nnx.State.to_pure_dict(): nested dicts of arrays
+
+
 def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -111,12 +114,14 @@ class Generator:
         with self.sharding_context():
             self.decode_rows = model.blocks.attn.decode_rows(min(min_bucket, self.max_len))
         self.block_graphdef = nnx.graphdef(model.blocks)
-        self.layers = jax.jit(self._unstack)(state)
+        # The weights as plain nested dicts of arrays, which a call flattens in C++ where an nnx.State's
+        # Variables are flattened in Python, on the host thread that shares the cores with the step.
+        self.layers = [layer.to_pure_dict() for layer in jax.jit(self._unstack)(state)]
         # The programs read the layers from `layers`; only a PEFT prompt/prefix still needs the stack.
-        self._stacked_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state["blocks"])
-        if not model.virtual_tokens:
-            state = nnx.State({name: sub for name, sub in state.items() if name != "blocks"})
-        self.state = state
+        self._stacked_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                            state["blocks"].to_pure_dict())
+        self.state = {name: sub for name, sub in state.to_pure_dict().items()
+                      if name != "blocks" or model.virtual_tokens}
         host_memory.back_with_huge_pages((self.state, self.layers))  # a decode step streams every weight
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "sampling"))
         self.prefill_first = jax.jit(self._prefill_first, static_argnames=("cache_len",))
@@ -134,15 +139,15 @@ class Generator:
     def _unstack(self, state: nnx.State) -> list[nnx.State]:
         return [nnx.state(block) for block in nnx.merge(self.graphdef, state).layer_blocks()]
 
-    def merge(self, state: nnx.State, layers: list[nnx.State]) -> tuple[GPT, list[Block]]:
+    def merge(self, state: Weights, layers: list[Weights]) -> tuple[GPT, list[Block]]:
         """The model and its per-layer blocks from the weights the programs take as arguments. Without its
         stacked layer arrays (dropped from `state`), the model's `blocks` hold shapes only: run the layers
         through the returned blocks (`extend_layers`)."""
         if "blocks" not in state:
-            state = nnx.State({**state, "blocks": self._stacked_shapes})
+            state = {**state, "blocks": self._stacked_shapes}
         return nnx.merge(self.graphdef, state), [nnx.merge(self.block_graphdef, layer) for layer in layers]
 
-    def _prefill(self, state: nnx.State, layers: list[nnx.State], prompts_BxP: jax.Array, lengths_D: jax.Array,
+    def _prefill(self, state: Weights, layers: list[Weights], prompts_BxP: jax.Array, lengths_D: jax.Array,
                  seeds_D: jax.Array, *, cache_len: int, sampling: Sampling
                  ) -> tuple[jax.Array, jax.Array, list[Cache]]:
         """Right-padded prompts, B rows, in one program → (first new token [D], the logits it was chosen
@@ -152,7 +157,7 @@ class Generator:
         next_D, last_BxV = self._prefill_finish(state, last_BxD, seeds_D, sampling=sampling)
         return next_D, last_BxV, _pad_rows(caches, lengths_D.shape[0])
 
-    def _prefill_first(self, state: nnx.State, layers: list[nnx.State], prompts_BxT: jax.Array,
+    def _prefill_first(self, state: Weights, layers: list[Weights], prompts_BxT: jax.Array,
                        lengths_D: jax.Array, *, cache_len: int) -> tuple[list[Cache], jax.Array]:
         """The prompts' first T tokens into empty caches of B rows, through the variant's training-pass core
         → (caches, the hidden state at each prompt's last position [B, D] where it is among them)."""
@@ -165,7 +170,7 @@ class Generator:
         last_BxD = jnp.zeros((batch, x_BxTxD.shape[2]), x_BxTxD.dtype)
         return caches, _hidden_at_last(x_BxTxD, lengths_D[:batch], 0, last_BxD)
 
-    def _prefill_next(self, state: nnx.State, layers: list[nnx.State], caches: list[Cache], chunk_BxT: jax.Array,
+    def _prefill_next(self, state: Weights, layers: list[Weights], caches: list[Cache], chunk_BxT: jax.Array,
                       start: jax.Array, lengths_D: jax.Array, last_BxD: jax.Array) -> tuple[list[Cache], jax.Array]:
         """The prompts' tokens at positions start..start+T-1 over the caches (donated) → (caches, last_BxD
         updated where a prompt ends among them)."""
@@ -175,7 +180,7 @@ class Generator:
             x_BxTxD, caches = model.extend_layers(blocks, chunk_BxT, caches, jnp.full((batch,), start, jnp.int32))
         return caches, _hidden_at_last(x_BxTxD, lengths_D[:batch], start, last_BxD)
 
-    def _prefill_finish(self, state: nnx.State, last_BxD: jax.Array, seeds_D: jax.Array, *, sampling: Sampling
+    def _prefill_finish(self, state: Weights, last_BxD: jax.Array, seeds_D: jax.Array, *, sampling: Sampling
                         ) -> tuple[jax.Array, jax.Array]:
         """Each prompt's last hidden state → (its first new token, padded to D rows, and its logits [B, V])."""
         model, _ = self.merge(state, [])
@@ -185,7 +190,7 @@ class Generator:
         next_B = choose(last_BxV, seeds_D[:batch], jnp.int32(0), sampling)
         return _pad_rows(next_B, seeds_D.shape[0]), last_BxV
 
-    def _decode(self, state: nnx.State, layers: list[nnx.State], caches: list[Cache], tokens_B: jax.Array,
+    def _decode(self, state: Weights, layers: list[Weights], caches: list[Cache], tokens_B: jax.Array,
                 lengths_B: jax.Array, seeds_B: jax.Array, index: jax.Array, *, sampling: Sampling
                 ) -> tuple[jax.Array, jax.Array, list[Cache]]:
         """Feed each sequence's new token number `index` (at position lengths_B + index) → (token number

@@ -94,12 +94,12 @@ def apply(model: nnx.Module, scheme: Scheme) -> nnx.Module:
     return nnx.merge(graphdef, jax.jit(functools.partial(quantize_state, scheme=scheme))(state))
 
 
-def weight_bytes(state: nnx.State) -> dict[str, int]:
-    """Bytes of the parameters: `quantized` (integers and scales of the quantized weights), `float` (the
-    rest) and `total`."""
+def weight_bytes(state: nnx.State | dict[str, Any]) -> dict[str, int]:
+    """Bytes of the parameters (an nnx.State, or its pure dict as the generator holds it): `quantized`
+    (integers and scales of the quantized weights), `float` (the rest) and `total`."""
     quantized = floating = 0
-    for var in jax.tree.leaves(state, is_leaf=_is_var):
-        value = var.get_value()
+    for leaf in jax.tree.leaves(state, is_leaf=lambda x: _is_var(x) or isinstance(x, QuantizedArray)):
+        value = leaf.get_value() if _is_var(leaf) else leaf
         if isinstance(value, QuantizedArray):
             quantized += value.nbytes
         else:
