@@ -208,7 +208,8 @@ def copies_of_size(hlo: str, sizes: set[int]) -> list[str]:
 
 
 @pytest.mark.parametrize("attention, rows", [("dense", 1), ("gqa(kv_heads=2)+rope", 1), ("mqa", 1), ("alibi", 2),
-                                              ("gqa(kv_heads=2)+sliding_window(window=4)+alibi", 2)])
+                                              ("gqa(kv_heads=2)+sliding_window(window=4)+alibi", 2),
+                                              ("mqa+sliding_window(window=4)+alibi", 2)])
 @pytest.mark.parametrize("prompts", [1, 3])
 def test_decode_step_copies_no_weight_or_cache(attention, rows, prompts):
     """The compiled decode step reads weights and caches where they lie (no instruction writes an array

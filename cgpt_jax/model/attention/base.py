@@ -127,9 +127,12 @@ def scores(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, scale: float) -> jax.Arra
     """scale · QKᵀ per head, in float32 (or wider, for float64 gradient checks)."""
     b, t, h, d = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
+    wide = jnp.promote_types(q_BxTxHxK.dtype, jnp.float32)
+    if g == 1:  # one KV head: no head axis in the product, or XLA:CPU lays a decode cache out anew for it
+        logits_BxHxTxS = jnp.einsum("bthk,bsk->bhts", q_BxTxHxK, k_BxSxGxK[:, :, 0], preferred_element_type=wide)
+        return logits_BxHxTxS * scale
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, d)
-    logits_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
-                                  preferred_element_type=jnp.promote_types(q_BxTxHxK.dtype, jnp.float32))
+    logits_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=wide)
     return logits_BxGxRxTxS.reshape(b, h, t, -1) * scale
 
 
@@ -137,6 +140,8 @@ def weighted_values(probs_BxHxTxS: jax.Array, v_BxSxGxK: jax.Array) -> jax.Array
     """Σ_s probs · V per head → [B, T, H, K]."""
     b, h, t, s = probs_BxHxTxS.shape
     g = v_BxSxGxK.shape[2]
+    if g == 1:  # as in `scores`
+        return jnp.einsum("bhts,bsk->bthk", probs_BxHxTxS, v_BxSxGxK[:, :, 0])
     probs_BxGxRxTxS = probs_BxHxTxS.reshape(b, g, h // g, t, s)
     y_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxSxGxK)
     return y_BxTxGxRxK.reshape(b, t, h, -1)
