@@ -15,8 +15,9 @@ Shapes are bucketed so that a session compiles a handful of programs, not one pe
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
 power-of-two number of positions C ≥ longest prompt + max_new_tokens (both capped at the context),
 and the batch is padded to a power of two that the mesh's batch axes divide (for decode at least the
-rows that keep the cache in place: `batch_sizes`). The decode step has one shape for the whole continuation; its position is a traced
-argument. `warm_up` compiles every program a request can use ahead of it.
+rows that keep the cache in place: `batch_sizes`). The decode step has one shape for the whole
+continuation; its position is a traced argument. `warm_up` compiles every program a request can use
+ahead of it.
 
 Prefill: a prompt bucket of at most `prefill_chunk` positions is one program, the variant's
 training-pass core over the prompt (the cache is empty). A longer one runs in chunks of

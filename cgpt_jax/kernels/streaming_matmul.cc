@@ -19,9 +19,9 @@
 // cache, and K into parts (whole groups), so that each thread has several items and an item reads each of
 // its weight rows' part of the chunk as one contiguous run; 8 weight rows at a time, each weight vector
 // converted once and used by all M rows. A float32 W against one row of x is read one weight row after
-// another instead: a single stream through memory, where each row's sums cost one load and one store. The parts' sums are added up at the end. An int4 vector holds 16
-// even and 16 odd columns (the low and high nibbles); the sums keep them apart and the columns are put
-// back in order when y is written.
+// another instead: a single stream through memory, where each row's sums cost one load and one store.
+// The parts' sums are added up at the end. An int4 vector holds 16 even and 16 odd columns (the low and
+// high nibbles); the sums keep them apart and the columns are put back in order when y is written.
 // NK: 4 stored rows of W at a time (contiguous in memory) against up to 4 rows of x in registers, one
 // horizontal sum per output. For int4 the inputs of x are reordered once per call into the nibbles' order
 // (per 32 inputs: the 16 even ones, then the 16 odd ones), so that no weight needs shuffling.
