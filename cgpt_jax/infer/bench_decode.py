@@ -92,12 +92,15 @@ class StreamingRead:
         self.threads = threads
         self.array = np.ones(mib * 2**18, np.float32)
         self.tensor = torch.from_numpy(self.array)
+        self._set_threads = torch.set_num_threads
 
     def __call__(self, _: int = 0) -> None:
-        import torch
-
-        torch.set_num_threads(self.threads)
+        self._set_threads(self.threads)  # transformers' runs between the reads set their own
         self.tensor.sum()
+
+    def bytes_per_s_alongside(self, medians: dict[tuple[str, int], float], lengths: tuple[int, ...]) -> float:
+        """The read's rate from `interleaved_medians` run with it as "read": its median time at each length."""
+        return self.array.nbytes / statistics.mean(medians["read", n] for n in lengths)
 
     def best_gb_per_s(self, repeats: int = 5) -> dict[str, float]:
         """GB/s of the best of `repeats` sums: numpy on one thread, torch on `threads`."""
@@ -187,7 +190,7 @@ def main(argv: list[str]) -> None:
                   "transformers": transformers.__version__, "torch": torch.__version__, "jax": jax.__version__,
                   **machine}
         medians = interleaved_medians({**runs, "read": read}, (1, n), args.repeats)
-        bandwidth = read.array.nbytes / statistics.mean([medians["read", 1], medians["read", n]])
+        bandwidth = read.bytes_per_s_alongside(medians, (1, n))
         result["read_gb_per_s_alongside"] = round(bandwidth / 1e9, 2)
         for name in runs:
             first, full = medians[name, 1], medians[name, n]

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import os
-import statistics
 
 import jax
 import numpy as np
@@ -60,7 +59,7 @@ def main(argv: list[str]) -> None:
         load_start = os.getloadavg()
         best = read.best_gb_per_s()
         medians = interleaved_medians({**runs, "read": read}, (1, args.new_tokens), args.repeats)
-        bytes_per_s = read.array.nbytes / statistics.mean([medians["read", 1], medians["read", args.new_tokens]])
+        bytes_per_s = read.bytes_per_s_alongside(medians, (1, args.new_tokens))
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                   "repeats": args.repeats, **machine, "load_average_start": load_start, **best,
                   "read_gb_per_s_alongside": round(bytes_per_s / 1e9, 2)}
