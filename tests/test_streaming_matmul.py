@@ -66,6 +66,33 @@ def test_kernel_against_float64(bits, transposed):
         assert np.all(error <= (k + 2) * U * magnitude), (m, k, n, groups, float(np.max(error / magnitude)))
 
 
+# (M, K, N, groups) for panels: N a whole number of 64-column panels; one row and several (blocks of 4, then
+# 1-3), K with a partial segment, split into parts where there are few panels, group counts that are not
+# powers of two and groups of 65 inputs.
+PANEL_SHAPES = [(1, 64, 64, 1), (1, 768, 64, 4), (2, 96, 192, 3), (3, 48, 64, 3), (4, 256, 256, 8),
+                (5, 70, 128, 1), (16, 130, 64, 2), (33, 64, 128, 2), (7, 200, 320, 5)]
+
+
+def panels_of(stored_KxN: np.ndarray) -> np.ndarray:
+    """[K, N] (int4: [K, N/2] bytes) → panels [N/64, K, 64] (int4: [N/64, K, 32])."""
+    k, width = stored_KxN.shape[0], streaming_matmul.PANEL // (2 if stored_KxN.dtype == np.uint8 else 1)
+    return np.ascontiguousarray(stored_KxN.reshape(k, -1, width).transpose(1, 0, 2))
+
+
+@needs_compiler
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_panel_kernel_against_float64(bits):
+    """The panel layout to the same bound as `test_kernel_against_float64`."""
+    streaming_matmul.load()
+    call = jax.jit(functools.partial(streaming_matmul.panel_matmul, bits=bits))
+    for seed, (m, k, n, groups) in enumerate(PANEL_SHAPES):
+        x, w, scale, reference, magnitude = float64_case(m, k, n, bits, groups, False, seed)
+        y = np.asarray(call(x, panels_of(w), scale), np.float64)
+        assert y.shape == (m, n)
+        error = np.abs(y - reference)
+        assert np.all(error <= (k + 2) * U * magnitude), (m, k, n, groups, float(np.max(error / magnitude)))
+
+
 def test_kernel_refuses_bad_input():
     x = jnp.zeros((2, 64), jnp.float32)
     with pytest.raises(ValueError, match="does not meet the weight's 32 inputs"):
@@ -74,6 +101,10 @@ def test_kernel_refuses_bad_input():
         streaming_matmul.matmul(x, jnp.zeros((64, 8), jnp.float32), jnp.ones((1, 8)), transposed=False)
     with pytest.raises(ValueError, match="2-D int8 weight for bits=8"):
         streaming_matmul.matmul(x, jnp.zeros((64, 8), jnp.float16), jnp.ones((1, 8)), bits=8, transposed=False)
+    with pytest.raises(ValueError, match=r"uint8 panels \[N/64, K, 32\] for bits=4"):
+        streaming_matmul.panel_matmul(x, jnp.zeros((2, 64, 64), jnp.uint8), jnp.ones((1, 128)), bits=4)
+    with pytest.raises(ValueError, match="does not meet the panels' 32 inputs"):
+        streaming_matmul.panel_matmul(x, jnp.zeros((2, 32, 64), jnp.float32))
 
 
 def _tiny_model(spec: str) -> GPT:
@@ -157,7 +188,7 @@ def test_falls_back_to_xla_with_a_warning(monkeypatch):
         raise streaming_matmul.KernelUnavailable("no C++ compiler (test)")
 
     monkeypatch.setattr(streaming_matmul, "load", unavailable)
-    few_rows._kernel_loaded.cache_clear()
+    few_rows.kernel_loaded.cache_clear()
     try:
         model = _tiny_model("int4")
         with pytest.warns(UserWarning, match=r"few-row matmuls run through XLA on CPU: no C\+\+ compiler \(test\)"):
@@ -166,4 +197,4 @@ def test_falls_back_to_xla_with_a_warning(monkeypatch):
         with few_rows.xla_only():
             np.testing.assert_array_equal(logits, _forward_hlo_and_logits(model, TOKENS)[1])
     finally:
-        few_rows._kernel_loaded.cache_clear()
+        few_rows.kernel_loaded.cache_clear()

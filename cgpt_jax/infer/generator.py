@@ -9,7 +9,8 @@ computed from them). A decode step reads each weight once, updates the donated p
 place, and returns the sampled token ids: the LM head, the sampling and the cache writes are one
 program, and the host reads one int32 per sequence per step. Prefill computes the LM head only at each
 prompt's last position. On CPU the weights' buffers are moved onto huge pages (`host_memory`), which the
-step streams faster.
+step streams faster, and on one device the layers' projections are laid out in column panels that the
+streaming kernel reads as single runs (`panels`).
 
 Shapes are bucketed so that a session compiles a handful of programs, not one per request or token:
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
@@ -46,6 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from cgpt_jax import host_memory
+from cgpt_jax.infer import panels
 from cgpt_jax.infer.sampling import Sampling, choose
 from cgpt_jax.model import GPT
 from cgpt_jax.model.gpt import Block
@@ -117,7 +119,10 @@ class Generator:
         self.block_graphdef = nnx.graphdef(model.blocks)
         # The weights as plain nested dicts of arrays, which a call flattens in C++ where an nnx.State's
         # Variables are flattened in Python, on the host thread that shares the cores with the step.
-        self.layers = [layer.to_pure_dict() for layer in jax.jit(self._unstack)(state)]
+        layers = jax.jit(self._unstack)(state)
+        if (mesh is None or mesh.size == 1) and panels.kernel_runs():  # the step's projections as panels
+            layers = [jax.jit(panels.to_panels)(layer) for layer in layers]
+        self.layers = [layer.to_pure_dict() for layer in layers]
         # The programs read the layers from `layers`; only a PEFT prompt/prefix still needs the stack.
         self._stacked_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                             state["blocks"].to_pure_dict())

@@ -22,6 +22,7 @@
 // another instead: a single stream through memory, where each row's sums cost one load and one store.
 // The parts' sums are added up at the end. An int4 vector holds 16 even and 16 odd columns (the low and
 // high nibbles); the sums keep them apart and the columns are put back in order when y is written.
+// Panels (W [K, N] stored [N/64, K, 64], as the generator lays out its projections): see "Panels" below.
 // NK: 4 stored rows of W at a time (contiguous in memory) against up to 4 rows of x in registers, one
 // horizontal sum per output. For int4 the inputs of x are reordered once per call into the nibbles' order
 // (per 32 inputs: the 16 even ones, then the 16 odd ones), so that no weight needs shuffling.
@@ -449,6 +450,117 @@ void nk(ffi::ThreadPool& pool, Problem p) {
   });
 }
 
+// --- Panels ---
+
+// W [K, N] stored as panels [N/T, K, T]: each panel, T consecutive columns over all K rows, is one
+// contiguous run of memory. An item reads its panel's rows one after another, a single stream, into
+// T/W sums per row of x held in registers over a segment of rows: the partial sums go through memory
+// once per segment, not once per vector of weights. With many rows of x (a prefill) the segment, in L1
+// cache, meets blocks of 6 rows of x: 24 sums in registers, enough multiply-adds per weight loaded to
+// keep up with XLA's GEMM.
+constexpr int64_t T = 64;           // columns per panel: 4 vectors of sums per row of x
+constexpr int64_t SEGMENT = 64;     // rows of a panel per pass over the rows of x
+constexpr int V = T / W;            // vectors per panel row
+
+// The V vectors of panel row k (index into the unpacked stored weight: `at`) as float; int4 as `weight_vectors`
+// gives them (per 32 columns: the 16 even ones, then the 16 odd ones).
+template <int BITS>
+inline void panel_row(const void* w, int64_t at, vf (&out)[V]) {
+  for (int64_t c = 0, i = 0; c < T; c += step_of(BITS), i += parts_of(BITS)) weight_vectors<BITS>(w, at + c, out + i);
+}
+
+// out[m0 + r, 0..T) += Σ_{k in [k0, k1)} x[m0 + r, k] · panel[k, :] (· scale, when given), for r < RB;
+// the panel's row k at element panel_at + k·T of the stored weight, out's rows `ld` apart. With one or two rows of x, two sets of sums take alternate rows of the panel, so
+// that the additions' latency does not bound the stream.
+template <int BITS, int RB>
+inline void panel_segment(const Problem& p, int64_t panel_at, int64_t k0, int64_t k1, int64_t m0,
+                          const vf (*scale)[V], float* out, int64_t ld) {
+  constexpr int SETS = RB <= 2 ? 2 : 1;
+  vf acc[SETS][RB][V] = {};
+  auto add = [&](int set, int64_t k) {
+    vf w[V];
+    panel_row<BITS>(p.w, panel_at + k * T, w);
+    for (int r = 0; r < RB; ++r) {
+      const vf xs = splat(p.x[(m0 + r) * p.K + k]);
+      for (int i = 0; i < V; ++i) acc[set][r][i] += xs * w[i];
+    }
+  };
+  int64_t k = k0;
+  for (; k + SETS <= k1; k += SETS)
+    for (int set = 0; set < SETS; ++set) add(set, k + set);
+  for (; k < k1; ++k) add(0, k);
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < V; ++i) {
+      vf sum = acc[0][r][i];
+      if constexpr (SETS == 2) sum += acc[1][r][i];
+      if (scale != nullptr) sum *= (*scale)[i];
+      float* at = out + (m0 + r) * ld + i * W;
+      store(at, load(at) + sum);
+    }
+}
+
+// out[:, 0..T) = Σ_{k in [k0, k1)} x[:, k] · W[k, panel's columns]: segments of SEGMENT rows (or one scale
+// group each, scaled as a whole), each against blocks of 6 rows of x, then the rest.
+template <int BITS>
+void panel_item(const Problem& p, int64_t panel, int64_t k0, int64_t k1, bool scale_each, float* out, int64_t ld) {
+  for (int64_t m = 0; m < p.M; ++m) std::fill(out + m * ld, out + m * ld + T, 0.0f);
+  const int64_t panel_at = panel * p.K * T, n0 = panel * T;
+  for (int64_t begin = k0, end; begin < k1; begin = end) {
+    end = std::min(k1, begin + (scale_each ? p.g : SEGMENT));
+    vf scale[V];
+    if (scale_each) {
+      const float* s = p.scale + begin / p.g * p.N + n0;
+      for (int i = 0; i < V; ++i) {
+        if constexpr (BITS == 4) { if (i % 2 == 0) split_even_odd(s + i * W, scale[i], scale[i + 1]); }
+        else scale[i] = load(s + i * W);
+      }
+    }
+    const vf (*scaled)[V] = scale_each ? &scale : nullptr;
+    int64_t m = 0;
+    for (; m + 6 <= p.M; m += 6) panel_segment<BITS, 6>(p, panel_at, begin, end, m, scaled, out, ld);
+    switch (p.M - m) {
+      case 1: panel_segment<BITS, 1>(p, panel_at, begin, end, m, scaled, out, ld); break;
+      case 2: panel_segment<BITS, 2>(p, panel_at, begin, end, m, scaled, out, ld); break;
+      case 3: panel_segment<BITS, 3>(p, panel_at, begin, end, m, scaled, out, ld); break;
+      case 4: panel_segment<BITS, 4>(p, panel_at, begin, end, m, scaled, out, ld); break;
+      case 5: panel_segment<BITS, 5>(p, panel_at, begin, end, m, scaled, out, ld); break;
+    }
+  }
+}
+
+// Items are panels, and where there are fewer panels than the threads want, parts of K (whole segments or
+// groups) whose sums are added up at the end.
+template <int BITS>
+void panels(ffi::ThreadPool& pool, const Problem& p) {
+  const int64_t count = p.N / T;
+  const bool scale_each = p.scale != nullptr && p.G > 1;
+  const int64_t granule = scale_each ? p.g : SEGMENT;
+  const int64_t wanted = CHUNKS_PER_THREAD * pool.num_threads();
+  const int64_t parts_wanted = std::clamp<int64_t>((wanted + count - 1) / count, 1, (p.K + granule - 1) / granule);
+  const int64_t part_len = ((p.K + parts_wanted - 1) / parts_wanted + granule - 1) / granule * granule;
+  const int64_t parts = (p.K + part_len - 1) / part_len;
+  thread_local std::vector<float> memory;  // the parts' sums, [parts, M, N]; one part writes y itself
+  if (parts > 1 && (int64_t)memory.size() < parts * p.M * p.N) memory.resize(parts * p.M * p.N);
+  float* sums = parts > 1 ? memory.data() : p.y;
+  parallel_for(pool, parts * count, [&](int64_t i) {
+    const int64_t part = i / count, panel = i % count, k0 = part * part_len;
+    panel_item<BITS>(p, panel, k0, std::min(p.K, k0 + part_len), scale_each, sums + part * p.M * p.N + panel * T, p.N);
+  });
+  const bool scale_after = p.scale != nullptr && !scale_each;
+  for (int64_t m = 0; m < p.M; ++m) {
+    float* y = p.y + m * p.N;
+    for (int64_t c = 0; c < p.N; c += W) {
+      vf sum = load(sums + m * p.N + c);
+      for (int64_t part = 1; part < parts; ++part) sum += load(sums + (part * p.M + m) * p.N + c);
+      store(y + c, sum);
+    }
+    if constexpr (BITS == 4)  // each 32 columns: the even ones, then the odd ones
+      for (int64_t c = 0; c < p.N; c += 2 * W) merge_even_odd(load(y + c), load(y + c + W), y + c);
+    if (scale_after)
+      for (int64_t c = 0; c < p.N; c += W) store(y + c, load(y + c) * load(p.scale + c));
+  }
+}
+
 // --- The handlers ---
 
 using Matrix = ffi::Buffer<ffi::F32, 2>;  // aliases: the handler macros below split a comma in a template
@@ -509,6 +621,50 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer q, Mat
   return Run(pool, x, q, scale.typed_data(), scale.dimensions(), bits, transposed != 0, y);
 }
 
+// Checks the shapes of panels [N/T, K, T] (int4: [N/T, K, T/2] bytes) and runs them; scale_dims is
+// empty for float32 weights, else [G, N].
+ffi::Error RunPanels(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const float* scale,
+                     ffi::Span<const int64_t> scale_dims, int bits, ResultMatrix y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (wd.size() != 3 || wd[2] * (bits == 4 ? 2 : 1) != T)
+    return ffi::Error::InvalidArgument("streaming matmul: panels must be [N/64, K, 64] (int4: [N/64, K, 32] bytes)");
+  Problem p;
+  p.bits = bits;
+  p.M = xd[0];
+  p.K = xd[1];
+  p.N = wd[0] * T;
+  if (wd[1] != p.K) return ffi::Error::InvalidArgument("streaming matmul: x [M, K] and the panels do not agree");
+  p.G = scale != nullptr ? scale_dims[0] : 1;
+  if (scale != nullptr && (p.G < 1 || p.K % p.G || scale_dims[1] != p.N))
+    return ffi::Error::InvalidArgument("streaming matmul: the panels and scale shapes do not agree");
+  p.g = p.K / p.G;
+  p.w = w.untyped_data();
+  p.scale = scale;
+  p.x = x.typed_data();
+  p.y = y->typed_data();
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  switch (bits) {
+    case 32: panels<32>(pool, p); break;
+    case 8: panels<8>(pool, p); break;
+    case 4: panels<4>(pool, p); break;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error FloatPanelMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ResultMatrix y) {
+  if (w.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("streaming matmul: float panels must be float32");
+  return RunPanels(pool, x, w, nullptr, {}, 32, y);
+}
+
+ffi::Error QuantizedPanelMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer q, Matrix scale, int32_t bits,
+                                ResultMatrix y) {
+  const ffi::DataType expected = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
+  if ((bits != 4 && bits != 8) || q.element_type() != expected)
+    return ffi::Error::InvalidArgument("streaming matmul: bits must be 8 (int8 panels) or 4 (uint8 packed panels)");
+  return RunPanels(pool, x, q, scale.typed_data(), scale.dimensions(), bits, y);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StreamingFloatMatmul, FloatMatmul,
@@ -528,3 +684,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StreamingQuantizedMatmul, QuantizedMatmul,
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("transposed")  // 1: the weight is stored [N, K]
                                   .Ret<Matrix>());              // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StreamingFloatPanelMatmul, FloatPanelMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()          // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()  // panels: float32 [N/64, K, 64]
+                                  .Ret<Matrix>());        // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StreamingQuantizedPanelMatmul, QuantizedPanelMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()          // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()  // panels: int8, or uint8 with two int4 values
+                                  .Arg<Matrix>()          // scale [G, N]
+                                  .Attr<int32_t>("bits")
+                                  .Ret<Matrix>());        // y [M, N]

@@ -20,11 +20,13 @@ import numpy as np
 from cgpt_jax.kernels import build as kernel_build
 from cgpt_jax.kernels.build import KernelUnavailable, compiler
 
-__all__ = ["KernelUnavailable", "build", "compiler", "load", "matmul"]
+__all__ = ["KernelUnavailable", "PANEL", "build", "compiler", "load", "matmul", "panel_matmul"]
 
 SOURCE = pathlib.Path(__file__).with_name("streaming_matmul.cc")
 FLOAT_TARGET, QUANTIZED_TARGET = "cgpt_streaming_float_matmul", "cgpt_streaming_quantized_matmul"
-TARGETS = (FLOAT_TARGET, QUANTIZED_TARGET)
+FLOAT_PANEL_TARGET, QUANTIZED_PANEL_TARGET = "cgpt_streaming_float_panel_matmul", "cgpt_streaming_quantized_panel_matmul"
+TARGETS = (FLOAT_TARGET, QUANTIZED_TARGET, FLOAT_PANEL_TARGET, QUANTIZED_PANEL_TARGET)
+PANEL = 64  # columns per panel (`panel_matmul`); the kernel's T
 
 
 def build() -> pathlib.Path:
@@ -35,7 +37,12 @@ def build() -> pathlib.Path:
 def load() -> pathlib.Path:
     """Build the kernel and register it with XLA:CPU, once per process; returns the library's path."""
     return kernel_build.load(SOURCE, ((FLOAT_TARGET, "StreamingFloatMatmul"),
-                                      (QUANTIZED_TARGET, "StreamingQuantizedMatmul")))
+                                      (QUANTIZED_TARGET, "StreamingQuantizedMatmul"),
+                                      (FLOAT_PANEL_TARGET, "StreamingFloatPanelMatmul"),
+                                      (QUANTIZED_PANEL_TARGET, "StreamingQuantizedPanelMatmul")))
+
+
+_DTYPES = {32: jnp.float32, 8: jnp.int8, 4: jnp.uint8}
 
 
 def matmul(x_MxK: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, bits: int = 32,
@@ -47,7 +54,7 @@ def matmul(x_MxK: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, bi
     values per byte along N, the low nibble first), transposed [N, K] or [N, K/2], and scale is [G, N]
     (transposed: [N, G]): the K inputs split into G groups of K/G consecutive ones, each with its own scale
     per output."""
-    dtypes = {32: jnp.float32, 8: jnp.int8, 4: jnp.uint8}
+    dtypes = _DTYPES
     if bits not in dtypes:
         raise ValueError(f"streaming matmul: bits must be 32 (float32), 8 or 4, got {bits}")
     if (bits == 32) != (scale is None):
@@ -66,3 +73,28 @@ def matmul(x_MxK: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, bi
         return call(x_MxK, w, transposed=np.int32(transposed))
     call = jax.ffi.ffi_call(QUANTIZED_TARGET, out_type, vmap_method="sequential")
     return call(x_MxK, w, scale, bits=np.int32(bits), transposed=np.int32(transposed))
+
+
+def panel_matmul(x_MxK: jax.Array, panels: jax.Array, scale: jax.Array | None = None, *, bits: int = 32) -> jax.Array:
+    """x · W → float32 [M, N] for W [K, N] stored as panels of PANEL columns: panels[p] = W[:, p·PANEL:
+    (p+1)·PANEL], [N/PANEL, K, PANEL] float32 or int8, or [N/PANEL, K, PANEL/2] uint8 for int4 (packed as in
+    `matmul`), with scale [G, N] for quantized panels; call `load()` first. A panel is one contiguous run of
+    memory, which the kernel reads as a single stream into sums held in registers (`cgpt_jax/infer/panels.py`
+    lays a decode step's projections out so)."""
+    if bits not in _DTYPES:
+        raise ValueError(f"streaming matmul: bits must be 32 (float32), 8 or 4, got {bits}")
+    if (bits == 32) != (scale is None):
+        raise ValueError(f"streaming matmul: a scale goes with quantized panels (bits 8 or 4) only; got bits={bits}")
+    width = PANEL // 2 if bits == 4 else PANEL
+    if panels.dtype != _DTYPES[bits] or panels.ndim != 3 or panels.shape[2] != width or x_MxK.ndim != 2:
+        raise ValueError(f"streaming matmul: expected x [M, K] and {jnp.dtype(_DTYPES[bits]).name} panels "
+                         f"[N/{PANEL}, K, {width}] for bits={bits}, got x {x_MxK.shape} and panels "
+                         f"{panels.dtype}{list(panels.shape)}")
+    if x_MxK.shape[1] != panels.shape[1]:
+        raise ValueError(f"streaming matmul: x {x_MxK.shape} does not meet the panels' {panels.shape[1]} inputs")
+    out_type = jax.ShapeDtypeStruct((x_MxK.shape[0], panels.shape[0] * PANEL), jnp.float32)
+    x_MxK = x_MxK.astype(jnp.float32)
+    if bits == 32:
+        return jax.ffi.ffi_call(FLOAT_PANEL_TARGET, out_type, vmap_method="sequential")(x_MxK, panels)
+    call = jax.ffi.ffi_call(QUANTIZED_PANEL_TARGET, out_type, vmap_method="sequential")
+    return call(x_MxK, panels, scale, bits=np.int32(bits))

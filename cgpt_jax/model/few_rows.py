@@ -46,17 +46,21 @@ def xla_only() -> Iterator[None]:
 
 
 @functools.cache
-def _kernel_loaded() -> bool:
+def kernel_loaded() -> bool:
+    """Whether the kernel is built and registered (once per process; a failure warns once)."""
     return kernel_build.loads(streaming_matmul.load, "few-row matmuls run through XLA on CPU")
 
 
-def uses_kernel(x_BxLxI: jax.Array, *, quantized: bool) -> bool:
+def uses_kernel(x_BxLxI: jax.Array, *, quantized: bool, panels: bool = False) -> bool:
     """Whether x's matmul with a float32 or a quantized weight runs the kernel: CPU, float32 activations, at
-    most MAX_ROWS rows, a mesh that divides them."""
+    most MAX_ROWS rows, a mesh that divides them. A weight laid out in panels (`cgpt_jax/infer/panels.py`)
+    runs it at any number of rows: there the kernel keeps up with XLA's GEMM on a prefill's rows, which
+    could only read the panels after copying them back into [K, N]."""
     batch, length, _ = x_BxLxI.shape
+    few = panels or batch * length <= MAX_ROWS["quantized" if quantized else "float"]
     return (not getattr(_switch, "xla_only", False) and jax.default_backend() == "cpu"
-            and x_BxLxI.dtype == jnp.float32 and batch * length <= MAX_ROWS["quantized" if quantized else "float"]
-            and fits_shards(x_BxLxI.shape, ROW_AXES) and _kernel_loaded())
+            and x_BxLxI.dtype == jnp.float32 and few
+            and fits_shards(x_BxLxI.shape, ROW_AXES) and kernel_loaded())
 
 
 def matmul(x_BxLxK: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, bits: int = 32,
@@ -69,6 +73,20 @@ def matmul(x_BxLxK: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, 
         return map_shards(float_kernel, (ROW_AXES, (None, None)), ROW_AXES)(x_BxLxK, w)
     kernel = functools.partial(_quantized_rows, bits=bits, transposed=transposed)
     return map_shards(kernel, (ROW_AXES, (None, None), (None, None)), ROW_AXES)(x_BxLxK, w, scale)
+
+
+def panel_matmul(x_BxLxK: jax.Array, panels: jax.Array, scale: jax.Array | None = None, *,
+                 bits: int = 32) -> jax.Array:
+    """x @ W over x's last axis through the kernel, W stored as panels (`streaming_matmul.panel_matmul`,
+    `cgpt_jax/infer/panels.py`) → float32 [B, L, N]. Call only where `uses_kernel(x)`. Inference only:
+    no gradient."""
+    def kernel(x_BxLxK: jax.Array, panels: jax.Array, *scale: jax.Array) -> jax.Array:
+        batch, length, inputs = x_BxLxK.shape
+        y_MxN = streaming_matmul.panel_matmul(x_BxLxK.reshape(-1, inputs), panels, *scale, bits=bits)
+        return y_MxN.reshape(batch, length, -1)
+    scales = () if scale is None else (scale,)
+    in_axes = (ROW_AXES, (None, None, None)) + ((None, None),) * len(scales)
+    return map_shards(kernel, in_axes, ROW_AXES)(x_BxLxK, panels, *scales)
 
 
 def _quantized_rows(x_BxLxK: jax.Array, q: jax.Array, scale: jax.Array, *, bits: int, transposed: bool) -> jax.Array:

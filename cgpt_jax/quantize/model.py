@@ -95,13 +95,17 @@ def apply(model: nnx.Module, scheme: Scheme) -> nnx.Module:
 
 
 def weight_bytes(state: nnx.State | dict[str, Any]) -> dict[str, int]:
-    """Bytes of the parameters (an nnx.State, or its pure dict as the generator holds it): `quantized`
-    (integers and scales of the quantized weights), `float` (the rest) and `total`."""
+    """Bytes of the parameters (an nnx.State, or its pure dict as the generator holds it, where a weight may
+    be laid out in panels, `cgpt_jax/infer/panels.py`): `quantized` (integers and scales of the quantized
+    weights), `float` (the rest) and `total`."""
+    def is_weight(x: Any) -> bool:  # a Variable, or a weight held as arrays of its own (quantized, panels)
+        return _is_var(x) or hasattr(x, "matmul_rows")
     quantized = floating = 0
-    for leaf in jax.tree.leaves(state, is_leaf=lambda x: _is_var(x) or isinstance(x, QuantizedArray)):
+    for leaf in jax.tree.leaves(state, is_leaf=is_weight):
         value = leaf.get_value() if _is_var(leaf) else leaf
-        if isinstance(value, QuantizedArray):
-            quantized += value.nbytes
+        nbytes = value.nbytes if hasattr(value, "matmul_rows") else math.prod(value.shape) * value.dtype.itemsize
+        if getattr(value, "bits", 32) < 32:
+            quantized += nbytes
         else:
-            floating += math.prod(value.shape) * value.dtype.itemsize
+            floating += nbytes
     return {"quantized": quantized, "float": floating, "total": quantized + floating}
