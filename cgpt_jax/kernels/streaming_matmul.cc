@@ -461,6 +461,7 @@ void nk(ffi::ThreadPool& pool, Problem p) {
 constexpr int64_t T = 64;           // columns per panel: 4 vectors of sums per row of x
 constexpr int64_t SEGMENT = 64;     // rows of a panel per pass over the rows of x
 constexpr int V = T / W;            // vectors per panel row
+constexpr int64_t RANGE = 192;      // rows of x per item at most: their inputs and sums for a segment in L1/L2
 
 // The V vectors of panel row k (index into the unpacked stored weight: `at`) as float; int4 as `weight_vectors`
 // gives them (per 32 columns: the 16 even ones, then the 16 odd ones).
@@ -499,11 +500,12 @@ inline void panel_segment(const Problem& p, int64_t panel_at, int64_t k0, int64_
     }
 }
 
-// out[:, 0..T) = Σ_{k in [k0, k1)} x[:, k] · W[k, panel's columns]: segments of SEGMENT rows (or one scale
-// group each, scaled as a whole), each against blocks of 6 rows of x, then the rest.
+// out[m, 0..T) = Σ_{k in [k0, k1)} x[m, k] · W[k, panel's columns] for m in [m0, m1): segments of SEGMENT
+// rows (or one scale group each, scaled as a whole), each against blocks of 6 rows of x, then the rest.
 template <int BITS>
-void panel_item(const Problem& p, int64_t panel, int64_t k0, int64_t k1, bool scale_each, float* out, int64_t ld) {
-  for (int64_t m = 0; m < p.M; ++m) std::fill(out + m * ld, out + m * ld + T, 0.0f);
+void panel_item(const Problem& p, int64_t panel, int64_t k0, int64_t k1, int64_t m0, int64_t m1, bool scale_each,
+                float* out, int64_t ld) {
+  for (int64_t m = m0; m < m1; ++m) std::fill(out + m * ld, out + m * ld + T, 0.0f);
   const int64_t panel_at = panel * p.K * T, n0 = panel * T;
   for (int64_t begin = k0, end; begin < k1; begin = end) {
     end = std::min(k1, begin + (scale_each ? p.g : SEGMENT));
@@ -516,9 +518,9 @@ void panel_item(const Problem& p, int64_t panel, int64_t k0, int64_t k1, bool sc
       }
     }
     const vf (*scaled)[V] = scale_each ? &scale : nullptr;
-    int64_t m = 0;
-    for (; m + 6 <= p.M; m += 6) panel_segment<BITS, 6>(p, panel_at, begin, end, m, scaled, out, ld);
-    switch (p.M - m) {
+    int64_t m = m0;
+    for (; m + 6 <= m1; m += 6) panel_segment<BITS, 6>(p, panel_at, begin, end, m, scaled, out, ld);
+    switch (m1 - m) {
       case 1: panel_segment<BITS, 1>(p, panel_at, begin, end, m, scaled, out, ld); break;
       case 2: panel_segment<BITS, 2>(p, panel_at, begin, end, m, scaled, out, ld); break;
       case 3: panel_segment<BITS, 3>(p, panel_at, begin, end, m, scaled, out, ld); break;
@@ -528,37 +530,55 @@ void panel_item(const Problem& p, int64_t panel, int64_t k0, int64_t k1, bool sc
   }
 }
 
-// Items are panels, and where there are fewer panels than the threads want, parts of K (whole segments or
-// groups) whose sums are added up at the end.
+// y[m0..m1-1, n0..n0+T-1] as the sums are kept (int4: per 32 columns the even ones, then the odd ones),
+// put in order and scaled by a per-channel scale.
+template <int BITS>
+void panel_finish(const Problem& p, int64_t m0, int64_t m1, int64_t n0, bool scale_after) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float* y = p.y + m * p.N + n0;
+    if constexpr (BITS == 4)
+      for (int64_t c = 0; c < T; c += 2 * W) merge_even_odd(load(y + c), load(y + c + W), y + c);
+    if (scale_after)
+      for (int64_t c = 0; c < T; c += W) store(y + c, load(y + c) * load(p.scale + n0 + c));
+  }
+}
+
+// Items are panels; where there are fewer panels than the threads want, each panel's rows of x split
+// into ranges (many rows: a prefill), or else its K into parts (whole segments or groups) whose sums are
+// added up at the end.
 template <int BITS>
 void panels(ffi::ThreadPool& pool, const Problem& p) {
   const int64_t count = p.N / T;
-  const bool scale_each = p.scale != nullptr && p.G > 1;
+  const bool scale_each = p.scale != nullptr && p.G > 1, scale_after = p.scale != nullptr && !scale_each;
+  const int64_t wanted = CHUNKS_PER_THREAD * pool.num_threads(), splits = (wanted + count - 1) / count;
+  if (splits == 1 || p.M >= 12 * splits) {  // row ranges of whole blocks of 6 rows, at most RANGE
+    const int64_t range = std::min(RANGE, (p.M + 6 * splits - 1) / (6 * splits) * 6), ranges = (p.M + range - 1) / range;
+    parallel_for(pool, ranges * count, [&](int64_t i) {
+      const int64_t panel = i % count, m0 = i / count * range, m1 = std::min(p.M, m0 + range);
+      panel_item<BITS>(p, panel, 0, p.K, m0, m1, scale_each, p.y + panel * T, p.N);
+      panel_finish<BITS>(p, m0, m1, panel * T, scale_after);
+    });
+    return;
+  }
   const int64_t granule = scale_each ? p.g : SEGMENT;
-  const int64_t wanted = CHUNKS_PER_THREAD * pool.num_threads();
-  const int64_t parts_wanted = std::clamp<int64_t>((wanted + count - 1) / count, 1, (p.K + granule - 1) / granule);
+  const int64_t parts_wanted = std::min<int64_t>(splits, (p.K + granule - 1) / granule);
   const int64_t part_len = ((p.K + parts_wanted - 1) / parts_wanted + granule - 1) / granule * granule;
   const int64_t parts = (p.K + part_len - 1) / part_len;
-  thread_local std::vector<float> memory;  // the parts' sums, [parts, M, N]; one part writes y itself
-  if (parts > 1 && (int64_t)memory.size() < parts * p.M * p.N) memory.resize(parts * p.M * p.N);
-  float* sums = parts > 1 ? memory.data() : p.y;
+  thread_local std::vector<float> memory;  // the parts' sums, [parts, M, N]
+  if ((int64_t)memory.size() < parts * p.M * p.N) memory.resize(parts * p.M * p.N);
+  float* sums = memory.data();
   parallel_for(pool, parts * count, [&](int64_t i) {
     const int64_t part = i / count, panel = i % count, k0 = part * part_len;
-    panel_item<BITS>(p, panel, k0, std::min(p.K, k0 + part_len), scale_each, sums + part * p.M * p.N + panel * T, p.N);
+    panel_item<BITS>(p, panel, k0, std::min(p.K, k0 + part_len), 0, p.M, scale_each, sums + part * p.M * p.N + panel * T,
+                     p.N);
   });
-  const bool scale_after = p.scale != nullptr && !scale_each;
-  for (int64_t m = 0; m < p.M; ++m) {
-    float* y = p.y + m * p.N;
+  for (int64_t m = 0; m < p.M; ++m)
     for (int64_t c = 0; c < p.N; c += W) {
       vf sum = load(sums + m * p.N + c);
       for (int64_t part = 1; part < parts; ++part) sum += load(sums + (part * p.M + m) * p.N + c);
-      store(y + c, sum);
+      store(p.y + m * p.N + c, sum);
     }
-    if constexpr (BITS == 4)  // each 32 columns: the even ones, then the odd ones
-      for (int64_t c = 0; c < p.N; c += 2 * W) merge_even_odd(load(y + c), load(y + c + W), y + c);
-    if (scale_after)
-      for (int64_t c = 0; c < p.N; c += W) store(y + c, load(y + c) * load(p.scale + c));
-  }
+  for (int64_t panel = 0; panel < count; ++panel) panel_finish<BITS>(p, 0, p.M, panel * T, scale_after);
 }
 
 // --- The handlers ---
@@ -643,6 +663,10 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const fl
   p.x = x.typed_data();
   p.y = y->typed_data();
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  if (p.K == 0) {
+    std::fill(p.y, p.y + p.M * p.N, 0.0f);
+    return ffi::Error::Success();
+  }
   switch (bits) {
     case 32: panels<32>(pool, p); break;
     case 8: panels<8>(pool, p); break;

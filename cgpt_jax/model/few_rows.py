@@ -7,8 +7,9 @@ bandwidth, XLA:CPU's GEMM below it, and for a quantized W XLA also writes the de
 out and reads it back (docs/quantization.md). More rows (a prefill, training) are compute-bound, where
 XLA's GEMM is faster: the crossover, measured on the 111M shapes, is between 16 and 32 rows for float32
 weights (`MAX_ROWS`), above 32 for quantized ones, whose XLA path also pays the dequantization. The
-callers are `layers.project` and `layers.tied_logits` for float weights and `cgpt_jax/quantize/matmul.py`
-for quantized ones.
+callers are `layers.project` and `layers.tied_logits` for float weights, `cgpt_jax/quantize/matmul.py`
+for quantized ones, and `cgpt_jax/infer/panels.py` for the generator's projections laid out in panels,
+which run the kernel at any number of rows (`panel_matmul`).
 
 Under a mesh (`activation_sharding`) the kernel runs on each device's rows (x split by 'batch' and
 'length' as activations are) against the whole weight, which XLA gathers from its shards first, as FSDP
