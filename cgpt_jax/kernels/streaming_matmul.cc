@@ -586,6 +586,21 @@ void panels(ffi::ThreadPool& pool, const Problem& p) {
 using Matrix = ffi::Buffer<ffi::F32, 2>;  // aliases: the handler macros below split a comma in a template
 using ResultMatrix = ffi::ResultBuffer<ffi::F32, 2>;
 
+// Points p at the buffers (p.M, K, N and G set); false, with y written, where there is nothing to multiply.
+bool bind(Problem& p, Matrix x, ffi::AnyBuffer w, const float* scale, ResultMatrix y) {
+  p.g = p.K / p.G;
+  p.w = w.untyped_data();
+  p.scale = scale;
+  p.x = x.typed_data();
+  p.y = y->typed_data();
+  if (p.M == 0 || p.N == 0) return false;
+  if (p.K == 0) {  // no inputs: y = 0
+    std::fill(p.y, p.y + p.M * p.N, 0.0f);
+    return false;
+  }
+  return true;
+}
+
 // Checks the shapes, then runs KN or NK; scale_dims is empty for float32 weights.
 ffi::Error Run(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const float* scale,
                ffi::Span<const int64_t> scale_dims, int bits, bool transposed, ResultMatrix y) {
@@ -606,16 +621,7 @@ ffi::Error Run(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const float* s
   } else {
     p.G = 1;
   }
-  p.g = p.K / p.G;
-  p.w = w.untyped_data();
-  p.scale = scale;
-  p.x = x.typed_data();
-  p.y = y->typed_data();
-  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  if (p.K == 0) {
-    std::fill(p.y, p.y + p.M * p.N, 0.0f);
-    return ffi::Error::Success();
-  }
+  if (!bind(p, x, w, scale, y)) return ffi::Error::Success();
   switch (bits * (transposed ? -1 : 1)) {
     case 32: kn<32>(pool, p); break;
     case 8: kn<8>(pool, p); break;
@@ -657,16 +663,7 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const fl
   p.G = scale != nullptr ? scale_dims[0] : 1;
   if (scale != nullptr && (p.G < 1 || p.K % p.G || scale_dims[1] != p.N))
     return ffi::Error::InvalidArgument("streaming matmul: the panels and scale shapes do not agree");
-  p.g = p.K / p.G;
-  p.w = w.untyped_data();
-  p.scale = scale;
-  p.x = x.typed_data();
-  p.y = y->typed_data();
-  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  if (p.K == 0) {
-    std::fill(p.y, p.y + p.M * p.N, 0.0f);
-    return ffi::Error::Success();
-  }
+  if (!bind(p, x, w, scale, y)) return ffi::Error::Success();
   switch (bits) {
     case 32: panels<32>(pool, p); break;
     case 8: panels<8>(pool, p); break;
