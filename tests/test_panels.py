@@ -16,9 +16,7 @@ from cgpt_jax.model import GPT, few_rows
 from cgpt_jax.quantize.array import QuantizedArray, quantize as quantize_array
 from tests.helpers import tiny_config
 from tests.test_generate import SAMPLING, copies_of_size
-
-needs_compiler = pytest.mark.skipif(streaming_matmul.compiler() is None,
-                                    reason="no C++ compiler to build the streaming matmul kernel")
+from tests.test_streaming_matmul import needs_compiler
 
 
 def _weight(spec: str, shape: tuple[int, ...], inputs: int) -> jax.Array | QuantizedArray:

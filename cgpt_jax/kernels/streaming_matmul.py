@@ -54,13 +54,12 @@ def matmul(x_MxK: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, bi
     values per byte along N, the low nibble first), transposed [N, K] or [N, K/2], and scale is [G, N]
     (transposed: [N, G]): the K inputs split into G groups of K/G consecutive ones, each with its own scale
     per output."""
-    dtypes = _DTYPES
-    if bits not in dtypes:
+    if bits not in _DTYPES:
         raise ValueError(f"streaming matmul: bits must be 32 (float32), 8 or 4, got {bits}")
     if (bits == 32) != (scale is None):
         raise ValueError(f"streaming matmul: a scale goes with quantized weights (bits 8 or 4) only; got bits={bits}")
-    if w.dtype != dtypes[bits] or w.ndim != 2 or x_MxK.ndim != 2:
-        raise ValueError(f"streaming matmul: expected x [M, K] and a 2-D {jnp.dtype(dtypes[bits]).name} weight for "
+    if w.dtype != _DTYPES[bits] or w.ndim != 2 or x_MxK.ndim != 2:
+        raise ValueError(f"streaming matmul: expected x [M, K] and a 2-D {jnp.dtype(_DTYPES[bits]).name} weight for "
                          f"bits={bits}, got x {x_MxK.shape} and w {w.dtype}{list(w.shape)}")
     packing = 2 if bits == 4 else 1
     k, n = (w.shape[1] * packing, w.shape[0]) if transposed else (w.shape[0], w.shape[1] * packing)
