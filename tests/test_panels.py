@@ -97,3 +97,28 @@ def test_generator_decodes_through_panels(spec, monkeypatch):
     assert not any(isinstance(v, panels.PanelArray) for layer in own_layout.layers for v in _kernels(layer).values())
     assert with_panels == [own_layout.generate(prompts, max_new_tokens=6, sampling=s) for s in (Sampling(), SAMPLING)]
     assert quantize.weight_bytes(generator.layers) == quantize.weight_bytes(own_layout.layers)
+
+
+@needs_compiler
+@pytest.mark.parametrize("attention", ["gqa(kv_heads=2)+rope", "mqa+sliding_window(window=4)+alibi", "fused"])
+def test_attention_variants_decode_through_panels(attention, monkeypatch):
+    """The variants' own projections (gqa's q and kv kernels; mqa's 32-column kv kernel keeps its layout)
+    decode through panels without a copy, with the tokens of the weights in their own layout."""
+    config = tiny_config().model
+    config.d_model, config.d_ff, config.max_seq_len, config.init_std = 64, 128, 32, 0.2
+    config.attention = attention
+    model = GPT(config, rngs=nnx.Rngs(3))
+    generator = Generator(model, min_bucket=8)
+    laid_out = {name for name, v in _kernels(generator.layers[0]).items() if isinstance(v, panels.PanelArray)}
+    assert laid_out >= {"attn/out_kernel", "mlp/up_kernel", "mlp/down_kernel"}, laid_out
+    batch = generator.batch_sizes(1)[1]
+    caches, token_B = model.init_layer_caches(batch, 16), jnp.zeros((batch,), jnp.int32)
+    hlo = generator.decode.lower(generator.state, generator.layers, caches, token_B, token_B + 1, token_B, 0,
+                                 sampling=SAMPLING).compile().as_text()
+    sizes = {v.panels.size for layer in generator.layers for v in _kernels(layer).values()
+             if isinstance(v, panels.PanelArray)}
+    assert copies_of_size(hlo, sizes) == []
+    prompts = [list(range(5, 17)), [7, 3, 9]]
+    with_panels = generator.generate(prompts, max_new_tokens=6, sampling=SAMPLING)
+    monkeypatch.setattr(panels, "kernel_runs", lambda: False)
+    assert with_panels == Generator(model, min_bucket=8).generate(prompts, max_new_tokens=6, sampling=SAMPLING)
