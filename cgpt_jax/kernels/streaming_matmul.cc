@@ -115,8 +115,6 @@ inline void prefetch_weight(const void* w, int64_t at) {
 template <int BITS>
 inline bool starts_line(int64_t c) { return c * BITS / 8 % 64 == 0; }
 
-// --- KN ---
-
 // 32 consecutive floats → (the 16 at even positions, the 16 at odd positions), and back.
 inline void split_even_odd(const float* p, vf& even, vf& odd) {
   const vf a = load(p), b = load(p + W);
@@ -128,6 +126,21 @@ inline void merge_even_odd(vf even, vf odd, float* p) {
   store(p, __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
   store(p + W, __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
 }
+
+// y[m0..m1-1, n0..n1-1] (whole vectors; int4: whole 32s) from the sums as they are kept (int4: per 32
+// columns the even ones, then the odd ones): put in order and scaled by a per-channel scale.
+template <int BITS>
+void finish(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool scale_after) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float* y = p.y + m * p.N;
+    if constexpr (BITS == 4)
+      for (int64_t c = n0; c < n1; c += 2 * W) merge_even_odd(load(y + c), load(y + c + W), y + c);
+    if (scale_after)
+      for (int64_t c = n0; c < n1; c += W) store(y + c, load(y + c) * load(p.scale + c));
+  }
+}
+
+// --- KN ---
 
 // sums[m0 + r, i·W ..] += Σ_j x[m0 + r, k0 + j] · w[j][i] for r < RB: RB independent chains of additions.
 template <int RB, int ROWS, int P>
@@ -224,20 +237,14 @@ void kn(ffi::ThreadPool& pool, const Problem& p) {
     else if (BITS == 32 && p.M == 1) kn_part<BITS, false, 1>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
     else kn_part<BITS, false, KB>(p, k0, k1, n0, columns, sums_of(part, chunk), width);
   });
-  const bool scale_after = p.scale != nullptr && !scale_each;
-  for (int64_t m = 0; m < p.M; ++m) {
-    float* y = p.y + m * p.N;
+  for (int64_t m = 0; m < p.M; ++m)
     for (int64_t c = 0; c < vectors_end; c += W) {
       const int64_t at = m * width + c % width;
       vf sum = load(sums_of(0, c / width) + at);
       for (int64_t part = 1; part < parts; ++part) sum += load(sums_of(part, c / width) + at);
-      store(y + c, sum);
+      store(p.y + m * p.N + c, sum);
     }
-    if constexpr (BITS == 4)  // each 32 columns: the even ones, then the odd ones
-      for (int64_t c = 0; c < vectors_end; c += 2 * W) merge_even_odd(load(y + c), load(y + c + W), y + c);
-    if (scale_after)
-      for (int64_t c = 0; c < vectors_end; c += W) store(y + c, load(y + c) * load(p.scale + c));
-  }
+  finish<BITS>(p, 0, p.M, 0, vectors_end, p.scale != nullptr && !scale_each);
 }
 
 // --- NK ---
@@ -471,8 +478,9 @@ inline void panel_row(const void* w, int64_t at, vf (&out)[V]) {
 }
 
 // out[m0 + r, 0..T) += Σ_{k in [k0, k1)} x[m0 + r, k] · panel[k, :] (· scale, when given), for r < RB;
-// the panel's row k at element panel_at + k·T of the stored weight, out's rows `ld` apart. With one or two rows of x, two sets of sums take alternate rows of the panel, so
-// that the additions' latency does not bound the stream.
+// the panel's row k at element panel_at + k·T of the stored weight, out's rows `ld` apart. With one or
+// two rows of x, two sets of sums take alternate rows of the panel, so that the additions' latency does
+// not bound the stream.
 template <int BITS, int RB>
 inline void panel_segment(const Problem& p, int64_t panel_at, int64_t k0, int64_t k1, int64_t m0,
                           const vf (*scale)[V], float* out, int64_t ld) {
@@ -530,19 +538,6 @@ void panel_item(const Problem& p, int64_t panel, int64_t k0, int64_t k1, int64_t
   }
 }
 
-// y[m0..m1-1, n0..n0+T-1] as the sums are kept (int4: per 32 columns the even ones, then the odd ones),
-// put in order and scaled by a per-channel scale.
-template <int BITS>
-void panel_finish(const Problem& p, int64_t m0, int64_t m1, int64_t n0, bool scale_after) {
-  for (int64_t m = m0; m < m1; ++m) {
-    float* y = p.y + m * p.N + n0;
-    if constexpr (BITS == 4)
-      for (int64_t c = 0; c < T; c += 2 * W) merge_even_odd(load(y + c), load(y + c + W), y + c);
-    if (scale_after)
-      for (int64_t c = 0; c < T; c += W) store(y + c, load(y + c) * load(p.scale + n0 + c));
-  }
-}
-
 // Items are panels; where there are fewer panels than the threads want, each panel's rows of x split
 // into ranges (many rows: a prefill), or else its K into parts (whole segments or groups) whose sums are
 // added up at the end.
@@ -556,7 +551,7 @@ void panels(ffi::ThreadPool& pool, const Problem& p) {
     parallel_for(pool, ranges * count, [&](int64_t i) {
       const int64_t panel = i % count, m0 = i / count * range, m1 = std::min(p.M, m0 + range);
       panel_item<BITS>(p, panel, 0, p.K, m0, m1, scale_each, p.y + panel * T, p.N);
-      panel_finish<BITS>(p, m0, m1, panel * T, scale_after);
+      finish<BITS>(p, m0, m1, panel * T, panel * T + T, scale_after);
     });
     return;
   }
@@ -578,7 +573,7 @@ void panels(ffi::ThreadPool& pool, const Problem& p) {
       for (int64_t part = 1; part < parts; ++part) sum += load(sums + (part * p.M + m) * p.N + c);
       store(p.y + m * p.N + c, sum);
     }
-  for (int64_t panel = 0; panel < count; ++panel) panel_finish<BITS>(p, 0, p.M, panel * T, scale_after);
+  finish<BITS>(p, 0, p.M, 0, p.N, scale_after);
 }
 
 // --- The handlers ---
@@ -633,16 +628,24 @@ ffi::Error Run(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const float* s
   return ffi::Error::Success();
 }
 
+// Whether w's element type is the one of `bits`: float32 (32), int8 (8), uint8 with two int4 values (4).
+bool stores(ffi::AnyBuffer w, int bits) {
+  switch (bits) {
+    case 32: return w.element_type() == ffi::DataType::F32;
+    case 8: return w.element_type() == ffi::DataType::S8;
+    case 4: return w.element_type() == ffi::DataType::U8;
+    default: return false;
+  }
+}
+
 ffi::Error FloatMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, int32_t transposed, ResultMatrix y) {
-  if (w.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("streaming matmul: a float weight must be float32");
+  if (!stores(w, 32)) return ffi::Error::InvalidArgument("streaming matmul: a float weight must be float32");
   return Run(pool, x, w, nullptr, {}, 32, transposed != 0, y);
 }
 
 ffi::Error QuantizedMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer q, Matrix scale, int32_t bits,
                            int32_t transposed, ResultMatrix y) {
-  const ffi::DataType expected = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
-  if ((bits != 4 && bits != 8) || q.element_type() != expected)
+  if (bits == 32 || !stores(q, bits))
     return ffi::Error::InvalidArgument("streaming matmul: bits must be 8 (int8 weight) or 4 (uint8 packed weight)");
   return Run(pool, x, q, scale.typed_data(), scale.dimensions(), bits, transposed != 0, y);
 }
@@ -673,15 +676,13 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Matrix x, ffi::AnyBuffer w, const fl
 }
 
 ffi::Error FloatPanelMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, ResultMatrix y) {
-  if (w.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("streaming matmul: float panels must be float32");
+  if (!stores(w, 32)) return ffi::Error::InvalidArgument("streaming matmul: float panels must be float32");
   return RunPanels(pool, x, w, nullptr, {}, 32, y);
 }
 
 ffi::Error QuantizedPanelMatmul(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer q, Matrix scale, int32_t bits,
                                 ResultMatrix y) {
-  const ffi::DataType expected = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
-  if ((bits != 4 && bits != 8) || q.element_type() != expected)
+  if (bits == 32 || !stores(q, bits))
     return ffi::Error::InvalidArgument("streaming matmul: bits must be 8 (int8 panels) or 4 (uint8 packed panels)");
   return RunPanels(pool, x, q, scale.typed_data(), scale.dimensions(), bits, y);
 }
