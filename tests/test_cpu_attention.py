@@ -128,7 +128,7 @@ def test_sharded_gradients_equal_unsharded_and_run_per_shard():
 
     def value_and_grads(q, k, v):
         def loss(q, k, v):
-            out = map_shards(kernel, (fused.KERNEL_AXES,) * 3, fused.KERNEL_AXES)(q, k, v)
+            out = map_shards(kernel, (dense.QUERY_AXES,) * 3, dense.QUERY_AXES)(q, k, v)
             return jnp.sum(out * do), out
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
@@ -248,16 +248,16 @@ def make_kernel_unavailable(monkeypatch) -> None:
 
 def test_fused_falls_back_to_xla_with_a_warning(monkeypatch):
     make_kernel_unavailable(monkeypatch)
-    fused._cpu_kernel_loaded.cache_clear()
+    dense._cpu_kernels_loaded.cache_clear()
     try:
         layer = fused_layer()
         q, k, v, _ = random_arrays((2, 16, 4, 8))
-        with pytest.warns(UserWarning, match=r"XLA implementation on CPU: no C\+\+ compiler \(test\)"):
+        with pytest.warns(UserWarning, match=r"attention runs through XLA on CPU: no C\+\+ compiler \(test\)"):
             hlo = jax.jit(layer.mix, static_argnums=(3, 4)).lower(q, k, v, None, None).as_text()
         assert "cgpt_causal_attention" not in hlo
         np.testing.assert_allclose(layer.mix(q, k, v, None, None), reference(q, k, v, layer.scale), atol=1e-6)
     finally:
-        fused._cpu_kernel_loaded.cache_clear()
+        dense._cpu_kernels_loaded.cache_clear()
 
 
 @needs_compiler
@@ -326,7 +326,8 @@ def test_cached_attention_positions_outside_the_cache():
     np.testing.assert_allclose(got[1], float64_cached_attention(q, k, v, np.array([[0], [4]]), 0.5)[1], atol=1e-6)
 
 
-def decode_step_hlo(attention: str) -> str:
+def inference_hlo(attention: str) -> tuple[str, str]:
+    """The HLO of a Generator's (prefill, decode step) for a tiny model with `attention`."""
     from cgpt_jax.infer import Generator
     from cgpt_jax.model import GPT
 
@@ -335,29 +336,38 @@ def decode_step_hlo(attention: str) -> str:
     generator = Generator(GPT(cfg, rngs=nnx.Rngs(0)), min_bucket=8)
     caches = generator.merge(generator.state, generator.layers)[0].init_layer_caches(2, 16)
     tokens = jnp.zeros((2,), jnp.int32)
-    return generator.decode.lower(generator.state, generator.layers, caches, tokens, tokens + 1, tokens, 0,
-                                  sampling=Sampling()).as_text()
+    prefill = generator.prefill.lower(generator.state, generator.layers, jnp.zeros((2, 8), jnp.int32), tokens + 8,
+                                      tokens, cache_len=16, sampling=Sampling()).as_text()
+    decode = generator.decode.lower(generator.state, generator.layers, caches, tokens, tokens + 1, tokens, 0,
+                                    sampling=Sampling()).as_text()
+    return prefill, decode
 
 
 @needs_compiler
-@pytest.mark.parametrize("attention, kernel", [
-    ("dense", True), ("gqa(kv_heads=2)+rope", True), ("mqa", True), ("fused", True), ("blockwise(block=4)", True),
-    ("alibi", False), ("sliding_window(window=4)", False)])
-def test_decode_steps_attend_through_the_kernel_where_attention_is_plain_causal(attention, kernel):
-    """Variants whose attention is plain causal softmax decode through the cache kernel; one with a logit
-    bias (alibi) or another mask (sliding_window) through its own steps. Their decoding equals the full
+@pytest.mark.parametrize("attention, causal_kernel, cache_kernel", [
+    ("dense", True, True), ("gqa(kv_heads=2)+rope", False, True), ("rope", True, True), ("mqa", False, True),
+    ("fused", True, True), ("blockwise(block=4)", True, True), ("alibi", False, False),
+    ("sliding_window(window=4)", False, False)])
+def test_inference_attends_through_the_kernels_where_attention_is_plain_causal(attention, causal_kernel,
+                                                                              cache_kernel):
+    """Variants whose attention is plain causal softmax prefill through the causal kernel (where each query
+    head has its own key/value head) and decode through the cache kernel; one with a logit bias (alibi) or
+    another mask (sliding_window) through its own steps. Their prefill and decoding equal the full
     forward pass either way (tests/test_attention_conformance.py)."""
-    assert (cpu_attention.CACHED_TARGET in decode_step_hlo(attention)) == kernel
+    prefill, decode = inference_hlo(attention)
+    assert (cpu_attention.FORWARD_TARGET in prefill) == causal_kernel
+    assert (cpu_attention.CACHED_TARGET in decode) == cache_kernel
 
 
-def test_decode_falls_back_to_xla_with_a_warning(monkeypatch):
+def test_inference_falls_back_to_xla_with_a_warning(monkeypatch):
     make_kernel_unavailable(monkeypatch)
-    dense._cache_kernel_loaded.cache_clear()
+    dense._cpu_kernels_loaded.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=r"over the cache through XLA on CPU: no C\+\+ compiler \(test\)"):
-            assert cpu_attention.CACHED_TARGET not in decode_step_hlo("dense")
+        with pytest.warns(UserWarning, match=r"attention runs through XLA on CPU: no C\+\+ compiler \(test\)"):
+            prefill, decode = inference_hlo("dense")
+        assert cpu_attention.FORWARD_TARGET not in prefill and cpu_attention.CACHED_TARGET not in decode
     finally:
-        dense._cache_kernel_loaded.cache_clear()
+        dense._cpu_kernels_loaded.cache_clear()
 
 
 @needs_compiler
@@ -379,7 +389,7 @@ def test_extend_through_the_kernel_has_the_xla_path_gradient(monkeypatch):
     graphdef, weights = nnx.split(layer)
     hlo, through_kernel = value_and_grads()
     assert cpu_attention.CACHED_TARGET in hlo
-    monkeypatch.setattr(dense, "_cache_kernel_loaded", lambda: False)
+    monkeypatch.setattr(dense, "_cpu_kernels_loaded", lambda: False)
     hlo, through_xla = value_and_grads()
     assert cpu_attention.CACHED_TARGET not in hlo
     for got, want in zip(through_kernel, through_xla):

@@ -161,9 +161,13 @@ def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, vis
     return weighted_values(probs_BxHxTxS, v_BxSxGxK)
 
 
-def write_cache(cache_BxGxSxK: jax.Array, new_BxTxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Write each sequence's T new entries at slots start_B[b] .. start_B[b] + T - 1 of a head-major cache."""
+def write_cache(cache_BxGxSxK: jax.Array, new_BxTxGxK: jax.Array, start_B: jax.Array | int) -> jax.Array:
+    """Write each sequence's T new entries at slots start_B[b] .. start_B[b] + T - 1 of a head-major cache;
+    an int start is every sequence's (one slice update where per-sequence starts are a scatter)."""
+    new_BxGxTxK = jnp.swapaxes(new_BxTxGxK, 1, 2).astype(cache_BxGxSxK.dtype)
+    if isinstance(start_B, int):
+        return jax.lax.dynamic_update_slice_in_dim(cache_BxGxSxK, new_BxGxTxK, start_B, axis=2)
+
     def one(cache_GxSxK: jax.Array, new_GxTxK: jax.Array, start: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(cache_GxSxK, new_GxTxK, start, axis=1)
-    new_BxGxTxK = jnp.swapaxes(new_BxTxGxK, 1, 2).astype(cache_BxGxSxK.dtype)
     return jax.vmap(one)(cache_BxGxSxK, new_BxGxTxK, start_B)

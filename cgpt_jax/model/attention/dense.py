@@ -14,9 +14,10 @@ replaces the step it changes (a variant that adds parameters of its own extends 
 Steps address tokens by position, so the same hooks serve training (positions 0..L-1) and decoding
 (new tokens at start_B + 0..T-1 against a cache whose slot s holds position s).
 
-A decode step of a variant whose attention is plain causal softmax (dense's `visible` and `score_bias`,
-a `mix` declared `@softmax_core`) attends over the cache through the CPU kernel where it applies
-(`_attends_cache_on_cpu`; docs/attention.md).
+A variant whose attention is plain causal softmax (dense's `visible` and `score_bias`, a `mix` declared
+`@softmax_core`) runs inference through the CPU kernels where they apply: a prefill's causal core
+(`causal_attention_on_cpu`) and a decode step's attention over the cache (`_attends_cache_on_cpu`;
+docs/attention.md).
 """
 from __future__ import annotations
 
@@ -35,15 +36,27 @@ from cgpt_jax.model.attention.base import Attention, Cache, CacheSpec, attend, s
 from cgpt_jax.model.layers import bias_param, project, weight_param
 from cgpt_jax.parallel.sharding import constrain, fits_shards, map_shards, mesh_axes
 
-# A decode step's queries and positions as the cache kernel runs them, per shard of batch and heads; the
-# cache's length stays whole on each device.
+# Queries (and the causal kernel's keys and values) as the CPU kernels run them, per shard of batch and
+# heads; the length stays whole on each device, since a query needs every earlier key.
 QUERY_AXES = ("batch", None, "act_heads", None)
 POSITION_AXES = ("batch", None)
 
 
 @functools.cache
-def _cache_kernel_loaded() -> bool:
-    return kernel_build.loads(cpu_attention.load, "decode steps attend over the cache through XLA on CPU")
+def _cpu_kernels_loaded() -> bool:
+    return kernel_build.loads(cpu_attention.load, "attention runs through XLA on CPU")
+
+
+def causal_attention_on_cpu(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+                            scale: float) -> jax.Array | None:
+    """Plain causal softmax self-attention over positions 0..L-1 through the CPU kernel, per shard of batch
+    and heads (differentiable), or None where it does not apply: not CPU float32 with one key/value head
+    per query head, a mesh that does not divide batch or heads, or no kernel (no C++ compiler)."""
+    if not (cpu_attention.applies(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK) and fits_shards(q_BxLxHxK.shape, QUERY_AXES)
+            and _cpu_kernels_loaded()):
+        return None
+    kernel = functools.partial(cpu_attention.causal_attention, scale=scale)
+    return map_shards(kernel, (QUERY_AXES,) * 3, QUERY_AXES)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
 
 
 @register("dense")
@@ -210,15 +223,19 @@ class DenseAttention(Attention):
         here, a `softmax_core` mix), on the kernel's domain (a decode step's few queries, float32) and a
         mesh that divides it as the kernel runs: query and cache heads split alike (so that each shard's
         query heads read its own cache heads), the cache's length whole (or it would be gathered)."""
-        variant = type(self)
         # One name at a time: a spec names each mesh axis once, so the second use of 'tensor' would read None.
         heads, kv_heads, length = (mesh_axes((name,)) for name in ("act_heads", "kv_heads", "length"))
-        return (getattr(variant.mix, "softmax_core", False) and variant.visible is DenseAttention.visible
-                and variant.score_bias is DenseAttention.score_bias
-                and cpu_attention.applies_cached(q_BxTxHxK, cache["k"], cache["v"])
+        return (self._plain_causal_softmax() and cpu_attention.applies_cached(q_BxTxHxK, cache["k"], cache["v"])
                 and (heads is None or (length[0] is None and (self.kv_heads == 1 or heads == kv_heads)))
                 and fits_shards(q_BxTxHxK.shape, QUERY_AXES)
-                and fits_shards(cache["k"].shape, self._cache_kernel_axes()) and _cache_kernel_loaded())
+                and fits_shards(cache["k"].shape, self._cache_kernel_axes()) and _cpu_kernels_loaded())
+
+    @classmethod
+    def _plain_causal_softmax(cls) -> bool:
+        """Whether the variant's attention is plain causal softmax: dense's `visible` and `score_bias`, a
+        `softmax_core` mix, so that the CPU kernels compute it."""
+        return (getattr(cls.mix, "softmax_core", False) and cls.visible is DenseAttention.visible
+                and cls.score_bias is DenseAttention.score_bias)
 
     def decode_rows(self, cache_len: int) -> int:
         # One row where the step attends through the CPU kernel, which reads the cache where it lies (call
@@ -229,13 +246,14 @@ class DenseAttention(Attention):
         return 1 if self._attends_cache_on_cpu(q, cache) else super().decode_rows(cache_len)
 
     def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        # The cache is empty, so the new tokens see only each other: the training pass's causal core over
-        # T keys (the fused kernel where it applies) instead of a masked pass over the whole cache.
+        # The cache is empty, so the new tokens see only each other: a causal core over T keys (the CPU
+        # kernel where it applies, else the variant's training-pass core) instead of a masked pass over the
+        # whole cache.
         batch, length, _ = x_BxTxD.shape
         q, k, v = self.project(x_BxTxD)
         q, k = self.rotate(q, k, jnp.arange(length)[None])
         layout = self.cache_layout(batch, cache["k"].shape[2])
-        start_B = jnp.zeros((batch,), jnp.int32)
-        cache = {"k": constrain(write_cache(cache["k"], k, start_B), layout["k"].logical_axes),
-                 "v": constrain(write_cache(cache["v"], v, start_B), layout["v"].logical_axes)}
-        return self.output(self.mix(q, k, v, None, None)), cache
+        cache = {"k": constrain(write_cache(cache["k"], k, 0), layout["k"].logical_axes),
+                 "v": constrain(write_cache(cache["v"], v, 0), layout["v"].logical_axes)}
+        y = causal_attention_on_cpu(q, k, v, self.scale) if self._plain_causal_softmax() else None
+        return self.output(self.mix(q, k, v, None, None) if y is None else y), cache

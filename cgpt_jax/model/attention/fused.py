@@ -12,21 +12,14 @@ float32 rounding.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from cgpt_jax.kernels import build as kernel_build, cpu_attention
 from cgpt_jax.model.attention import register
 from cgpt_jax.model.attention.base import softmax_core
-from cgpt_jax.model.attention.dense import DenseAttention
-from cgpt_jax.parallel.sharding import fits_shards, map_shards
-
-# The CPU kernel runs per shard of batch and heads; the whole length stays on each device, since a query
-# needs every earlier key (a mesh that splits the length gathers it first).
-KERNEL_AXES = ("batch", None, "act_heads", None)
+from cgpt_jax.model.attention.dense import DenseAttention, causal_attention_on_cpu
 
 
 def _implementation(q_BxTxHxK: jax.Array, causal_self_attention: bool) -> str:
@@ -35,11 +28,6 @@ def _implementation(q_BxTxHxK: jax.Array, causal_self_attention: bool) -> str:
     on_gpu = jax.default_backend() == "gpu"
     half = q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16)
     return "cudnn" if on_gpu and half and head_dim % 8 == 0 and head_dim <= 128 and causal_self_attention else "xla"
-
-
-@functools.cache
-def _cpu_kernel_loaded() -> bool:
-    return kernel_build.loads(cpu_attention.load, "fused attention runs JAX's XLA implementation on CPU")
 
 
 @register("fused")
@@ -56,10 +44,10 @@ class FusedAttention(DenseAttention):
         if q_pos_BxT is None:
             q_pos_BxT, k_pos_S = jnp.arange(q_BxTxHxK.shape[1])[None], jnp.arange(k_BxSxGxK.shape[1])
         bias = self.score_bias(q_pos_BxT, k_pos_S)
-        if (plain_causal and bias is None and cpu_attention.applies(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
-                and fits_shards(q_BxTxHxK.shape, KERNEL_AXES) and _cpu_kernel_loaded()):
-            kernel = functools.partial(cpu_attention.causal_attention, scale=self.scale)
-            return map_shards(kernel, (KERNEL_AXES,) * 3, KERNEL_AXES)(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+        if plain_causal and bias is None:
+            y_BxTxHxK = causal_attention_on_cpu(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, self.scale)
+            if y_BxTxHxK is not None:
+                return y_BxTxHxK
         mask = None if plain_causal else self.visible(q_pos_BxT, k_pos_S)[:, None]
         return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, bias=bias, mask=mask,
                                             scale=self.scale, is_causal=plain_causal,
