@@ -9,8 +9,8 @@ computed from them). A decode step reads each weight once, updates the donated p
 place, and returns the sampled token ids: the LM head, the sampling and the cache writes are one
 program, and the host reads one int32 per sequence per step. Prefill computes the LM head only at each
 prompt's last position. On CPU the weights' buffers are moved onto huge pages (`host_memory`), which the
-step streams faster, and on one device the layers' projections are laid out in column panels that the
-streaming kernel reads as single runs (`panels`).
+step streams faster, and on one device the layers' projections and the tied token table are laid out in
+column panels that the streaming kernel reads as single runs (`panels`).
 
 Shapes are bucketed so that a session compiles a handful of programs, not one per request or token:
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
@@ -120,7 +120,8 @@ class Generator:
         # The weights as plain nested dicts of arrays, which a call flattens in C++ where an nnx.State's
         # Variables are flattened in Python, on the host thread that shares the cores with the step.
         layers = jax.jit(self._unstack)(state)
-        if (mesh is None or mesh.size == 1) and panels.kernel_runs():  # the step's projections as panels
+        in_panels = (mesh is None or mesh.size == 1) and panels.kernel_runs()
+        if in_panels:  # the step's projections as panels
             layers = [jax.jit(panels.to_panels)(layer) for layer in layers]
         self.layers = [layer.to_pure_dict() for layer in layers]
         # The programs read the layers from `layers`; only a PEFT prompt/prefix still needs the stack.
@@ -128,6 +129,9 @@ class Generator:
                                             state["blocks"].to_pure_dict())
         self.state = {name: sub for name, sub in state.to_pure_dict().items()
                       if name != "blocks" or model.virtual_tokens}
+        table = jax.jit(panels.token_table)(self.state["wte"]) if in_panels else None
+        if table is not None:  # the LM head as panels too; the embedding lookup reads them
+            self.state["wte"] = table
         host_memory.back_with_huge_pages((self.state, self.layers))  # a decode step streams every weight
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "sampling"))
         self.prefill_first = jax.jit(self._prefill_first, static_argnames=("cache_len",))

@@ -1,4 +1,5 @@
-"""The decode step's projection weights laid out in column panels, for the streaming kernel on CPU.
+"""The decode step's projections and tied token table laid out in column panels, for the streaming kernel
+on CPU.
 
 A projection W [K, N] (its input axes first, flattened to K; float32, or the integers of a quantized
 weight) is held as panels [N/64, K, 64]: panel p is W[:, 64p : 64p+64], one contiguous run of memory.
@@ -12,6 +13,10 @@ in its own shape, and the model's projections (`layers.project`) call `matmul_ro
 kernel at any number of rows, a prefill's too: with blocks of 6 rows of x against a panel it keeps up
 with XLA's GEMM, which could read panels only after copying them back into [K, N] (docs/performance.md).
 Quantized weights keep their scales [G, N].
+
+The tied token table [V, D] is laid out likewise, as the panels of its transpose [D, V] with V padded
+by zero columns to whole panels (`token_table`): the LM head x @ tableᵀ is then one more panel matmul,
+and the embedding lookup (`take_rows`) gathers each id's column of its panel.
 """
 from __future__ import annotations
 
@@ -25,48 +30,85 @@ from flax import nnx
 
 from cgpt_jax.kernels.streaming_matmul import PANEL
 from cgpt_jax.model import few_rows
-from cgpt_jax.quantize.array import QuantizedArray, dequantize
+from cgpt_jax.quantize.array import QuantizedArray, dequantize, pack_int4, unpack_int4
 from cgpt_jax.quantize.model import input_span
 from cgpt_jax.treepath import path_name
 
 
 @dataclasses.dataclass(frozen=True)
 class PanelArray:
-    panels: jax.Array                # [N/PANEL, K, PANEL] float32 or int8; int4: [N/PANEL, K, PANEL/2] uint8
-    scale: jax.Array | None          # quantized: [G, N] float32
-    shape: tuple[int, ...]           # the weight's shape, its `inputs` leading axes flattened to K
-    inputs: int
+    panels: jax.Array                # [P, K, PANEL] float32 or int8; int4: [P, K, PANEL/2] uint8; P·PANEL >= N
+    scale: jax.Array | None          # quantized: [G, P·PANEL] float32
+    shape: tuple[int, ...]           # the weight's shape
+    inputs: int                      # how many of its axes are the inputs (flattened to K): the first ones
     bits: int                        # 32 (float32), 8 or 4
+    table: bool = False              # the token table [V, D]: its input axis last, padded to whole panels
 
     @property
     def nbytes(self) -> int:
         return sum(math.prod(x.shape) * x.dtype.itemsize for x in (self.panels, self.scale) if x is not None)
 
+    @property
+    def columns(self) -> int:
+        """N, the matmul's outputs: the panels hold it and, for the table, up to PANEL - 1 zero columns."""
+        inputs = self.shape[-self.inputs:] if self.table else self.shape[:self.inputs]
+        return math.prod(self.shape) // math.prod(inputs)
+
+    def weight_KxN(self) -> jax.Array:
+        """The float32 weight as the matmul reads it, [K, N] (dequantized)."""
+        count, inputs, width = self.panels.shape
+        stored = self.panels.transpose(1, 0, 2).reshape(inputs, count * width)  # int4: [K, P·PANEL/2] bytes
+        if self.bits != 32:
+            stored = dequantize(QuantizedArray(stored, self.scale, (-2, -1), self.bits))
+        return stored[:, :self.columns]
+
     def dense(self) -> jax.Array:
         """The float32 weight in its own shape (dequantized)."""
-        count, inputs, width = self.panels.shape
-        stored = self.panels.transpose(1, 0, 2).reshape(inputs, count * width)  # [K, N] (int4: [K, N/2] bytes)
-        if self.bits == 32:
-            return stored.reshape(self.shape)
-        quantized = QuantizedArray(stored, self.scale, (-2, -1), self.bits)
-        return dequantize(quantized).reshape(self.shape)
+        w_KxN = self.weight_KxN()
+        return (w_KxN.T if self.table else w_KxN).reshape(self.shape)
 
     def __getitem__(self, key: Any) -> jax.Array:
         # How the model reads a parameter (`self.kernel[...]`).
         return self.dense()[key]
 
     def matmul_rows(self, x_BxLxK: jax.Array) -> jax.Array:
-        """x @ W over x's last axis and W's input axes → float32 [B, L, N]: the kernel on CPU at any number
-        of rows (`few_rows.uses_kernel`), elsewhere XLA's matmul on the weight put back into [K, N]."""
+        """x @ W over x's last axis and W's input axes (the table: x @ tableᵀ, the LM head) → float32
+        [B, L, N]: the kernel on CPU at any number of rows (`few_rows.uses_kernel`), elsewhere XLA's matmul
+        on the weight put back into [K, N]."""
         if few_rows.uses_kernel(x_BxLxK, quantized=self.bits != 32, panels=True):
-            return few_rows.panel_matmul(x_BxLxK, self.panels, self.scale, bits=self.bits)
+            y_BxLxP = few_rows.panel_matmul(x_BxLxK, self.panels, self.scale, bits=self.bits)
+            return y_BxLxP[..., :self.columns]
         batch, length, inputs = x_BxLxK.shape
-        w_KxN = self.dense().reshape(inputs, -1).astype(x_BxLxK.dtype)
-        y_MxN = jnp.dot(x_BxLxK.reshape(-1, inputs), w_KxN, preferred_element_type=jnp.float32)
+        y_MxN = jnp.dot(x_BxLxK.reshape(-1, inputs), self.weight_KxN().astype(x_BxLxK.dtype),
+                        preferred_element_type=jnp.float32)
         return y_MxN.reshape(batch, length, -1)
 
+    def take_rows(self, ids: jax.Array) -> jax.Array:
+        """The token table's rows `ids` → float32 [*ids.shape, D] (an embedding lookup): each id's column of
+        its panel, dequantized, without the rest of the table."""
+        if not self.table:
+            raise ValueError("take_rows reads rows of the token table; this PanelArray is a projection")
+        panel, column = ids // PANEL, ids % PANEL
+        if self.bits == 4:
+            pairs = unpack_int4(self.panels[panel, :, column // 2][..., None])  # [..., D, 2]: even, odd column
+            q = jnp.where((column % 2 == 1)[..., None], pairs[..., 1], pairs[..., 0])
+        else:
+            q = self.panels[panel, :, column]
+        if self.bits == 32:
+            return q
+        scale_IxG = jnp.moveaxis(self.scale[:, ids], 0, -1)  # I: the ids' axes
+        grouped = q.astype(jnp.float32).reshape(*q.shape[:-1], scale_IxG.shape[-1], -1)
+        return (grouped * scale_IxG[..., None]).reshape(q.shape)
 
-jax.tree_util.register_dataclass(PanelArray, data_fields=["panels", "scale"], meta_fields=["shape", "inputs", "bits"])
+
+jax.tree_util.register_dataclass(PanelArray, data_fields=["panels", "scale"],
+                                 meta_fields=["shape", "inputs", "bits", "table"])
+
+
+def _panels(stored_KxN: jax.Array, bits: int) -> jax.Array:
+    """[K, N] (int4: [K, N/2] bytes, N a multiple of PANEL) → [N/PANEL, K, PANEL] (int4: PANEL/2 bytes)."""
+    width = PANEL // 2 if bits == 4 else PANEL
+    return stored_KxN.reshape(stored_KxN.shape[0], -1, width).transpose(1, 0, 2)
 
 
 def panel_array(value: jax.Array | QuantizedArray, inputs: int) -> PanelArray | None:
@@ -82,9 +124,24 @@ def panel_array(value: jax.Array | QuantizedArray, inputs: int) -> PanelArray | 
         stored, scale, bits = value.qvalue.reshape(k, -1), value.scale.reshape(value.scale.shape[0], n), value.bits
     else:
         stored, scale, bits = value.astype(jnp.float32).reshape(k, n), None, 32
-    width = PANEL // 2 if bits == 4 else PANEL
-    panels = stored.reshape(k, n // PANEL, width).transpose(1, 0, 2)
-    return PanelArray(panels, scale, shape, inputs, bits)
+    return PanelArray(_panels(stored, bits), scale, shape, inputs, bits)
+
+
+def token_table(value: jax.Array | QuantizedArray) -> PanelArray | None:
+    """The tied token table [V, D] (float32, or quantized over D) as the panels of its transpose [D, V], V
+    padded with zero columns to whole panels; None for a layout the kernel does not take. Jit it."""
+    if len(value.shape) != 2 or 0 in value.shape:
+        return None
+    pad = ((0, -value.shape[0] % PANEL), (0, 0))
+    if isinstance(value, QuantizedArray):
+        if value.contract != (-1, 0):
+            return None
+        q_VxD = unpack_int4(value.qvalue) if value.bits == 4 else value.qvalue
+        q_DxV = jnp.pad(q_VxD, pad).T
+        stored, scale, bits = (pack_int4(q_DxV) if value.bits == 4 else q_DxV), jnp.pad(value.scale, pad).T, value.bits
+    else:
+        stored, scale, bits = jnp.pad(value.astype(jnp.float32), pad).T, None, 32
+    return PanelArray(_panels(stored, bits), scale, tuple(value.shape), 1, bits, table=True)
 
 
 def to_panels(state: nnx.State) -> nnx.State:
