@@ -16,18 +16,24 @@ then); the command-line entry points call it first.
 
 Huge pages, so that streaming a weight reads it at the memory's speed: a decode step reads every weight
 once, and on 4 KiB pages the hardware prefetcher starts over at every page, where Linux's transparent
-huge pages (2 MiB) give it runs 512 times as long; XLA:CPU's buffers are plain malloc memory, which
-Linux backs with huge pages only where asked when its THP mode is `madvise` (as here). `back_with_huge_pages`
-asks for the buffers of the arrays given; the generator calls it on its weights (docs/performance.md).
+huge pages (2 MiB) give it runs 512 times as long. XLA:CPU's buffers are plain malloc memory, which
+Linux backs with huge pages only where asked when its THP mode is `madvise` (as here), and then only
+the whole 2 MiB pages inside a buffer: none of a 0.6 MB int8 weight, a part of a 2.4 MB one.
+`on_huge_pages` therefore copies the arrays given into one mapping of whole huge pages, back to back,
+and hands them to JAX as they lie there (a host array's buffer, aliased); the generator calls it on its
+weights (docs/performance.md).
 
 `CGPT_HOST_MALLOC=default` leaves malloc and the pages alone.
 """
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 from typing import Any
+
+import numpy as np
 
 # mallopt parameters from glibc's <malloc.h>, madvise advice from Linux's <asm-generic/mman-common.h>.
 _M_TRIM_THRESHOLD = -1
@@ -50,31 +56,50 @@ def retain_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
-def back_with_huge_pages(tree: Any) -> int:
-    """Ask Linux to back the host buffers of `tree`'s CPU arrays with 2 MiB pages: each whole 2 MiB-aligned
-    span inside a buffer, now where the kernel can (MADV_COLLAPSE, Linux 6.1+) and otherwise when its
-    khugepaged gets to it (MADV_HUGEPAGE). The arrays' values are unchanged. Returns the bytes moved onto
-    huge pages now (0 where Linux cannot: no transparent huge pages, a kernel before 6.1, THP disabled for
-    the process, no free 2 MiB pages)."""
+def on_huge_pages(tree: Any) -> Any:
+    """`tree` with its arrays that lie on one CPU device copied, back to back (64-byte aligned), into one
+    anonymous mapping of whole 2 MiB pages that Linux is asked to back with huge pages, now where it can
+    (MADV_COLLAPSE, Linux 6.1+) and otherwise when its khugepaged gets to it. Values are unchanged and an
+    array met twice is copied once; other leaves (sharded arrays, other devices) stay as they are, and so
+    does the whole tree where Linux has no transparent huge pages or the process opted out."""
     if os.environ.get("CGPT_HOST_MALLOC", "retain") == "default" or not sys.platform.startswith("linux"):
-        return 0
+        return tree
     import jax  # here, not at the top: retain_freed_memory must be importable before JAX starts
 
+    leaves, treedef = jax.tree.flatten(tree)
+    movable = {id(leaf): leaf for leaf in leaves if isinstance(leaf, jax.Array) and leaf.size
+               and len(leaf.sharding.device_set) == 1 and leaf.is_fully_addressable
+               and next(iter(leaf.sharding.device_set)).platform == "cpu"}
+    offsets, total = {}, 0
+    for key, array in movable.items():
+        offsets[key], total = total, total + -(-array.nbytes // 64) * 64
+    if not total:
+        return tree
+    size = -(-total // _HUGE_PAGE) * _HUGE_PAGE
+    # Private (a shared mapping is shmem, which Linux backs with huge pages by another rule) and untouched.
+    mapping = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(mapping, np.uint8)
+    arena = raw[-raw.ctypes.data % _HUGE_PAGE:][:size]
+    if _madvise(arena.ctypes.data, size, _MADV_HUGEPAGE) != 0:  # no transparent huge pages here
+        return tree
+    moved = {}
+    for key, array in jax.block_until_ready(movable).items():
+        host = np.asarray(array)
+        view = arena[offsets[key]:offsets[key] + host.nbytes].view(host.dtype).reshape(host.shape)
+        view[...] = host
+        # On CPU the new array's buffer is the view's memory; committed as the array was (or a program
+        # compiled for the array would compile again for its copy).
+        copy = jax.device_put(view, array.sharding if array.committed else None)
+        moved[key] = copy if copy.unsafe_buffer_pointer() == view.ctypes.data else array
+    _madvise(arena.ctypes.data, size, _MADV_COLLAPSE)  # pages the faults did not make huge
+    return jax.tree.unflatten(treedef, [moved.get(id(leaf), leaf) for leaf in leaves])
+
+
+def _madvise(address: int, length: int, advice: int) -> int:
+    """madvise(2) → 0, or -1 (also where libc has none)."""
     try:
         madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
     except (OSError, AttributeError):
-        return 0
+        return -1
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    moved = 0
-    arrays = {id(leaf): leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)}  # each once
-    for array in jax.block_until_ready(list(arrays.values())):
-        for shard in array.addressable_shards:
-            size = shard.data.on_device_size_in_bytes()
-            if shard.device.platform != "cpu" or size < _HUGE_PAGE:
-                continue
-            address = shard.data.unsafe_buffer_pointer()
-            start = -(-address // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the buffer only
-            end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
-            if end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0:
-                moved += (end - start) if madvise(start, end - start, _MADV_COLLAPSE) == 0 else 0
-    return moved
+    return madvise(address, length, advice)

@@ -1,11 +1,12 @@
-"""cgpt_jax/host_memory.py: weights moved onto huge pages keep their values and lie on huge pages, and the
-generator moves its weights."""
+"""cgpt_jax/host_memory.py: weights moved onto huge pages keep their values and lie on huge pages, small ones
+too, and the generator moves its weights."""
 from __future__ import annotations
 
 import pathlib
 import platform
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,22 +48,31 @@ def huge_page_kib_at(address: int) -> int:
 @pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"),
                     reason=f"transparent huge pages cannot be asked for here ({transparent_huge_pages()})")
 def test_arrays_move_onto_huge_pages_with_their_values():
-    values = np.random.default_rng(0).normal(size=(3 << 20,)).astype(np.float32)  # 12 MiB
-    array = jnp.asarray(values)
-    moved = host_memory.back_with_huge_pages({"weight": array, "again": [array], "not an array": 3})
-    assert moved >= 4 << 20  # the whole 2 MiB pages inside 12 MiB, however it is aligned; counted once
-    assert moved <= values.nbytes
-    assert huge_page_kib_at(array.unsafe_buffer_pointer() + values.nbytes // 2) >= 2048
-    np.testing.assert_array_equal(np.asarray(array), values)
+    """Every array, the small ones too (a 0.6 MB int8 weight holds no whole 2 MiB page of its own), lies on
+    huge pages with its values; an array met twice is copied once; other leaves stay."""
+    rng = np.random.default_rng(0)
+    values = {"float": rng.normal(size=(3 << 20,)).astype(np.float32),  # 12 MiB
+              "int8": rng.integers(-127, 128, size=(768, 768)).astype(np.int8),  # 0.6 MB
+              "bias": rng.normal(size=(768,)).astype(np.float32)}
+    arrays = {name: jnp.asarray(value) for name, value in values.items()}
+    arrays["bias"] = jax.device_put(arrays["bias"], jax.devices()[0])  # committed to its device
+    moved = host_memory.on_huge_pages({**arrays, "again": [arrays["int8"]], "not an array": 3})
+    assert moved["again"][0] is moved["int8"] and moved["not an array"] == 3
+    for name, value in values.items():
+        assert moved[name] is not arrays[name] and moved[name].dtype == value.dtype
+        assert moved[name].committed == arrays[name].committed  # else compiled programs would compile again
+        np.testing.assert_array_equal(np.asarray(moved[name]), value)
+        assert huge_page_kib_at(moved[name].unsafe_buffer_pointer()) >= 2048, name
 
 
 def test_the_generator_moves_its_weights(monkeypatch):
     moved = []
-    monkeypatch.setattr(host_memory, "back_with_huge_pages", moved.append)
+    monkeypatch.setattr(host_memory, "on_huge_pages", lambda tree: moved.append(tree) or tree)
     generator = Generator(GPT(tiny_config().model, rngs=nnx.Rngs(0)))
     assert moved == [(generator.state, generator.layers)]
 
 
-def test_opting_out_leaves_the_pages_alone(monkeypatch):
+def test_opting_out_leaves_the_arrays_alone(monkeypatch):
     monkeypatch.setenv("CGPT_HOST_MALLOC", "default")
-    assert host_memory.back_with_huge_pages(jnp.ones((1 << 22,))) == 0
+    array = jnp.ones((1 << 22,))
+    assert host_memory.on_huge_pages({"weight": array})["weight"] is array

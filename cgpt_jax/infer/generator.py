@@ -132,7 +132,7 @@ class Generator:
         table = jax.jit(panels.token_table)(self.state["wte"]) if in_panels else None
         if table is not None:  # the LM head as panels too; the embedding lookup reads them
             self.state["wte"] = table
-        host_memory.back_with_huge_pages((self.state, self.layers))  # a decode step streams every weight
+        self.state, self.layers = host_memory.on_huge_pages((self.state, self.layers))  # a step streams them all
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "sampling"))
         self.prefill_first = jax.jit(self._prefill_first, static_argnames=("cache_len",))
         self.prefill_next = jax.jit(self._prefill_next, donate_argnames=("caches", "last_BxD"))
