@@ -339,3 +339,22 @@ def test_cli_on_a_run_directory(tmp_path):
     with pytest.raises(ValueError, match="has no tokenizer.*--prompt_ids"):
         generate.run(loaded, None, prompt="hello", prompt_ids=None, max_new_tokens=2, sampling=Sampling(), seed=0,
                      stop_ids=None, truncate_prompt=False, out=io.StringIO())
+
+
+def test_decode_time_is_taken_within_each_round(monkeypatch):
+    """bench_decode's decode time is the median of each round's t(n) − t(1), not the difference of the two
+    medians: a round in which the machine ran slower for both runs cancels out instead of landing on one
+    side of the difference."""
+    from cgpt_jax.infer import bench_decode
+
+    # Per length: the warm-up run, then three rounds; the second round ran 2 s slower.
+    seconds = {1: iter([9.0, 1.0, 3.0, 1.0]), 32: iter([9.0, 2.0, 4.0, 2.5])}
+    now = [0.0]
+    monkeypatch.setattr(bench_decode.time, "perf_counter", lambda: now[0])
+
+    def run(n: int) -> None:
+        now[0] += next(seconds[n])
+
+    times = bench_decode.interleaved_times({"ours": run}, (1, 32), repeats=3)
+    assert times == {("ours", 1): [1.0, 3.0, 1.0], ("ours", 32): [2.0, 4.0, 2.5]}
+    assert bench_decode.first_and_decode_seconds(times, "ours", 32) == (1.0, 1.0)  # medians apart: 2.5 − 1.0

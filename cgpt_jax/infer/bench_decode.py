@@ -15,9 +15,10 @@ parallel region for a thread the scheduler has not yet run, and one thread can b
 than two (docs/performance.md). Decode rate
 = batch · (new_tokens − 1) / (t(new_tokens) − t(1)): t(1) is the time to the first token (prefill plus
 one token), so the difference is the cached single-token steps only; prefill rate = batch ·
-prompt_len / t(1). Each time is the median of `repeats` runs after a warm-up (cgpt_jax's
-`Generator.warm_up` compiles its programs first), the implementations alternating so that load from
-other processes hits all alike.
+prompt_len / t(1). Each of `repeats` rounds times every implementation's two runs back to back, after
+a warm-up (cgpt_jax's `Generator.warm_up` compiles its programs first), the implementations
+alternating so that load from other processes hits all alike; t(1) is the median over the rounds, and
+so is the difference, taken within each round.
 
 The same process measures the machine's memory read bandwidth, a streaming sum over a float32 array far
 larger than the caches: up front the best of several (numpy on one thread, torch on the most threads),
@@ -63,12 +64,11 @@ def model_config(shape: str):
     return m
 
 
-def interleaved_medians(runs: dict[str, Callable[[int], object]], lengths: tuple[int, ...],
-                        repeats: int) -> dict[tuple[str, int], float]:
-    """Median seconds of run(n) for every run and length, after a warm-up of each (compilation).
-
-    Runs alternate within each repeat, so a change in the machine's load hits all of them alike.
-    """
+def interleaved_times(runs: dict[str, Callable[[int], object]], lengths: tuple[int, ...],
+                      repeats: int) -> dict[tuple[str, int], list[float]]:
+    """Seconds of run(n) in each of `repeats` rounds, for every run and length, after a warm-up of each
+    (compilation). Runs alternate within each round, each run's lengths back to back, so that a change in
+    the machine's load hits all of them alike."""
     for run in runs.values():
         for n in lengths:
             run(n)
@@ -79,12 +79,20 @@ def interleaved_medians(runs: dict[str, Callable[[int], object]], lengths: tuple
                 start = time.perf_counter()
                 run(n)
                 times[name, n].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
+    return times
+
+
+def first_and_decode_seconds(times: dict[tuple[str, int], list[float]], name: str, n: int) -> tuple[float, float]:
+    """(The median time to the first token, t(1); the median over the rounds of t(n) − t(1), the time of the
+    n − 1 cached steps.) A round's two runs are back to back, so a change of the machine's speed between
+    rounds (its read bandwidth moves within seconds) does not fall on one side of the difference only."""
+    decode = statistics.median(full - first for first, full in zip(times[name, 1], times[name, n]))
+    return statistics.median(times[name, 1]), decode
 
 
 class StreamingRead:
     """A streaming sum over `mib` MiB of float32 ones, with torch on `threads` intra-op threads; called with
-    any argument, so that it takes turns with the decode runs (`interleaved_medians`)."""
+    any argument, so that it takes turns with the decode runs (`interleaved_times`)."""
 
     def __init__(self, threads: int, mib: int = 1024):
         import torch
@@ -98,9 +106,9 @@ class StreamingRead:
         self._set_threads(self.threads)  # transformers' runs between the reads set their own
         self.tensor.sum()
 
-    def bytes_per_s_alongside(self, medians: dict[tuple[str, int], float], lengths: tuple[int, ...]) -> float:
-        """The read's rate from `interleaved_medians` run with it as "read": its median time at each length."""
-        return self.array.nbytes / statistics.mean(medians["read", n] for n in lengths)
+    def bytes_per_s_alongside(self, times: dict[tuple[str, int], list[float]], lengths: tuple[int, ...]) -> float:
+        """The read's rate from `interleaved_times` run with it as "read": its median time at each length."""
+        return self.array.nbytes / statistics.mean(statistics.median(times["read", n]) for n in lengths)
 
     def best_gb_per_s(self, repeats: int = 5) -> dict[str, float]:
         """GB/s of the best of `repeats` sums: numpy on one thread, torch on `threads`."""
@@ -189,14 +197,14 @@ def main(argv: list[str]) -> None:
                   "repeats": args.repeats,
                   "transformers": transformers.__version__, "torch": torch.__version__, "jax": jax.__version__,
                   **machine}
-        medians = interleaved_medians({**runs, "read": read}, (1, n), args.repeats)
-        bandwidth = read.bytes_per_s_alongside(medians, (1, n))
+        times = interleaved_times({**runs, "read": read}, (1, n), args.repeats)
+        bandwidth = read.bytes_per_s_alongside(times, (1, n))
         result["read_gb_per_s_alongside"] = round(bandwidth / 1e9, 2)
         for name in runs:
-            first, full = medians[name, 1], medians[name, n]
+            first, decode = first_and_decode_seconds(times, name, n)
             result[f"{name}_first_token_s"] = round(first, 4)
             result[f"{name}_prefill_tokens_per_s"] = round(batch * args.prompt_len / first, 1)
-            result[f"{name}_decode_tokens_per_s"] = round(batch * (n - 1) / (full - first), 2)
+            result[f"{name}_decode_tokens_per_s"] = round(batch * (n - 1) / decode, 2)
         expected = ours(n)
         result["same_greedy_tokens"] = {name: run(n) == expected for name, run in runs.items() if name != "cgpt_jax"}
         baselines = [name for name in runs if name != "cgpt_jax"]

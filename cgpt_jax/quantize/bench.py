@@ -8,8 +8,8 @@ float model. Each model runs as the package runs it (on CPU, its few-row matmuls
 kernel, `cgpt_jax/model/few_rows.py`) and, with `--xla_baseline`, also as `NAME-xla`: every matmul
 through XLA (`few_rows.xla_only`; for a quantized model XLA's dequantize-then-matmul). For each batch
 size every variant decodes greedily from the same random prompts with the `Generator`, the variants
-alternating (`bench_decode.interleaved_medians`); decode rate = batch · (new_tokens − 1) / (t(new_tokens)
-− t(1)), as in bench_decode. `decode_step_weight_mb` is what a decode step must read of the weights: all
+alternating (`bench_decode.interleaved_times`); decode rate = batch · (new_tokens − 1) / (t(new_tokens)
+− t(1)), the difference taken within each round, as in bench_decode. `decode_step_weight_mb` is what a decode step must read of the weights: all
 of them but the position table, of which one row; `weight_fraction_of_bandwidth` is that times the steps
 per second over the machine's read bandwidth, measured as bench_decode does: a streaming sum timed in
 turn with the variants (`bench_decode.StreamingRead`; its best-of figures up front are printed as well).
@@ -33,7 +33,8 @@ from cgpt_jax.infer.bench_decode import (
     SHAPES,
     StreamingRead,
     cpu_model,
-    interleaved_medians,
+    first_and_decode_seconds,
+    interleaved_times,
     model_config,
 )
 from cgpt_jax.model import GPT, few_rows
@@ -58,21 +59,21 @@ def main(argv: list[str]) -> None:
         runs = {name: functools.partial(_generate, g, prompts, name.endswith("-xla")) for name, g in generators.items()}
         load_start = os.getloadavg()
         best = read.best_gb_per_s()
-        medians = interleaved_medians({**runs, "read": read}, (1, args.new_tokens), args.repeats)
-        bytes_per_s = read.bytes_per_s_alongside(medians, (1, args.new_tokens))
+        times = interleaved_times({**runs, "read": read}, (1, args.new_tokens), args.repeats)
+        bytes_per_s = read.bytes_per_s_alongside(times, (1, args.new_tokens))
         result = {"shape": args.shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                   "repeats": args.repeats, **machine, "load_average_start": load_start, **best,
                   "read_gb_per_s_alongside": round(bytes_per_s / 1e9, 2)}
         reference = runs["float32"](args.new_tokens)
         for name, run in runs.items():
-            first, full = medians[name, 1], medians[name, args.new_tokens]
+            first, decode = first_and_decode_seconds(times, name, args.new_tokens)
             result[name] = {
                 "weight_mb": round(weight_bytes[name] / 1e6, 2),
                 "smaller_than_float32": round(weight_bytes["float32"] / weight_bytes[name], 2),
                 "decode_step_weight_mb": round(step_bytes[name] / 1e6, 2),
                 "prefill_tokens_per_s": round(batch * args.prompt_len / first, 1),
-                "decode_tokens_per_s": round(batch * (args.new_tokens - 1) / (full - first), 2),
-                "weight_fraction_of_bandwidth": round(step_bytes[name] * (args.new_tokens - 1) / (full - first)
+                "decode_tokens_per_s": round(batch * (args.new_tokens - 1) / decode, 2),
+                "weight_fraction_of_bandwidth": round(step_bytes[name] * (args.new_tokens - 1) / decode
                                                       / bytes_per_s, 3),
                 "greedy_tokens_equal_to_float32": float(np.mean(np.asarray(run(args.new_tokens)) ==
                                                                 np.asarray(reference)))}
