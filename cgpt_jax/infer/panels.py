@@ -97,8 +97,7 @@ class PanelArray:
         if self.bits == 32:
             return q
         scale_IxG = jnp.moveaxis(self.scale[:, ids], 0, -1)  # I: the ids' axes
-        grouped = q.astype(jnp.float32).reshape(*q.shape[:-1], scale_IxG.shape[-1], -1)
-        return (grouped * scale_IxG[..., None]).reshape(q.shape)
+        return dequantize(QuantizedArray(q, scale_IxG, (-1, 0), 8))  # int4 values unpacked: stored as int8
 
 
 jax.tree_util.register_dataclass(PanelArray, data_fields=["panels", "scale"],
