@@ -96,13 +96,27 @@ def test_sampling_is_seeded_and_per_prompt(generator):
 
 
 def test_filter_logits_top_k_and_top_p():
-    logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
-    kept = lambda s: np.isfinite(np.asarray(filter_logits(logits, s)))[0].tolist()
-    assert kept(Sampling(temperature=1.0, top_k=2)) == [True, False, True, False]
-    assert kept(Sampling(temperature=1.0, top_p=0.8)) == [True, False, True, False]  # 0.5 + 0.3 reaches 0.8
-    assert kept(Sampling(temperature=1.0, top_p=0.81)) == [True, False, True, True]
-    scaled = filter_logits(logits, Sampling(temperature=2.0))
-    np.testing.assert_allclose(scaled, logits / 2.0)
+    """Each row filters with its own settings."""
+    logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]] * 4))
+    temperature, top_k, top_p = jnp.array([1.0, 1.0, 1.0, 2.0]), jnp.array([2, 0, 0, 0]), jnp.array([1, 0.8, 0.81, 1])
+    filtered = np.asarray(filter_logits(logits, temperature, top_k, top_p))
+    assert np.isfinite(filtered).tolist()[:3] == [[True, False, True, False],  # top_k 2
+                                                  [True, False, True, False],  # 0.5 + 0.3 reaches 0.8
+                                                  [True, False, True, True]]
+    np.testing.assert_allclose(filtered[3], logits[3] / 2.0)
+
+
+def test_new_sampling_settings_compile_nothing(caplog):
+    """The settings are traced: after one request, requests of the same shapes with other temperatures,
+    top_k and top_p (and greedy) run the same programs."""
+    cfg = model_config()
+    generator = Generator(GPT(cfg, rngs=nnx.Rngs(0)), min_bucket=8)
+    prompts = [[1, 2, 3], [4, 5]]
+    generator.generate(prompts, max_new_tokens=3, sampling=Sampling(temperature=0.7, top_k=5))
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        for sampling in (Sampling(), Sampling(temperature=1.3, top_p=0.9), Sampling(temperature=0.2, top_k=2)):
+            generator.generate(prompts, max_new_tokens=3, sampling=sampling, seed=4)
+    assert [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()] == []
 
 
 def test_greedy_equals_argmax():

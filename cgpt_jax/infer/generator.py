@@ -133,12 +133,12 @@ class Generator:
         if table is not None:  # the LM head as panels too; the embedding lookup reads them
             self.state["wte"] = table
         self.state, self.layers = host_memory.on_huge_pages((self.state, self.layers))  # a step streams them all
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "sampling"))
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
         self.prefill_first = jax.jit(self._prefill_first, static_argnames=("cache_len",))
         self.prefill_next = jax.jit(self._prefill_next, donate_argnames=("caches", "last_BxD"))
-        self.prefill_finish = jax.jit(self._prefill_finish, static_argnames=("sampling",))
+        self.prefill_finish = jax.jit(self._prefill_finish)
         self.pad_rows = jax.jit(_pad_rows, static_argnames=("rows",))
-        self.decode = jax.jit(self._decode, static_argnames=("sampling",), donate_argnames=("caches",))
+        self.decode = jax.jit(self._decode, donate_argnames=("caches",))
 
     # --- the compiled programs ---------------------------------------------------------------------
 
@@ -216,6 +216,7 @@ class Generator:
         """`prefill`'s result for right-padded prompts [B, P] of any bucket: one program up to
         `prefill_chunk` positions, chunks beyond (see the module docstring)."""
         batch, prompt_len = prompts_BxP.shape
+        sampling = sampling.traced()
         if prompt_len <= self.prefill_chunk:
             return self.prefill(self.state, self.layers, self.place(prompts_BxP, ("batch", "length")), lengths_D,
                                 seeds_D, cache_len=cache_len, sampling=sampling)
@@ -237,15 +238,15 @@ class Generator:
 
     # --- compiling ahead ---------------------------------------------------------------------------
 
-    def warm_up(self, batch_sizes: Sequence[int], max_new_tokens: int, prompt_lengths: Sequence[int] | None = None,
-                sampling: Sampling = Sampling()) -> None:
+    def warm_up(self, batch_sizes: Sequence[int], max_new_tokens: int,
+                prompt_lengths: Sequence[int] | None = None) -> None:
         """Compile, without running them, the programs that `stream`/`generate` of b prompts (b in
-        `batch_sizes`) with this `max_new_tokens` and `sampling` use when the longest prompt has any of
-        `prompt_lengths` tokens (default: every length that fits the context), so that no such request
-        compiles: each (prompt bucket, cache bucket) pair's prefill and the decode step of each cache bucket.
+        `batch_sizes`) with this `max_new_tokens` use when the longest prompt has any of `prompt_lengths`
+        tokens (default: every length that fits the context), so that no such request compiles, whatever
+        its sampling settings (traced): each (prompt bucket, cache bucket) pair's prefill and the decode
+        step of each cache bucket.
         """
         self.check_prompts([[0]], max_new_tokens)
-        sampling.check(self.vocab_size)
         room = self.max_len - max_new_tokens
         lengths = range(1, room + 1) if prompt_lengths is None else list(prompt_lengths)
         bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= room]
@@ -258,12 +259,12 @@ class Generator:
         shapes = {(*self.batch_sizes(b), self.bucket(n), self.cache_len(n, max_new_tokens))
                   for b in batch_sizes for n in lengths}
         for batch, decode_batch, prompt_len, cache_len in sorted(shapes):
-            self._compile_request(batch, decode_batch, prompt_len, cache_len, max_new_tokens > 1, sampling)
+            self._compile_request(batch, decode_batch, prompt_len, cache_len, max_new_tokens > 1)
 
-    def _compile_request(self, batch: int, decode_batch: int, prompt_len: int, cache_len: int, decode: bool,
-                         sampling: Sampling) -> None:
+    def _compile_request(self, batch: int, decode_batch: int, prompt_len: int, cache_len: int, decode: bool) -> None:
         """The programs of one request shape, compiled with arguments laid out as `stream` passes them."""
         zeros = lambda shape, axes: self.place(np.zeros(shape, np.int32), axes)
+        sampling = Sampling().traced()
         lengths_D, seeds_D = zeros((decode_batch,), ("batch",)), zeros((decode_batch,), ("batch",))
         if prompt_len <= self.prefill_chunk:
             next_D, _, caches = _compile(self.prefill, self.state, self.layers,
@@ -347,6 +348,7 @@ class Generator:
         """
         prompts = self.check_prompts(prompts, max_new_tokens, truncate_prompt)
         sampling.check(self.vocab_size)
+        sampling = sampling.traced()
         stop = {int(t) for t in stop_tokens}
         batch = len(prompts)
         padded_batch, decode_batch = self.batch_sizes(batch)

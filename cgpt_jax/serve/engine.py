@@ -6,7 +6,7 @@ The engine owns `slots` rows of a per-layer KV cache of `cache_len` positions an
             the prompt's length bucket, in chunks beyond `prefill_chunk`) and insert its cache row, first token and sampling
             settings into the free slot (one jitted program; the other slots' caches are donated, not copied)
     decode  one jitted step over all slots at once: each slot feeds its last token at its own position and
-            chooses its next one with its own settings (`slot_sampling.choose_rows`)
+            chooses its next one with its own settings (`sampling.choose_rows`)
     deliver read the previous step's tokens (the step just queued runs meanwhile) and hand each to its
             request; a request that stops (a stop token, max_tokens, or cancelled) frees its slot.
 
@@ -34,9 +34,9 @@ from absl import logging
 from flax import nnx
 
 from cgpt_jax.infer import Generator, Sampling
+from cgpt_jax.infer.sampling import choose_rows
 from cgpt_jax.model.attention.base import Cache
 from cgpt_jax.parallel.sharding import constrain
-from cgpt_jax.serve.slot_sampling import choose_rows
 
 # finish reasons, as the OpenAI API names them; ERROR: the engine failed (token -1)
 STOP, LENGTH, ERROR = "stop", "length", "error"
