@@ -162,6 +162,6 @@ def to_panels(state: nnx.State) -> nnx.State:
 
 
 def kernel_runs() -> bool:
-    """Whether the decode step's projections run the kernel here (CPU, the kernel built): only then are
-    panels worth laying out."""
+    """Whether the decode step's projections and LM head run the kernel here (CPU, the kernel built): only
+    then are panels worth laying out."""
     return jax.default_backend() == "cpu" and few_rows.kernel_loaded()
