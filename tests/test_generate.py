@@ -249,6 +249,24 @@ def test_decode_step_copies_no_weight_or_cache(attention, rows, prompts):
     assert aliases.count("may-alias") == 2 * model.cfg.n_layers  # every K and V cache, donated
 
 
+def test_prefill_runs_the_last_layers_mlp_on_the_last_rows_only():
+    """A prefill needs the final hidden state at each prompt's last position only: every layer writes the
+    keys and values of all B·T positions, while the last layer's MLP runs on B rows (`last_rows_B`)."""
+    cfg = model_config()
+    cfg.d_ff = 128  # an output width no other instruction has
+    generator = Generator(GPT(cfg, rngs=nnx.Rngs(7)), min_bucket=8)
+    batch, prompt_len = 3, 16
+    decode_batch = generator.batch_sizes(batch)[1]
+    prompts_BxT = jnp.zeros((batch, prompt_len), jnp.int32)
+    lengths_D, seeds_D = jnp.full((decode_batch,), 9, jnp.int32), jnp.zeros((decode_batch,), jnp.int32)
+    hlo = generator.prefill.lower(generator.state, generator.layers, prompts_BxT, lengths_D, seeds_D, cache_len=16,
+                                  sampling=Sampling().traced()).compile().as_text()
+    rows = [math.prod(int(d) for d in dims.split(",")[:-1]) for dims, opcode, _ in _HLO_INSTRUCTION.findall(hlo)
+            if dims.endswith(",128") and opcode in ("custom-call", "dot", "fusion")]
+    assert set(rows) == {batch * prompt_len, batch}
+    assert rows.count(batch) * (cfg.n_layers - 1) == rows.count(batch * prompt_len)
+
+
 def test_copies_of_size_finds_a_copied_weight():
     """The check above sees what the layer-stacked step did: a weight sliced out of a stacked array for
     its matmul, and a sequence-major cache transposed for the score product."""

@@ -7,8 +7,9 @@ them out of the model's layer-stacked arrays would copy them on every call, so t
 dropped from `state` after the copy (kept only for a PEFT prompt/prefix, whose virtual tokens' cache is
 computed from them). A decode step reads each weight once, updates the donated per-layer caches in
 place, and returns the sampled token ids: the LM head, the sampling and the cache writes are one
-program, and the host reads one int32 per sequence per step. Prefill computes the LM head only at each
-prompt's last position. On CPU the weights' buffers are moved onto huge pages (`host_memory`), which the
+program, and the host reads one int32 per sequence per step. Prefill computes the last layer's MLP and
+the LM head only at each prompt's last position (`extend_layers`' last_rows_B): nothing reads the last
+layer's output elsewhere, while its keys and values of every position go into the cache. On CPU the weights' buffers are moved onto huge pages (`host_memory`), which the
 step streams faster, and on one device the layers' projections and the tied token table are laid out in
 column panels that the streaming kernel reads as single runs (`panels`).
 
@@ -71,14 +72,11 @@ def _pad_rows(tree: Any, rows: int) -> Any:
     return jax.tree.map(lambda a: jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), tree)
 
 
-def _hidden_at_last(x_BxTxD: jax.Array, lengths_B: jax.Array, start: jax.Array | int,
-                    last_BxD: jax.Array) -> jax.Array:
-    """`last_BxD`, with row b replaced by x at its prompt's last position where that lies in these T
-    positions, start..start+T-1."""
-    length = x_BxTxD.shape[1]
+def _last_rows(lengths_B: jax.Array, start: jax.Array | int, length: int) -> tuple[jax.Array, jax.Array]:
+    """For a chunk of positions start..start+length-1 → (the row of each prompt's last position, clipped
+    into the chunk, [B]; whether that position lies in the chunk, [B])."""
     index_B = lengths_B - 1 - start
-    picked_Bx1xD = jnp.take_along_axis(x_BxTxD, jnp.clip(index_B, 0, length - 1)[:, None, None], axis=1)
-    return jnp.where(((index_B >= 0) & (index_B < length))[:, None], picked_Bx1xD[:, 0], last_BxD)
+    return jnp.clip(index_B, 0, length - 1), (index_B >= 0) & (index_B < length)
 
 
 def _compile(program: Any, *args: Any, **static: Any) -> Any:
@@ -173,12 +171,12 @@ class Generator:
         → (caches, the hidden state at each prompt's last position [B, D] where it is among them)."""
         model, blocks = self.merge(state, layers)
         batch = prompts_BxT.shape[0]
+        rows_B, here_B = _last_rows(lengths_D[:batch], 0, prompts_BxT.shape[1])
         with self.sharding_context():
             caches = model.init_layer_caches(batch, cache_len)
-            x_BxTxD, caches = model.extend_layers(blocks, prompts_BxT, caches, jnp.zeros((batch,), jnp.int32),
-                                                  prefill=True)
-        last_BxD = jnp.zeros((batch, x_BxTxD.shape[2]), x_BxTxD.dtype)
-        return caches, _hidden_at_last(x_BxTxD, lengths_D[:batch], 0, last_BxD)
+            x_Bx1xD, caches = model.extend_layers(blocks, prompts_BxT, caches, jnp.zeros((batch,), jnp.int32),
+                                                  prefill=True, last_rows_B=rows_B)
+        return caches, jnp.where(here_B[:, None], x_Bx1xD[:, 0], 0)
 
     def _prefill_next(self, state: Weights, layers: list[Weights], caches: list[Cache], chunk_BxT: jax.Array,
                       start: jax.Array, lengths_D: jax.Array, last_BxD: jax.Array) -> tuple[list[Cache], jax.Array]:
@@ -186,9 +184,11 @@ class Generator:
         updated where a prompt ends among them)."""
         model, blocks = self.merge(state, layers)
         batch = chunk_BxT.shape[0]
+        rows_B, here_B = _last_rows(lengths_D[:batch], start, chunk_BxT.shape[1])
         with self.sharding_context():
-            x_BxTxD, caches = model.extend_layers(blocks, chunk_BxT, caches, jnp.full((batch,), start, jnp.int32))
-        return caches, _hidden_at_last(x_BxTxD, lengths_D[:batch], start, last_BxD)
+            x_Bx1xD, caches = model.extend_layers(blocks, chunk_BxT, caches, jnp.full((batch,), start, jnp.int32),
+                                                  last_rows_B=rows_B)
+        return caches, jnp.where(here_B[:, None], x_Bx1xD[:, 0], last_BxD)
 
     def _prefill_finish(self, state: Weights, last_BxD: jax.Array, seeds_D: jax.Array, *, sampling: Sampling
                         ) -> tuple[jax.Array, jax.Array]:

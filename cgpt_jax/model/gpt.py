@@ -34,11 +34,13 @@ The bandwidth-bound form of the same interface (what `cgpt_jax.infer.Generator` 
         that slices the stacked arrays copies every layer's weights out of them again on each call.
     model.init_layer_caches(batch_size, max_len) -> [cache] * n_layers
         One cache per layer (`attn.cache_layout`), updated in place when donated.
-    model.extend_layers(blocks, tokens_BxT, caches, start_B, prefill=False) -> (hidden_BxTxD, caches)
+    model.extend_layers(blocks, tokens_BxT, caches, start_B, prefill=False, last_rows_B=None)
+            -> (hidden_BxTxD, caches)
         `extend` with the layers unrolled over those, returning the final hidden states (after ln_f);
         `model.head(hidden)` gives the logits of the rows asked for. prefill=True: the caches are
         empty and start_B is 0, so the new tokens attend only to each other, through the variant's
-        training-pass core (the fused CPU kernel where it applies).
+        training-pass core (the fused CPU kernel where it applies). last_rows_B: only one row per
+        sequence is wanted (a prompt's last), so the last layer's MLP runs on that row alone.
 
 `max_len` must not exceed `config.model.max_seq_len` with learned positions.
 
@@ -93,24 +95,28 @@ class Block(nnx.Module):
         return y_BxTxD if self.branch is None else self.branch(site, y_BxTxD)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        x_BxLxD = x_BxLxD + self._branch("attn", self.attn(self.ln_attn(x_BxLxD)))
-        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-        x_BxLxD = x_BxLxD + self._branch("mlp", self.mlp(self.ln_mlp(x_BxLxD)))
-        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+        return self._add_branches(x_BxLxD, self.attn(self.ln_attn(x_BxLxD)), None)
 
-    def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array) -> tuple[jax.Array, Cache]:
-        """The same block over T new tokens, reading and updating this layer's KV cache."""
+    def extend(self, x_BxTxD: jax.Array, cache: Cache, start_B: jax.Array, rows_B: jax.Array | None = None
+               ) -> tuple[jax.Array, Cache]:
+        """The same block over T new tokens, reading and updating this layer's KV cache. With rows_B (int32
+        [B], each in 0..T-1) only row rows_B[b] of sequence b is returned, [B, 1, D]: the MLP runs on those
+        rows alone, while every row's keys and values still go into the cache."""
         y_BxTxD, cache = self.attn.extend(self.ln_attn(x_BxTxD), cache, start_B)
-        x_BxTxD = constrain(x_BxTxD + self._branch("attn", y_BxTxD), ("batch", "length", "act_embed"))
-        x_BxTxD = x_BxTxD + self._branch("mlp", self.mlp(self.ln_mlp(x_BxTxD)))
-        return constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
+        return self._add_branches(x_BxTxD, y_BxTxD, rows_B), cache
 
-    def prefill(self, x_BxTxD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    def prefill(self, x_BxTxD: jax.Array, cache: Cache, rows_B: jax.Array | None = None) -> tuple[jax.Array, Cache]:
         """`extend` from an empty cache at positions 0..T-1."""
         y_BxTxD, cache = self.attn.prefill(self.ln_attn(x_BxTxD), cache)
-        x_BxTxD = constrain(x_BxTxD + self._branch("attn", y_BxTxD), ("batch", "length", "act_embed"))
+        return self._add_branches(x_BxTxD, y_BxTxD, rows_B), cache
+
+    def _add_branches(self, x_BxTxD: jax.Array, attn_BxTxD: jax.Array, rows_B: jax.Array | None) -> jax.Array:
+        """x + the attention branch, then + the MLP branch: at rows_B only where given (see `extend`)."""
+        x_BxTxD = constrain(x_BxTxD + self._branch("attn", attn_BxTxD), ("batch", "length", "act_embed"))
+        if rows_B is not None:
+            x_BxTxD = jnp.take_along_axis(x_BxTxD, rows_B[:, None, None], axis=1)
         x_BxTxD = x_BxTxD + self._branch("mlp", self.mlp(self.ln_mlp(x_BxTxD)))
-        return constrain(x_BxTxD, ("batch", "length", "act_embed")), cache
+        return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
 
 class GPT(nnx.Module):
@@ -257,14 +263,18 @@ class GPT(nnx.Module):
         return [{name: spec.zeros() for name, spec in layout.items()} for _ in range(self.cfg.n_layers)]
 
     def extend_layers(self, blocks: list[Block], tokens_BxT: jax.Array, caches: list[Cache], start_B: jax.Array,
-                      prefill: bool = False) -> tuple[jax.Array, list[Cache]]:
-        """`extend` over per-layer blocks and caches → (hidden states after ln_f [B, T, D], caches)."""
+                      prefill: bool = False, last_rows_B: jax.Array | None = None) -> tuple[jax.Array, list[Cache]]:
+        """`extend` over per-layer blocks and caches → (hidden states after ln_f [B, T, D], caches). With
+        last_rows_B (int32 [B], each in 0..T-1) the hidden states are row last_rows_B[b] of sequence b only,
+        [B, 1, D], and the last layer's MLP runs on those rows alone (`Block.extend`): what a prefill needs."""
         start_B = start_B.astype(jnp.int32) + self.virtual_tokens
         prefill = prefill and not self.virtual_tokens  # the virtual tokens fill the cache's first slots
         x_BxTxD = self._embed(tokens_BxT, None if prefill else start_B[:, None] + jnp.arange(tokens_BxT.shape[1]))
         new_caches = []
-        for block, cache in zip(blocks, caches, strict=True):
-            x_BxTxD, cache = block.prefill(x_BxTxD, cache) if prefill else block.extend(x_BxTxD, cache, start_B)
+        for layer, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
+            rows_B = last_rows_B if layer == len(blocks) - 1 else None
+            x_BxTxD, cache = (block.prefill(x_BxTxD, cache, rows_B) if prefill
+                              else block.extend(x_BxTxD, cache, start_B, rows_B))
             new_caches.append(cache)
         return self.ln_f(x_BxTxD), new_caches
 
