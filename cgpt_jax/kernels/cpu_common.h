@@ -26,21 +26,32 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
 
-// Runs body(i) for i in [0, n) on the calling thread and XLA:CPU's intra-op thread pool. An atomic
-// counter hands out the work, so the caller never waits for a task that has not started.
+// Runs body(i) for i in [0, n) on the calling thread and XLA:CPU's intra-op thread pool, each i once. Each
+// thread walks its own contiguous share of [0, n), then helps with what is left of the others': items
+// next to each other in memory are then read by one thread as one run (a decode step's weight streams
+// faster so than with threads taking turns at neighbouring items). Atomic counters hand out the work,
+// so the caller never waits for a task that has not started.
 template <typename F>
 void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, const F& body) {
-  struct Shared { std::atomic<int64_t> next{0}, done{0}; };
+  const int64_t threads = std::max<int64_t>(std::min<int64_t>(pool.num_threads(), n), 1);
+  struct Shared {
+    std::atomic<int64_t> done{0};
+    std::unique_ptr<std::atomic<int64_t>[]> next;  // next[s]: the next item of share s, [s·n/threads, (s+1)·n/threads)
+  };
   auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &body] {
-    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
-      body(i);
-      shared->done.fetch_add(1);
+  shared->next.reset(new std::atomic<int64_t>[threads]);
+  for (int64_t s = 0; s < threads; ++s) shared->next[s] = s * n / threads;
+  auto work = [shared, n, threads, &body](int64_t own) {
+    for (int64_t k = 0; k < threads; ++k) {
+      const int64_t share = (own + k) % threads, end = (share + 1) * n / threads;
+      for (int64_t i; (i = shared->next[share].fetch_add(1)) < end;) {
+        body(i);
+        shared->done.fetch_add(1);
+      }
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work, t] { work(t); });
+  work(0);
   while (shared->done.load() < n) std::this_thread::yield();
 }
 

@@ -563,7 +563,7 @@ void panels(ffi::ThreadPool& pool, const Problem& p) {
   if ((int64_t)memory.size() < parts * p.M * p.N) memory.resize(parts * p.M * p.N);
   float* sums = memory.data();
   parallel_for(pool, parts * count, [&](int64_t i) {
-    const int64_t part = i / count, panel = i % count, k0 = part * part_len;
+    const int64_t panel = i / parts, part = i % parts, k0 = part * part_len;  // a panel's parts lie in order
     panel_item<BITS>(p, panel, k0, std::min(p.K, k0 + part_len), 0, p.M, scale_each, sums + part * p.M * p.N + panel * T,
                      p.N);
   });
