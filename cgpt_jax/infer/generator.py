@@ -9,9 +9,10 @@ computed from them). A decode step reads each weight once, updates the donated p
 place, and returns the sampled token ids: the LM head, the sampling and the cache writes are one
 program, and the host reads one int32 per sequence per step. Prefill computes the last layer's MLP and
 the LM head only at each prompt's last position (`extend_layers`' last_rows_B): nothing reads the last
-layer's output elsewhere, while its keys and values of every position go into the cache. On CPU the weights' buffers are moved onto huge pages (`host_memory`), which the
-step streams faster, and on one device the layers' projections and the tied token table are laid out in
-column panels that the streaming kernel reads as single runs (`panels`).
+layer's output elsewhere, while its keys and values of every position go into the cache. On CPU the
+weights' buffers are moved onto huge pages (`host_memory`), which the step streams faster, and on one
+device the layers' projections and the tied token table are laid out in column panels that the streaming
+kernel reads as single runs (`panels`).
 
 Shapes are bucketed so that a session compiles a handful of programs, not one per request or token:
 prompts are right-padded to a power-of-two length P (at least `min_bucket`), the cache holds a
