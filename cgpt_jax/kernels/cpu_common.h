@@ -36,7 +36,8 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, const F& body) {
   const int64_t threads = std::max<int64_t>(std::min<int64_t>(pool.num_threads(), n), 1);
   struct Shared {
     std::atomic<int64_t> done{0};
-    std::unique_ptr<std::atomic<int64_t>[]> next;  // next[s]: the next item of share s, [s·n/threads, (s+1)·n/threads)
+    // next[s]: the next item of share s, which holds [s·n/threads, (s+1)·n/threads)
+    std::unique_ptr<std::atomic<int64_t>[]> next;
   };
   auto shared = std::make_shared<Shared>();
   shared->next.reset(new std::atomic<int64_t>[threads]);

@@ -5,16 +5,15 @@
 
 The model is `cgpt_jax.infer.bench_decode`'s shape with random weights; each scheme quantizes the same
 float model. Each model runs as the package runs it (on CPU, its few-row matmuls through the streaming
-kernel, `cgpt_jax/model/few_rows.py`) and, with `--xla_baseline`, also as `NAME-xla`: every matmul
-through XLA (`few_rows.xla_only`; for a quantized model XLA's dequantize-then-matmul). For each batch
-size every variant decodes greedily from the same random prompts with the `Generator`, the variants
-alternating (`bench_decode.interleaved_times`); decode rate = batch · (new_tokens − 1) / (t(new_tokens)
-− t(1)), the difference taken within each round, as in bench_decode. `decode_step_weight_mb` is what a decode step must read of the weights: all
-of them but the position table, of which one row; `weight_fraction_of_bandwidth` is that times the steps
-per second over the machine's read bandwidth, measured as bench_decode does: a streaming sum timed in
-turn with the variants (`bench_decode.StreamingRead`; its best-of figures up front are printed as well).
-Prints one JSON object per batch size.
-"""
+kernel, `cgpt_jax/model/few_rows.py`) and, with `--xla_baseline`, also as `NAME-xla`: every matmul through
+XLA (`few_rows.xla_only`; for a quantized model XLA's dequantize-then-matmul). For each batch size every
+variant decodes greedily from the same random prompts with the `Generator`, the variants alternating
+(`bench_decode.interleaved_times`); decode rate = batch · (new_tokens − 1) / (t(new_tokens) − t(1)), the
+difference taken within each round, as in bench_decode. `decode_step_weight_mb` is what a decode step must
+read of the weights: all of them but the position table, of which one row; `weight_fraction_of_bandwidth`
+is that times the steps per second over the machine's read bandwidth, measured as bench_decode does: a
+streaming sum timed in turn with the variants (`bench_decode.StreamingRead`; its best-of figures up front
+are printed as well). Prints one JSON object per batch size."""
 from __future__ import annotations
 
 import contextlib
